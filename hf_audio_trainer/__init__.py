@@ -1,0 +1,23 @@
+"""hf-audio-trainer: training recipes for audio language models on the Hugging Face stack."""
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["PretrainConfig", "RunResult", "parse_config", "pretrain"]
+
+if TYPE_CHECKING:
+    from hf_audio_trainer.config import PretrainConfig, parse_config
+    from hf_audio_trainer.recipes import RunResult, pretrain
+
+
+def __getattr__(name: str):
+    # lazy, so `import hf_audio_trainer.data.synthetic` does not pay for accelerate and transformers
+    if name in ("PretrainConfig", "parse_config"):
+        from hf_audio_trainer import config
+
+        return getattr(config, name)
+    if name in ("RunResult", "pretrain"):
+        from hf_audio_trainer import recipes
+
+        return getattr(recipes, name)
+    raise AttributeError(f"module 'hf_audio_trainer' has no attribute {name!r}")

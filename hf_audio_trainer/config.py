@@ -1,0 +1,285 @@
+"""Run configuration: dataclass sections, YAML files and command-line overrides.
+
+Every field has the flag name Hugging Face users already know (`--learning_rate`, `--save_steps` ...). A YAML file
+(`--config file.yaml`) sets defaults, flat or grouped by section; command-line flags override it (TRL's rule).
+Validation happens in `__post_init__`, before anything heavy runs, and names the field and the valid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder or Hub id with a MusicgenForCausalLM to start from; unset: a new model of --model_size."
+        },
+    )
+    model_size: str = field(default="tiny", metadata={"help": "Size of a new model (see models.MODEL_SIZES)."})
+    dropout: float | None = field(
+        default=None, metadata={"help": "Override the model's dropout (0 makes runs comparable bit for bit)."}
+    )
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.models import MODEL_SIZES
+
+        _check(self.model_size in MODEL_SIZES, f"model_size={self.model_size!r}: choose one of {sorted(MODEL_SIZES)}")
+        _check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout={self.dropout}: must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where the audio comes from and how it becomes code sequences."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of audio files (optional metadata.csv), a save_to_disk folder or a Hub dataset id; "
+            "unset: the embedded synthetic music dataset."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    audio_column: str = field(default="audio", metadata={"help": "Column holding the audio."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of train held out when the dataset has no validation split."}
+    )
+    synthetic_num_clips: int = field(default=2000, metadata={"help": "Clips in the embedded synthetic dataset."})
+    max_duration_seconds: float = field(default=30.0, metadata={"help": "Longer clips are cut to this length."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "A saved audio tokenizer (folder or Hub id, mel_kmeans or EnCodec); unset: fit mel k-means."},
+    )
+    num_codebooks: int = field(default=4, metadata={"help": "Codebooks of a newly fitted tokenizer."})
+    codebook_size: int = field(default=256, metadata={"help": "Entries per codebook of a newly fitted tokenizer."})
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 < self.validation_split_percentage <= 50.0,
+            f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
+        )
+        _check(self.synthetic_num_clips >= 2, f"synthetic_num_clips={self.synthetic_num_clips}: must be >= 2")
+        _check(self.max_duration_seconds > 0, f"max_duration_seconds={self.max_duration_seconds}: must be > 0")
+        _check(self.num_codebooks >= 1, f"num_codebooks={self.num_codebooks}: must be >= 1")
+        _check(2 <= self.codebook_size <= 32768, f"codebook_size={self.codebook_size}: must be in [2, 32768]")
+        _check(bool(self.audio_column), "audio_column must be a column name")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and clipping."""
+
+    optim: str = field(default="adamw", metadata={"help": "Optimizer name (see optim.OPTIMIZERS)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Decoupled weight decay (not on biases/norms)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 disables."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers SchedulerType name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of max_steps."})
+
+    def __post_init__(self) -> None:
+        from transformers import SchedulerType
+
+        from hf_audio_trainer.optim import OPTIMIZERS
+
+        _check(self.optim in OPTIMIZERS, f"optim={self.optim!r}: choose one of {sorted(OPTIMIZERS)}")
+        _check(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0")
+        _check(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
+        _check(self.adam_epsilon > 0, f"adam_epsilon={self.adam_epsilon}: must be > 0")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm}: must be >= 0 (0 disables clipping)")
+        names = [s.value for s in SchedulerType]
+        _check(self.lr_scheduler_type in names, f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {names}")
+        _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, precision and seed."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into an output_dir that already holds checkpoints."}
+    )
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; -1: use num_train_epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to run when max_steps is -1."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Clips per device per micro-batch."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Clips per device per eval batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16; unset: whatever `accelerate launch` was configured with."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps == -1 or self.max_steps > 0, f"max_steps={self.max_steps}: must be > 0, or -1")
+        _check(self.num_train_epochs > 0, f"num_train_epochs={self.num_train_epochs}: must be > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be >= 1")
+        _check(
+            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
+            f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}",
+        )
+
+
+@dataclass
+class LoggingConfig:
+    """What is measured and where it goes."""
+
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
+    eval_steps: int = field(default=100, metadata={"help": "Validation loss every N steps; 0 disables."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Also measure validation loss before step 1."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Comma-separated accelerate trackers, or 'none'."})
+
+    def __post_init__(self) -> None:
+        _check(self.logging_steps >= 1, f"logging_steps={self.logging_steps}: must be >= 1")
+        _check(self.eval_steps >= 0, f"eval_steps={self.eval_steps}: must be >= 0 (0 disables)")
+        for name in self.trackers:
+            _check(name in REPORT_TO, f"report_to: unknown tracker {name!r}; choose from {REPORT_TO} or 'none'")
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        return [] if names in ([], ["none"]) else names
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints and resumption."""
+
+    save_steps: int = field(default=100, metadata={"help": "Write a checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints (oldest go)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (in output_dir) or a checkpoint folder to resume from."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.save_steps >= 1, f"save_steps={self.save_steps}: must be >= 1")
+        _check(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            f"save_total_limit={self.save_total_limit}: must be >= 1, or unset to keep all",
+        )
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """All fields as one flat dict (flag name -> value), e.g. for tracker hyperparameters."""
+        return {k: v for section in sections(type(self)) for k, v in dataclasses.asdict(getattr(self, section)).items()}
+
+
+def sections(config_cls: type) -> dict[str, type]:
+    """Section name -> section dataclass of a run config class."""
+    return {f.name: f.default_factory for f in dataclasses.fields(config_cls)}
+
+
+def _flatten(values: dict[str, Any], section_names: dict[str, type], source: str) -> dict[str, Any]:
+    """Accept both `{learning_rate: 1e-3}` and `{optim: {learning_rate: 1e-3}}`."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in section_names and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {f.name for cls in section_names.values() for f in dataclasses.fields(cls)}
+    for key in flat:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {key!r} in {source}{hint}")
+    return flat
+
+
+def config_from_dict(values: dict[str, Any], config_cls: type = PretrainConfig, source: str = "overrides"):
+    """Build a run config from a flat or sectioned dict, validating every section."""
+    section_names = sections(config_cls)
+    flat = _flatten(values, section_names, source)
+    built = {}
+    for name, cls in section_names.items():
+        own = {f.name for f in dataclasses.fields(cls)}
+        built[name] = cls(**{k: v for k, v in flat.items() if k in own})
+    return config_cls(**built)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file, with a clear error when it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+    return values
+
+
+def parse_config(argv: list[str] | None = None, config_cls: type = PretrainConfig, default_yaml: str | None = None):
+    """Parse `--config file.yaml` plus flags (flags win) into a validated run config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    yaml_path = default_yaml
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path")
+        yaml_path = argv[i + 1]
+        del argv[i : i + 2]
+    section_names = sections(config_cls)
+    parser = HfArgumentParser(list(section_names.values()), allow_abbrev=False)  # no silent prefix matches
+    if yaml_path is not None:
+        parser.set_defaults(**_flatten(load_yaml(yaml_path), section_names, str(yaml_path)))
+    *parsed, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        flags = [a[2:].split("=")[0] for a in unknown if a.startswith("--")]
+        known = {f.name for cls in section_names.values() for f in dataclasses.fields(cls)}
+        hints = [f"--{m[0]}" for flag in flags if (m := difflib.get_close_matches(flag, known, n=1))]
+        raise ValueError(f"unknown arguments {unknown}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+    return config_cls(**dict(zip(section_names, parsed, strict=True)))
+
+
+def resolve_config(config, config_cls: type = PretrainConfig):
+    """Accept a config object, a dict of overrides or a YAML path (the notebook entry points use this)."""
+    if isinstance(config, config_cls):
+        return config
+    if config is None:
+        return config_cls()
+    if isinstance(config, (str, os.PathLike)):
+        return config_from_dict(load_yaml(config), config_cls, source=str(config))
+    if isinstance(config, dict):
+        return config_from_dict(config, config_cls)
+    raise TypeError(f"config must be a {config_cls.__name__}, a dict of overrides or a YAML path, not {type(config)}")

@@ -1,0 +1,1 @@
+"""Audio data: the embedded synthetic default, decoding and resampling, collation."""

@@ -1,0 +1,209 @@
+"""Audio decoding (soundfile + soxr) and dataset loading that never needs torchcodec.
+
+datasets 5.x decodes ``Audio`` features only through torchcodec, so every Audio column is kept undecoded
+(``Audio(decode=False)``: ``{"bytes", "path"}`` dicts) and ``decode_audio`` turns values into arrays here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import soundfile as sf
+import soxr
+
+from hf_audio_trainer.data.synthetic import make_synthetic_dataset
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+METADATA_FILE = "metadata.csv"
+REENCODE_FIX = "re-encode it or remove it from the dataset"
+
+
+class AudioDecodeError(ValueError):
+    """An audio value that cannot be turned into samples; the message names the file or row and the fix."""
+
+
+def _to_mono(samples: np.ndarray, name: str) -> np.ndarray:
+    """Average channels; a 2-D array may be [channels, samples] or [samples, channels] (channels is the short axis)."""
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim != 2:
+        raise AudioDecodeError(f"audio {name} has shape {samples.shape}; expected 1-D or 2-D samples")
+    channel_axis = 0 if samples.shape[0] <= samples.shape[1] else 1
+    return samples.mean(axis=channel_axis, dtype=np.float32)
+
+
+def _read(source: str | io.BytesIO, name: str) -> tuple[np.ndarray, int]:
+    """Samples [frames, channels] and rate of an encoded file, or AudioDecodeError naming it."""
+    try:
+        samples, sample_rate = sf.read(source, dtype="float32", always_2d=True)
+    except (RuntimeError, TypeError, ValueError, OSError, EOFError) as err:  # LibsndfileError is a RuntimeError
+        raise AudioDecodeError(f"could not decode audio {name}: {err}; {REENCODE_FIX}") from err
+    return samples, sample_rate
+
+
+def decode_audio(value: dict | str | os.PathLike, target_sample_rate: int, where: str = "") -> np.ndarray:
+    """Mono float32 samples at target_sample_rate from a decoded dict, a {"bytes", "path"} dict or a file path.
+
+    ``where`` (e.g. "row 17") goes into error messages, next to the file name when there is one.
+    """
+    if isinstance(value, dict) and "array" in value:
+        name = where or "array"
+        if value.get("sampling_rate") is None:
+            raise AudioDecodeError(f"audio {name} has an array but no sampling_rate")
+        samples, sample_rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
+        samples = _to_mono(samples, name)
+    else:
+        if isinstance(value, dict):
+            path, data = value.get("path"), value.get("bytes")
+        elif isinstance(value, (str, os.PathLike)):
+            path, data = os.fspath(value), None
+        else:
+            raise AudioDecodeError(
+                f"audio {where or 'value'} is a {type(value).__name__}; expected a path, a {{'bytes', 'path'}} dict "
+                "or an {'array', 'sampling_rate'} dict"
+            )
+        name = " ".join(part for part in (str(path) if path else "", f"({where})" if where else "") if part)
+        name = name or "<unnamed bytes>"
+        if data is not None:
+            # Bytes win over the path: save_to_disk embeds the bytes and keeps only the file's base name as path.
+            samples, sample_rate = _read(io.BytesIO(data), name)
+        elif path is None:
+            raise AudioDecodeError(f"audio {name} has neither bytes nor a path; {REENCODE_FIX}")
+        elif not os.path.isfile(path):
+            raise AudioDecodeError(f"audio file {name} does not exist; fix the path or remove it from the dataset")
+        else:
+            samples, sample_rate = _read(path, name)
+        samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if sample_rate <= 0:
+        raise AudioDecodeError(f"audio {name} has sampling rate {sample_rate}; {REENCODE_FIX}")
+    if not np.isfinite(samples).all():
+        raise AudioDecodeError(f"audio {name} contains NaN or infinite samples; {REENCODE_FIX}")
+    if sample_rate != target_sample_rate and len(samples) > 0:
+        samples = soxr.resample(samples, sample_rate, target_sample_rate)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _undecoded(ds: datasets.Dataset, audio_column: str) -> datasets.Dataset:
+    """Cast an Audio column to Audio(decode=False) so reading rows never calls torchcodec."""
+    feature = ds.features.get(audio_column)
+    if isinstance(feature, datasets.Audio) and feature.decode:
+        return ds.cast_column(audio_column, datasets.Audio(decode=False))
+    return ds
+
+
+def _audio_folder(root: Path, audio_column: str) -> datasets.Dataset:
+    """A folder of audio files (recursive, sorted) with an optional HF-style metadata.csv."""
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in AUDIO_EXTENSIONS
+        and p.is_file()
+        # Hidden folders (.cache, .git) hold no data of the user's.
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise ValueError(f"no audio files found in {root}; supported extensions are {', '.join(AUDIO_EXTENSIONS)}")
+    columns: dict[str, list] = {}
+    metadata = root / METADATA_FILE
+    if metadata.is_file():
+        import pandas as pd  # a datasets dependency; only needed here
+
+        table = pd.read_csv(metadata)
+        if "file_name" not in table.columns:
+            raise ValueError(f"{metadata} has no 'file_name' column (columns: {list(table.columns)}); add one")
+        if audio_column in table.columns:
+            raise ValueError(f"{metadata} has a column named '{audio_column}'; rename it or pass --audio_column")
+        listed = [Path(str(name)).as_posix() for name in table["file_name"]]
+        missing = [name for name in listed if not (root / name).is_file()]
+        if missing:
+            raise ValueError(f"{metadata} lists files that do not exist: {missing[:5]}; fix or remove those rows")
+        unlisted = sorted(set(files) - set(listed))
+        if unlisted:
+            raise ValueError(
+                f"audio files in {root} missing from {METADATA_FILE}: {unlisted[:5]}"
+                f"{f' and {len(unlisted) - 5} more' if len(unlisted) > 5 else ''}; add rows for them or move them out"
+            )
+        files = listed
+        columns = {c: table[c].tolist() for c in table.columns if c != "file_name"}
+    paths = [{"bytes": None, "path": str((root / name).resolve())} for name in files]
+    ds = datasets.Dataset.from_dict({audio_column: paths, **columns})
+    # Casting the {"bytes", "path"} struct works on Arrow storage alone; Audio's encode_example would need torchcodec.
+    return ds.cast_column(audio_column, datasets.Audio(decode=False))
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "owner/name", so more than one "/" (or a Windows separator) means a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _load(name: str, dataset_config_name: str | None, audio_column: str):
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        return _audio_folder(path, audio_column)
+    if path.exists():
+        raise ValueError(
+            f"dataset path {name} is a file; pass a folder of audio files, a save_to_disk folder or a Hub id"
+        )
+    if _looks_local(name):
+        raise FileNotFoundError(f"dataset path {name} does not exist")
+    try:
+        return datasets.load_dataset(name, dataset_config_name)
+    except Exception as err:  # offline, unknown id, bad config...: all mean the same thing to the user
+        raise ValueError(
+            f"dataset '{name}' is neither an existing local folder nor a loadable Hub dataset id ({err}); "
+            "pass a folder of audio files, a save_to_disk folder, or a Hub id"
+        ) from err
+
+
+def load_audio_dataset(
+    dataset_name: str | None,
+    audio_column: str = "audio",
+    validation_split_percentage: float = 5.0,
+    seed: int = 0,
+    dataset_config_name: str | None = None,
+    synthetic_num_clips: int = 2000,
+) -> datasets.DatasetDict:
+    """Train and validation splits from the synthetic set, a save_to_disk folder, an audio folder or a Hub id."""
+    if not 0 < validation_split_percentage <= 50:
+        raise ValueError(f"validation_split_percentage={validation_split_percentage}: must be in (0, 50]")
+    if dataset_name in (None, "synthetic"):
+        name = "synthetic"
+        loaded = make_synthetic_dataset(
+            num_clips=synthetic_num_clips, validation_fraction=validation_split_percentage / 100, seed=seed
+        )
+    else:
+        name = dataset_name
+        loaded = _load(dataset_name, dataset_config_name, audio_column)
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            train = loaded["train"]
+        elif len(loaded) == 1:
+            train = next(iter(loaded.values()))
+        else:
+            raise ValueError(f"dataset {name} has no 'train' split (splits: {list(loaded)})")
+        validation = next((loaded[s] for s in ("validation", "test") if s in loaded and len(loaded[s]) > 0), None)
+    else:
+        train, validation = loaded, None
+    if len(train) == 0:
+        raise ValueError(f"dataset {name} has no rows in its train split; pass a dataset with audio in it")
+    if audio_column not in train.column_names:
+        raise ValueError(
+            f"dataset {name} has no audio column '{audio_column}'; its columns are {train.column_names}; "
+            "name the right one with --audio_column"
+        )
+    if validation is None:
+        if len(train) < 2:
+            raise ValueError(f"dataset {name} has 1 row; at least 2 are needed to split off a validation set")
+        num_val = min(max(1, round(len(train) * validation_split_percentage / 100)), len(train) - 1)
+        split = train.train_test_split(test_size=num_val, seed=seed)
+        train, validation = split["train"], split["test"]
+    return datasets.DatasetDict(
+        {"train": _undecoded(train, audio_column), "validation": _undecoded(validation, audio_column)}
+    )

@@ -1,0 +1,133 @@
+"""From audio to code sequences (tokenizing a dataset once) and from code sequences to padded model batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from hf_audio_trainer.data.audio import decode_audio
+from hf_audio_trainer.tokenizers import AudioTokenizer
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: AudioTokenizer,
+    audio_column: str = "audio",
+    max_duration_seconds: float = 30.0,
+    num_proc: int | None = None,
+    split: str = "train",
+) -> Dataset:
+    """Decode, resample, cut and encode every clip into a `codes` column ([num_codebooks][frames], int)."""
+    max_samples = int(max_duration_seconds * tokenizer.sample_rate)
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        waves = [
+            decode_audio(value, tokenizer.sample_rate, where=f"{split} row {i}")[:max_samples]
+            for value, i in zip(batch[audio_column], indices, strict=True)
+        ]
+        codes = tokenizer.encode_batch(waves)
+        return {"codes": [c.to(torch.int16).tolist() for c in codes], "num_frames": [c.shape[-1] for c in codes]}
+
+    encoded = dataset.map(
+        encode,
+        batched=True,
+        batch_size=64,
+        with_indices=True,
+        remove_columns=[c for c in dataset.column_names if c not in ("difficulty", "quality")],
+        num_proc=num_proc,
+        desc=f"Tokenizing {split}",
+    )
+    frames = np.asarray(encoded["num_frames"])
+    too_short = np.flatnonzero(frames == 0)
+    if len(too_short):
+        names = _clip_names(dataset, audio_column, too_short[:5])
+        raise ValueError(
+            f"{len(too_short)} {split} clip(s) are shorter than one tokenizer frame "
+            f"({tokenizer.hop_length} samples at {tokenizer.sample_rate} Hz), e.g. {names}; "
+            "remove them from the dataset (e.g. dataset.filter on the duration)"
+        )
+    return encoded
+
+
+def _clip_names(dataset: Dataset, audio_column: str, rows: np.ndarray) -> list[str]:
+    names = []
+    for row in rows.tolist():
+        value = dataset[row][audio_column]
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        names.append(f"row {row}" + (f" ({path})" if path else ""))
+    return names
+
+
+def delay_pattern(codes: np.ndarray, pad_id: int) -> np.ndarray:
+    """MusicGen's delay pattern: codebook k is shifted right by k frames, [K, F] -> [K, F + K - 1]."""
+    num_codebooks, num_frames = codes.shape
+    delayed = np.full((num_codebooks, num_frames + num_codebooks - 1), pad_id, dtype=np.int64)
+    for k in range(num_codebooks):
+        delayed[k, k : k + num_frames] = codes[k]
+    return delayed
+
+
+class CodesCollator:
+    """Pads delayed code sequences into a batch for MusicgenForCausalLM.
+
+    input_ids are the delayed codes shifted right behind a BOS token; labels are the delayed codes with the delay
+    padding and the batch padding set to -100, so every clip contributes exactly num_codebooks x frames targets.
+    `num_items` (the target-token count) is computed here on the host, so the loop can weight the loss without a
+    device sync.
+    """
+
+    def __init__(self, num_codebooks: int, pad_id: int, bos_id: int, frame_rate: float):
+        self.num_codebooks = num_codebooks
+        self.frame_rate = frame_rate
+        self.pad_id = pad_id
+        self.bos_id = bos_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | int]:
+        delayed = [delay_pattern(np.asarray(ex["codes"], dtype=np.int64), self.pad_id) for ex in examples]
+        k, length = self.num_codebooks, max(d.shape[1] for d in delayed)
+        input_ids = np.full((len(examples), k, length), self.pad_id, dtype=np.int64)
+        labels = np.full((len(examples), k, length), -100, dtype=np.int64)
+        attention_mask = np.zeros((len(examples), length), dtype=np.int64)
+        for i, d in enumerate(delayed):
+            n = d.shape[1]
+            input_ids[i, :, 0] = self.bos_id
+            input_ids[i, :, 1:n] = d[:, :-1]
+            labels[i, :, :n] = np.where(d == self.pad_id, -100, d)
+            attention_mask[i, :n] = 1
+        frames = sum(len(ex["codes"][0]) for ex in examples)
+        return {
+            # MusicGen takes codebooks folded into the batch: row b * K + k is codebook k of clip b
+            "input_ids": torch.from_numpy(input_ids.reshape(-1, length)),
+            "labels": torch.from_numpy(labels.reshape(-1, length)),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "num_items": frames * k,
+            "num_samples": len(examples),
+            "audio_seconds": frames / self.frame_rate,
+        }
+
+
+def batch_stream(
+    dataset: Dataset, sampler, micro_batch_size: int, collate: CodesCollator, start_step: int = 0
+) -> Iterator[dict]:
+    """Endless micro-batches for this rank, starting right after optimizer step `start_step` (no replay)."""
+    sampler.load_state_dict(sampler.state_at_step(start_step))
+    codes = dataset.select_columns(["codes"])
+    while True:
+        indices: list[int] = []
+        for index in sampler:
+            indices.append(index)
+            if len(indices) == micro_batch_size:
+                yield collate([{"codes": c} for c in codes[indices]["codes"]])
+                indices = []
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def eval_batches(dataset: Dataset, batch_size: int, collate: CodesCollator, rank: int, world: int) -> Iterator[dict]:
+    """This rank's share (every world-th clip) of the validation set, in order."""
+    codes = dataset.select_columns(["codes"])
+    mine = list(range(rank, len(codes), world))
+    for start in range(0, len(mine), batch_size):
+        yield collate([{"codes": c} for c in codes[mine[start : start + batch_size]]["codes"]])

@@ -1,0 +1,133 @@
+"""The one training loop: accumulate, token-weighted loss, clip, step; then log / eval / save on visible lines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 0
+    save_steps: int = 0
+    eval_on_start: bool = False
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batches: Iterator[dict],
+    loss_fn: LossFn,
+    settings: LoopSettings,
+    start_step: int = 0,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    save: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Run optimizer steps start_step+1 .. max_steps; return the last logged train and eval metrics.
+
+    `loss_fn(model, batch)` returns the SUM of per-item losses (tokens, pairs ...) and each batch carries its item
+    count `num_items`, so a step's loss is sum(losses) / sum(items) over all its micro-batches and all ranks: micro-
+    batch x accumulation x processes then gives the same update as one big batch, whatever the padding.
+    """
+    s, accum, world = settings, settings.gradient_accumulation_steps, accelerator.num_processes
+    metrics: dict[str, float] = {}
+    step = start_step
+    if evaluate is not None and s.eval_on_start and step == 0:
+        metrics.update(evaluate())
+        accelerator.log(metrics, step=0)
+    progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    window_loss = torch.zeros((), device=accelerator.device)  # loss sum since the last log, kept on device
+    window_items = samples = audio_seconds = 0.0
+    grad_norm = torch.zeros((), device=accelerator.device)
+    tic = time.perf_counter()
+    model.train()
+    while step < s.max_steps:
+        micro_batches = [next(batches) for _ in range(accum)]
+        items = torch.tensor(float(sum(b["num_items"] for b in micro_batches)), device=accelerator.device)
+        items = accelerator.reduce(items, "sum")  # one collective per step, no host sync
+        for batch in micro_batches:
+            with accelerator.accumulate(model):
+                loss_sum, _ = loss_fn(model, to_device(batch, accelerator.device))
+                # accelerator.backward divides by accum and DDP averages over ranks; undo both so the gradient
+                # is d(sum of losses) / (items of the whole step)
+                accelerator.backward(loss_sum * (accum * world) / items)
+            window_loss += loss_sum.detach().float()
+            window_items += batch["num_items"]
+            samples += batch["num_samples"]
+            audio_seconds += batch["audio_seconds"]
+        # the pre-clip norm is what tells you about stability; inf max norm measures without clipping
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm or float("inf"))
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule must not advance either
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+
+        if step % s.logging_steps == 0 or step == s.max_steps:
+            host = torch.tensor([window_items, samples, audio_seconds], device=accelerator.device, dtype=torch.float64)
+            totals = accelerator.reduce(torch.cat([window_loss[None].double(), host]))
+            elapsed = time.perf_counter() - tic
+            loss_sum_total, items_total, samples_total, audio_total = totals.tolist()
+            logged = {
+                "train/loss": loss_sum_total / max(items_total, 1.0),
+                "train/learning_rate": scheduler.get_last_lr()[0],
+                "train/grad_norm": grad_norm.item(),
+                "train/samples_per_second": samples_total / elapsed,
+                "train/tokens_per_second": items_total / elapsed,
+                "train/audio_seconds_per_second": audio_total / elapsed,
+            }
+            if accelerator.scaler is not None:
+                logged["train/loss_scale"] = accelerator.scaler.get_scale()
+            accelerator.log(logged, step=step)
+            metrics.update(logged)
+            progress.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/learning_rate']:.2e}")
+            window_loss.zero_()
+            window_items = samples = audio_seconds = 0.0
+            tic = time.perf_counter()
+        if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
+            evaluated = evaluate()
+            accelerator.log(evaluated, step=step)
+            metrics.update(evaluated)
+            tic = time.perf_counter()
+        if save is not None and s.save_steps and step % s.save_steps == 0:
+            save(step)
+            tic = time.perf_counter()
+    progress.close()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_loss(
+    accelerator: Accelerator, model: torch.nn.Module, batches: Callable[[], Iterator[dict]], loss_fn: LossFn
+) -> float:
+    """Item-weighted loss over all of this rank's validation batches, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    loss_total, items = torch.zeros((), device=accelerator.device), 0.0
+    for batch in batches():
+        loss_sum, _ = loss_fn(model, to_device(batch, accelerator.device))
+        loss_total += loss_sum.float()
+        items += batch["num_items"]
+    model.train(was_training)
+    loss_sum, items = accelerator.reduce(
+        torch.stack([loss_total, torch.tensor(items, device=loss_total.device)])
+    ).tolist()
+    return loss_sum / max(items, 1.0)

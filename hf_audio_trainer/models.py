@@ -1,0 +1,93 @@
+"""Model builders (a MusicGen-style multi-codebook decoder) and the audio language-model loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+# Sizes of a new model. "tiny" trains in a few minutes on two CPU cores.
+MODEL_SIZES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
+    "medium": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
+}
+
+
+def new_model_config(
+    size: str, num_codebooks: int, codebook_size: int, max_positions: int, dropout: float | None = None
+) -> MusicgenDecoderConfig:
+    """A decoder config for a tokenizer's codebooks; the pad/BOS id is one past the last code."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    config = MusicgenDecoderConfig(
+        vocab_size=codebook_size,
+        num_codebooks=num_codebooks,
+        max_position_embeddings=max_positions,
+        pad_token_id=codebook_size,
+        bos_token_id=codebook_size,
+        audio_channels=1,
+        **MODEL_SIZES[size],
+    )
+    set_dropout(config, dropout)
+    return config
+
+
+def set_dropout(config: MusicgenDecoderConfig, dropout: float | None) -> None:
+    """Override every dropout probability of the config (None keeps the model's own)."""
+    if dropout is not None:
+        config.dropout = config.attention_dropout = config.activation_dropout = dropout
+
+
+def build_model(
+    model_name_or_path: str | None,
+    size: str,
+    num_codebooks: int,
+    codebook_size: int,
+    max_positions: int,
+    dropout: float | None = None,
+) -> MusicgenForCausalLM:
+    """Load a MusicgenForCausalLM from a folder or Hub id, or make a new one sized for the tokenizer."""
+    if model_name_or_path is None:
+        return MusicgenForCausalLM(new_model_config(size, num_codebooks, codebook_size, max_positions, dropout))
+    overrides = {}
+    if dropout is not None:
+        overrides = dict(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+    try:
+        model = MusicgenForCausalLM.from_pretrained(model_name_or_path, **overrides)
+    except OSError as err:
+        raise ValueError(
+            f"could not load a MusicgenForCausalLM from {model_name_or_path!r}: pass a folder written by "
+            f"save_pretrained (config.json + model.safetensors) or a Hub id that is cached locally ({err})"
+        ) from err
+    check_model_fits_tokenizer(model.config, num_codebooks, codebook_size, max_positions)
+    return model
+
+
+def check_model_fits_tokenizer(
+    config: MusicgenDecoderConfig, num_codebooks: int, codebook_size: int, max_positions: int
+) -> None:
+    """Fail early when a loaded model cannot read the tokenizer's codes."""
+    if config.num_codebooks != num_codebooks:
+        raise ValueError(
+            f"the model predicts {config.num_codebooks} codebooks but the tokenizer makes {num_codebooks}; "
+            "use the tokenizer the model was trained with (--tokenizer)"
+        )
+    if config.vocab_size < codebook_size:
+        raise ValueError(
+            f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's codebook_size "
+            f"{codebook_size}; use the tokenizer the model was trained with (--tokenizer)"
+        )
+    if config.max_position_embeddings < max_positions:
+        raise ValueError(
+            f"the model handles {config.max_position_embeddings} positions but clips need {max_positions}; "
+            "lower --max_duration_seconds"
+        )
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum (not mean) of the per-token cross-entropies over all codebooks; the loop divides by the token count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # float32 for the softmax even under autocast, so bf16/fp16 runs report comparable losses
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+    return loss, {}

@@ -1,0 +1,213 @@
+"""The training stages as functions: build the pieces from a config, run the loop, return what was made."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import Dataset
+
+from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.config import PretrainConfig, parse_config, resolve_config
+from hf_audio_trainer.curriculum import CurriculumSampler
+from hf_audio_trainer.data.audio import decode_audio, load_audio_dataset
+from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.loop import LoopSettings, evaluate_loss, train
+from hf_audio_trainer.models import build_model, lm_loss
+from hf_audio_trainer.optim import build_optimizer, build_scheduler
+from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
+from hf_audio_trainer.trackers import JSONLinesTracker, truncate_metrics
+
+logger = logging.getLogger(__name__)
+TOKENIZER_DIR = "tokenizer"
+FIT_CLIPS = 500  # clips a new mel k-means tokenizer is fitted on
+SAMPLE_RATE = 16000  # of a new mel k-means tokenizer
+
+
+@dataclass
+class RunResult:
+    """What a stage produced."""
+
+    output_dir: str
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_tokenizer(cfg: PretrainConfig, accelerator: Accelerator, train_set: Dataset, resume: Path | None):
+    """The checkpoint's tokenizer when resuming, a given one, or a mel k-means fitted on training clips."""
+    source = resume / TOKENIZER_DIR if resume is not None else cfg.data.tokenizer
+    if source is not None:
+        return load_audio_tokenizer(str(source))
+    fitted = Path(cfg.training.output_dir) / TOKENIZER_DIR
+    if accelerator.is_main_process:  # fit once, the other ranks load the result
+        rng = np.random.default_rng(cfg.training.seed)
+        rows = rng.permutation(len(train_set))[:FIT_CLIPS].tolist()
+        audio = train_set.select(rows)[cfg.data.audio_column]
+        waves = [decode_audio(a, SAMPLE_RATE, where=f"train row {r}") for a, r in zip(audio, rows, strict=True)]
+        tokenizer = MelKMeansTokenizer.fit(
+            waves,
+            sample_rate=SAMPLE_RATE,
+            num_codebooks=cfg.data.num_codebooks,
+            codebook_size=cfg.data.codebook_size,
+            seed=cfg.training.seed,
+        )
+        tokenizer.save_pretrained(fitted)
+    accelerator.wait_for_everyone()
+    return load_audio_tokenizer(str(fitted))
+
+
+def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | None):
+    """Load the audio, get a tokenizer, and tokenize both splits once (cached by datasets where it can)."""
+    with accelerator.main_process_first():
+        raw = load_audio_dataset(
+            cfg.data.dataset_name,
+            audio_column=cfg.data.audio_column,
+            validation_split_percentage=cfg.data.validation_split_percentage,
+            seed=cfg.training.seed,
+            dataset_config_name=cfg.data.dataset_config_name,
+            synthetic_num_clips=cfg.data.synthetic_num_clips,
+        )
+    tokenizer = prepare_tokenizer(cfg, accelerator, raw["train"], resume)
+    with accelerator.main_process_first():
+        splits = {
+            name: tokenize_dataset(
+                raw[name],
+                tokenizer,
+                cfg.data.audio_column,
+                cfg.data.max_duration_seconds,
+                cfg.data.preprocessing_num_workers,
+                split=name,
+            )
+            for name in ("train", "validation")
+        }
+    return tokenizer, splits["train"], splits["validation"]
+
+
+def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
+    """Pretrain an audio language model from scratch (or continue one); usable from a notebook."""
+    cfg = resolve_config(config, PretrainConfig)
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=[JSONLinesTracker(out), *cfg.logging.trackers],
+        project_dir=str(out),
+        # the schedule counts optimizer steps; accelerate would otherwise step it once per process
+        step_scheduler_with_optimizer=False,
+    )
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out)
+    ckpt.check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
+    if accelerator.is_main_process:
+        if t.overwrite_output_dir and resume is None:
+            ckpt.remove_checkpoints(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
+    set_seed(t.seed)
+
+    tokenizer, train_set, val_set = prepare_data(cfg, accelerator, resume)
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    difficulties = train_set["difficulty"] if "difficulty" in train_set.column_names else [0.0] * len(train_set)
+    sampler = CurriculumSampler(
+        difficulties,
+        global_batch,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=t.seed,
+    )
+    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+    max_frames = max(max(train_set["num_frames"]), max(val_set["num_frames"]))
+    model = build_model(
+        cfg.model.model_name_or_path,
+        cfg.model.model_size,
+        tokenizer.num_codebooks,
+        tokenizer.codebook_size,
+        # positions: BOS + frames + the delay of the last codebook
+        max_positions=int(cfg.data.max_duration_seconds * tokenizer.frame_rate) + tokenizer.num_codebooks + 1,
+        dropout=cfg.model.dropout,
+    )
+    o = cfg.optim
+    optimizer = build_optimizer(
+        model,
+        o.optim,
+        weight_decay=o.weight_decay,
+        lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+    )
+    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
+    scheduler = build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start_step = 0
+    if resume is not None:
+        state = ckpt.load_checkpoint(accelerator, resume)
+        if state["global_batch_size"] != global_batch:
+            raise ValueError(
+                f"{resume} was trained with a global batch of {state['global_batch_size']}, this run has "
+                f"{global_batch} (per-device batch x accumulation x processes); keep it the same to resume exactly"
+            )
+        start_step = state["global_step"]
+        if accelerator.is_main_process:
+            truncate_metrics(out, start_step)
+        accelerator.print(f"Resumed from {resume} at step {start_step}")
+    accelerator.init_trackers("pretrain", config=cfg.to_flat_dict())
+    accelerator.print(
+        f"{len(train_set)} train / {len(val_set)} validation clips, up to {max_frames} frames; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; global batch {global_batch}; {max_steps} steps"
+    )
+
+    model_config = accelerator.unwrap_model(model).config
+    collate = CodesCollator(
+        tokenizer.num_codebooks, model_config.pad_token_id, model_config.bos_token_id, tokenizer.frame_rate
+    )
+    batches = batch_stream(train_set, sampler, t.per_device_train_batch_size, collate, start_step)
+
+    def evaluate() -> dict[str, float]:
+        stream = lambda: eval_batches(  # noqa: E731
+            val_set, t.per_device_eval_batch_size, collate, accelerator.process_index, accelerator.num_processes
+        )
+        return {"eval/loss": evaluate_loss(accelerator, model, stream, lm_loss)}
+
+    def save(step: int) -> None:
+        state = {
+            "global_step": step,
+            "global_batch_size": global_batch,
+            "max_steps": max_steps,
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "sampler": sampler.state_at_step(step),
+            "config": cfg.to_flat_dict(),
+        }
+        ckpt.save_checkpoint(
+            accelerator,
+            out,
+            step,
+            state,
+            lambda folder: tokenizer.save_pretrained(folder / TOKENIZER_DIR),
+            cfg.checkpoint.save_total_limit,
+        )
+
+    settings = LoopSettings(
+        max_steps=max_steps,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=o.max_grad_norm,
+        logging_steps=cfg.logging.logging_steps,
+        eval_steps=cfg.logging.eval_steps,
+        save_steps=cfg.checkpoint.save_steps,
+        eval_on_start=cfg.logging.eval_on_start,
+    )
+    metrics = train(accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save)
+    ckpt.save_final_model(accelerator, model, out, lambda folder: tokenizer.save_pretrained(folder / TOKENIZER_DIR))
+    accelerator.end_training()
+    return RunResult(output_dir=str(out), global_step=max_steps, metrics=metrics)
+
+
+def pretrain_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
+    """`accelerate launch recipes/pretrain.py [--config x.yaml] [--flag value ...]`; flags override the YAML."""
+    return pretrain(parse_config(argv, PretrainConfig, default_yaml))

@@ -1,0 +1,67 @@
+"""The two promises of the loop, on the real recipe: exact accumulation and exact resume."""
+
+import pytest
+
+from hf_audio_trainer import pretrain
+from hf_audio_trainer.trackers import read_metrics
+from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def losses(output_dir, first=1):
+    return {m["step"]: m["train/loss"] for m in read_metrics(output_dir) if "train/loss" in m and m["step"] >= first}
+
+
+def test_accumulation_2x4_equals_8x1_on_variable_length_clips(tokenizer, tmp_path):
+    small = pretrain(
+        quick_run(
+            tokenizer, tmp_path / "2x4", max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=4
+        )
+    )
+    big = pretrain(
+        quick_run(
+            tokenizer, tmp_path / "8x1", max_steps=5, per_device_train_batch_size=8, gradient_accumulation_steps=1
+        )
+    )
+    assert small.global_step == big.global_step == 5
+    diff = max_abs_diff(weights(tmp_path / "2x4"), weights(tmp_path / "8x1"))
+    assert diff < 1e-5, diff
+    a, b = losses(tmp_path / "2x4"), losses(tmp_path / "8x1")
+    assert a.keys() == b.keys() == {1, 2, 3, 4, 5}
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+    assert a[5] < a[1]  # it did learn
+
+
+def test_resume_equals_straight_run_with_dropout_on(tokenizer, tmp_path):
+    # dropout on, so the RNG states must be restored too
+    settings = dict(
+        max_steps=6,
+        save_steps=3,
+        dropout=0.1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        eval_steps=3,
+    )
+    straight = pretrain(quick_run(tokenizer, tmp_path / "straight", **settings))
+    assert (tmp_path / "straight" / "checkpoint-3" / "trainer_state.json").is_file()
+    resumed = pretrain(
+        quick_run(
+            tokenizer,
+            tmp_path / "resumed",
+            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"),
+            **settings,
+        )
+    )
+    assert resumed.global_step == straight.global_step == 6
+    diff = max_abs_diff(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert diff < 1e-6, diff
+    before, after = losses(tmp_path / "straight", first=4), losses(tmp_path / "resumed")
+    assert before.keys() == after.keys() == {4, 5, 6}
+    assert all(abs(before[s] - after[s]) < 1e-6 for s in before), (before, after)
+    assert resumed.metrics["eval/loss"] == pytest.approx(straight.metrics["eval/loss"], abs=1e-6)
