@@ -49,7 +49,8 @@ def build_model(
 ) -> MusicgenForCausalLM:
     """Load a MusicgenForCausalLM from a folder or Hub id, or make a new one sized for the tokenizer."""
     if model_name_or_path is None:
-        return MusicgenForCausalLM(new_model_config(size, num_codebooks, codebook_size, max_positions, dropout))
+        model = MusicgenForCausalLM(new_model_config(size, num_codebooks, codebook_size, max_positions, dropout))
+        return freeze_cross_attention(model)
     overrides = {}
     if dropout is not None:
         overrides = dict(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
@@ -61,6 +62,18 @@ def build_model(
             f"save_pretrained (config.json + model.safetensors) or a Hub id that is cached locally ({err})"
         ) from err
     check_model_fits_tokenizer(model.config, num_codebooks, codebook_size, max_positions)
+    return freeze_cross_attention(model)
+
+
+def freeze_cross_attention(model: MusicgenForCausalLM) -> MusicgenForCausalLM:
+    """Unconditional training passes no encoder states, so cross-attention gets no gradient: freeze it.
+
+    Otherwise DDP waits for gradients that never come (it needs every trainable parameter to get one), and the
+    optimizer would keep states for weights it never updates. The weights stay in the model and its checkpoints.
+    """
+    for name, param in model.named_parameters():
+        if ".encoder_attn" in name:
+            param.requires_grad_(False)
     return model
 
 

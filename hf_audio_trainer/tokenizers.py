@@ -394,7 +394,8 @@ class MelKMeansTokenizer(AudioTokenizer):
                 padded, self.n_fft, self.hop_length, window=self.window, center=True, pad_mode="constant",
                 return_complex=True,
             )  # fmt: skip
-            log_mel = (spec.abs().square_().transpose(1, 2) @ self.mel_fb).add_(LOG_MEL_FLOOR).log_()
+            power = torch.view_as_real(spec).square_().sum(-1)  # complex abs() would pay for a sqrt per bin
+            log_mel = (power.transpose(1, 2) @ self.mel_fb).add_(LOG_MEL_FLOOR).log_()
             for row, i in enumerate(batch):
                 out[i] = log_mel[row, : self.num_frames(len(waves[i]))]
         return out

@@ -1,0 +1,32 @@
+"""Two real processes (gloo on CPU): the global batch is split by rank and the update equals one big batch."""
+
+import json
+
+import pytest
+
+from hf_audio_trainer import pretrain
+from tests.helpers import as_flags, fit_small_tokenizer, launch, max_abs_diff, quick_run, weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def test_two_processes_2x2_equal_one_process_8x1(tmp_path):
+    tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
+    common = dict(max_steps=4, save_steps=4)
+    ddp = quick_run(tokenizer, tmp_path / "ddp", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+    # `--multi_gpu` with ACCELERATE_USE_CPU gives two gloo processes (`--cpu --num_processes 2` would start one)
+    done = launch(
+        ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29533", "recipes/pretrain.py", *as_flags(ddp)],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert state["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert state["global_batch_size"] == 8
+    assert (tmp_path / "ddp" / "checkpoint-4" / "random_states_1.pkl").is_file()  # rank 1's RNG saved too
+
+    single = quick_run(tokenizer, tmp_path / "single", per_device_train_batch_size=8, **common)
+    pretrain(single)
+    diff = max_abs_diff(weights(tmp_path / "ddp"), weights(tmp_path / "single"))
+    assert diff < 1e-5, diff
