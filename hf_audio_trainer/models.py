@@ -8,6 +8,7 @@ from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
 # Sizes of a new model. "tiny" trains in a few minutes on two CPU cores.
 MODEL_SIZES = {
+    "micro": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64),  # tests, benchmarks
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
     "medium": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
@@ -50,6 +51,11 @@ def build_model(
     """Load a MusicgenForCausalLM from a folder or Hub id, or make a new one sized for the tokenizer."""
     if model_name_or_path is None:
         model = MusicgenForCausalLM(new_model_config(size, num_codebooks, codebook_size, max_positions, dropout))
+        # transformers initialises the code embeddings with std 0.02, which the unit-scale sinusoidal positions
+        # drown out: a small model then needs hundreds of steps to grow them (measured on the default run: val loss
+        # 5.29 vs 3.53 after 150 steps). N(0, 1) is torch's and audiocraft's own init for these embeddings.
+        for embedding in model.get_input_embeddings():
+            torch.nn.init.normal_(embedding.weight, std=1.0)
         return freeze_cross_attention(model)
     overrides = {}
     if dropout is not None:

@@ -22,7 +22,7 @@ from hf_audio_trainer.loop import LoopSettings, evaluate_loss, train
 from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
-from hf_audio_trainer.trackers import JSONLinesTracker, truncate_metrics
+from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, truncate_metrics
 
 logger = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
@@ -104,8 +104,9 @@ def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
     resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out)
     ckpt.check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
     if accelerator.is_main_process:
-        if t.overwrite_output_dir and resume is None:
+        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
             ckpt.remove_checkpoints(out)
+            (out / METRICS_FILE).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
     set_seed(t.seed)

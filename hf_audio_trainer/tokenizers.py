@@ -104,7 +104,11 @@ def _write_config(path: str | os.PathLike, config: dict) -> None:
 
 
 class EncodecTokenizer(AudioTokenizer):
-    """Adapter over transformers' `EncodecModel` (e.g. facebook/encodec_32khz, the MusicGen codec)."""
+    """Adapter over transformers' `EncodecModel` (e.g. facebook/encodec_32khz, the MusicGen codec).
+
+    Mono, unchunked models only (24 and 32 kHz). A model with `normalize=True` decodes at unit loudness, because
+    the per-clip scale it computes is not part of the codes.
+    """
 
     def __init__(self, model: torch.nn.Module, bandwidth: float | None = None) -> None:
         config = model.config
@@ -132,7 +136,7 @@ class EncodecTokenizer(AudioTokenizer):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str, bandwidth: float | None = None, device: str | torch.device = "cpu"
+        cls, path_or_id: str | os.PathLike, bandwidth: float | None = None, device: str | torch.device = "cpu"
     ) -> EncodecTokenizer:
         """Load an EnCodec model from a folder or Hub id; `bandwidth` defaults to the saved one, else the smallest."""
         from transformers import EncodecModel
@@ -159,8 +163,8 @@ class EncodecTokenizer(AudioTokenizer):
         wave = _as_mono(waveform)
         if wave.numel() == 0:
             raise ValueError("cannot encode an empty waveform")
-        device = next(self.model.parameters()).device
-        out = self.model.encode(wave[None, None].to(device), bandwidth=self.bandwidth)
+        weight = next(self.model.parameters())
+        out = self.model.encode(wave[None, None].to(weight.device, weight.dtype), bandwidth=self.bandwidth)
         return out.audio_codes[0, 0].long().cpu()  # [chunks=1, batch=1, codebooks, frames] -> [codebooks, frames]
 
     @torch.no_grad()
@@ -193,7 +197,7 @@ class EncodecTokenizer(AudioTokenizer):
 # --------------------------------------------------------------------------------------------------------------------
 
 LOG_MEL_FLOOR = 1e-5  # added to mel power before the log so silence does not dominate the per-bin statistics
-MIN_STD = 1e-3  # bins that never change (e.g. above the band of pure tones) stay near 0 instead of amplifying noise
+MIN_STD = 0.1  # log units (~0.9 dB): bins that barely change get no codebook capacity for inaudible detail
 FEATURE_BATCH_SAMPLES = 2**19  # padded samples per batched STFT (~33 s at 16 kHz), ~7 MB per intermediate
 FIT_CHUNK = 256  # clips read from the fit iterable at a time
 ASSIGN_CHUNK = 16384  # frames per nearest-centroid distance matrix, bounding memory to 16384 * codebook_size floats
@@ -219,6 +223,7 @@ class MelKMeansTokenizer(AudioTokenizer):
         hop_length: int = 320,
         seed: int = 0,
         griffin_lim_iters: int = 32,
+        fit_info: dict | None = None,
     ) -> None:
         if codebooks.ndim != 3:
             raise ValueError(f"codebooks must be [num_codebooks, codebook_size, n_mels], got {list(codebooks.shape)}")
@@ -231,6 +236,7 @@ class MelKMeansTokenizer(AudioTokenizer):
         self.hop_length = hop_length
         self.seed = seed
         self.griffin_lim_iters = griffin_lim_iters
+        self.fit_info = fit_info or {}  # how it was fitted (frames, clips, k-means settings), saved for provenance
         self.window = torch.hann_window(n_fft)
         self.mel_fb = _mel_filters(sample_rate, n_fft, self.n_mels)  # [n_fft // 2 + 1, n_mels]
         # A least-squares inverse of the filter bank, clamped at decode time because power cannot be negative.
@@ -298,6 +304,12 @@ class MelKMeansTokenizer(AudioTokenizer):
             residual = residual - centroids[_assign(residual, centroids)]
             codebooks.append(centroids)
         tok.codebooks, tok.mean, tok.std = torch.stack(codebooks), mean, std
+        tok.fit_info = {
+            "num_clips": num_clips,
+            "num_frames": num_frames,
+            "max_fit_frames": max_fit_frames,
+            "kmeans_iters": kmeans_iters,
+        }
         return tok
 
     @classmethod
@@ -306,7 +318,7 @@ class MelKMeansTokenizer(AudioTokenizer):
         config_file = _resolve_file(path_or_id, CONFIG_NAME)
         weights_file = _resolve_file(path_or_id, MEL_KMEANS_WEIGHTS_NAME)
         if config_file is None or weights_file is None:
-            raise FileNotFoundError(f"{path_or_id} has no {CONFIG_NAME} and {MEL_KMEANS_WEIGHTS_NAME}")
+            raise FileNotFoundError(f"{path_or_id} needs both {CONFIG_NAME} and {MEL_KMEANS_WEIGHTS_NAME}")
         config = _read_json(config_file)
         weights = load_file(weights_file)
         return cls(
@@ -318,6 +330,7 @@ class MelKMeansTokenizer(AudioTokenizer):
             hop_length=config["hop_length"],
             seed=config.get("seed", 0),
             griffin_lim_iters=config.get("griffin_lim_iters", 32),
+            fit_info=config.get("fit"),
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -334,6 +347,7 @@ class MelKMeansTokenizer(AudioTokenizer):
                 "hop_length": self.hop_length,
                 "seed": self.seed,
                 "griffin_lim_iters": self.griffin_lim_iters,
+                "fit": self.fit_info,
             },
         )
         tensors = {"codebooks": self.codebooks, "mean": self.mean, "std": self.std}
@@ -356,6 +370,8 @@ class MelKMeansTokenizer(AudioTokenizer):
     def encode_batch(self, waveforms: list[np.ndarray | torch.Tensor]) -> list[torch.LongTensor]:
         """Encode many clips with batched STFTs and one chunked nearest-centroid search over all their frames."""
         waves = [_as_mono(w) for w in waveforms]
+        if not waves:
+            return []
         frames = self._log_mel_batch(waves)
         lengths = [len(f) for f in frames]
         residual = (torch.cat(frames) - self.mean) / self.std
@@ -364,7 +380,7 @@ class MelKMeansTokenizer(AudioTokenizer):
             index = _assign(residual, centroids)
             residual = residual - centroids[index]
             codes.append(index)
-        return list(torch.stack(codes).split(lengths, dim=1)) if codes else []
+        return [c.contiguous() for c in torch.stack(codes).split(lengths, dim=1)]
 
     def decode(self, codes: torch.Tensor) -> torch.FloatTensor:
         """Decode codes [num_codebooks, frames] into frames * hop_length samples via Griffin-Lim."""
@@ -383,10 +399,10 @@ class MelKMeansTokenizer(AudioTokenizer):
     def _log_mel_batch(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """Log-mel frames [len // hop_length, n_mels] of each clip, in input order."""
         out = [torch.zeros(0, self.n_mels) for _ in waves]
-        order = sorted((i for i, w in enumerate(waves) if self.num_frames(len(w)) > 0), key=lambda i: len(waves[i]))
+        # Longest first, batched up to a sample budget: little padding, few ops, moderate allocations.
+        order = sorted((i for i, w in enumerate(waves) if self.num_frames(len(w)) > 0), key=lambda i: -len(waves[i]))
         while order:
-            # Clips sorted by length, batched up to a sample budget: little padding, few ops, moderate allocations.
-            size = max(1, min(len(order), FEATURE_BATCH_SAMPLES // max(1, len(waves[order[-1]]))))
+            size = max(1, FEATURE_BATCH_SAMPLES // len(waves[order[0]]))
             batch, order = order[:size], order[size:]
             # Zero padding at the end is what center=True's constant padding adds anyway, so it changes no kept frame.
             padded = torch.nn.utils.rnn.pad_sequence([waves[i] for i in batch], batch_first=True)
@@ -475,7 +491,7 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centroid drawn proportional to squared distance."""
-    # numpy, not torch: k small sequential steps, and waking torch's thread pool for each one costs ~100x more here.
+    # numpy, not torch: k tiny sequential steps, where the per-op cost of torch's thread pool would dominate.
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))
     points = x.numpy()
     norms = (points * points).sum(1)
@@ -499,7 +515,7 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
 TOKENIZERS = {"mel_kmeans": MelKMeansTokenizer, "encodec": EncodecTokenizer}
 
 
-def load_audio_tokenizer(path_or_id: str) -> AudioTokenizer:
+def load_audio_tokenizer(path_or_id: str | os.PathLike) -> AudioTokenizer:
     """Load a saved tokenizer by the `tokenizer_type` in its tokenizer_config.json, or a plain EnCodec model."""
     config_file = _resolve_file(path_or_id, CONFIG_NAME)
     if config_file is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
@@ -12,7 +13,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class JSONLinesTracker(GeneralTracker):
-    """Appends `{"step": ..., metric: value}` lines to output_dir/metrics.jsonl (read by tests and reports)."""
+    """Appends `{"step": ..., "time": unix seconds, metric: value}` lines to output_dir/metrics.jsonl (read by tests and reports)."""
 
     name = "jsonl"
     requires_logging_directory = False
@@ -32,7 +33,8 @@ class JSONLinesTracker(GeneralTracker):
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **{k: _plain(v) for k, v in values.items()}}) + "\n")
+            record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
+            f.write(json.dumps(record) + "\n")
 
 
 def _plain(value):
