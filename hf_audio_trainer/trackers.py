@@ -13,7 +13,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class JSONLinesTracker(GeneralTracker):
-    """Appends `{"step": ..., "time": unix seconds, metric: value}` lines to output_dir/metrics.jsonl (read by tests and reports)."""
+    """Appends `{"step", "time" (unix seconds), metric: value}` lines to output_dir/metrics.jsonl."""
 
     name = "jsonl"
     requires_logging_directory = False
