@@ -31,7 +31,7 @@ LR, WARMUP, MAX_NORM = 1e-3, 5, 1.0
 
 
 def make_batches(steps: int, batch_size: int, model_size: str):
-    data = make_synthetic_dataset(num_clips=steps * batch_size + 10, seed=0)["train"]
+    data = make_synthetic_dataset(num_clips=int(steps * batch_size / 0.95) + 2, seed=0)["train"]
     waves = [a["array"] for a in data.select(range(200))["audio"]]
     tokenizer = MelKMeansTokenizer.fit(waves, sample_rate=16000, seed=0)
     codes = tokenize_dataset(data, tokenizer)

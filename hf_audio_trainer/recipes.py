@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from datasets import Dataset
 
@@ -22,7 +23,7 @@ from hf_audio_trainer.loop import LoopSettings, evaluate_loss, train
 from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
-from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, truncate_metrics
+from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metrics, truncate_metrics
 
 logger = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
@@ -43,6 +44,8 @@ def prepare_tokenizer(cfg: PretrainConfig, accelerator: Accelerator, train_set: 
     """The checkpoint's tokenizer when resuming, a given one, or a mel k-means fitted on training clips."""
     source = resume / TOKENIZER_DIR if resume is not None else cfg.data.tokenizer
     if source is not None:
+        if (Path(source) / TOKENIZER_DIR).is_dir():  # a run's output folder or checkpoint: its tokenizer inside
+            source = Path(source) / TOKENIZER_DIR
         return load_audio_tokenizer(str(source))
     fitted = Path(cfg.training.output_dir) / TOKENIZER_DIR
     if accelerator.is_main_process:  # fit once, the other ranks load the result
@@ -92,15 +95,29 @@ def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | N
 def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
     """Pretrain an audio language model from scratch (or continue one); usable from a notebook."""
     cfg = resolve_config(config, PretrainConfig)
-    t, out = cfg.training, Path(cfg.training.output_dir)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=[JSONLinesTracker(out), *cfg.logging.trackers],
-        project_dir=str(out),
+        mixed_precision=cfg.training.mixed_precision,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        log_with=[JSONLinesTracker(cfg.training.output_dir), *cfg.logging.trackers],
+        project_dir=cfg.training.output_dir,
         # the schedule counts optimizer steps; accelerate would otherwise step it once per process
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return _pretrain(cfg, accelerator)
+    finally:
+        accelerator.end_training()
+        # accelerate keeps its settings in process-wide singletons; clear them so a notebook can run the next
+        # stage with, say, another precision (the process group, in PartialState, is kept)
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
+        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
     resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out)
     ckpt.check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
     if accelerator.is_main_process:
@@ -205,7 +222,13 @@ def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
     )
     metrics = train(accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save)
     ckpt.save_final_model(accelerator, model, out, lambda folder: tokenizer.save_pretrained(folder / TOKENIZER_DIR))
-    accelerator.end_training()
+    evals = [(m["step"], m["eval/loss"]) for m in read_metrics(out) if "eval/loss" in m]
+    if len(evals) > 1:
+        (s0, first), (s1, last) = evals[0], evals[-1]
+        accelerator.print(
+            f"validation loss {first:.4f} at step {s0} -> {last:.4f} at step {s1} "
+            f"({100 * (last - first) / first:+.1f}%)"
+        )
     return RunResult(output_dir=str(out), global_step=max_steps, metrics=metrics)
 
 

@@ -68,3 +68,8 @@ def test_mixed_sample_rates_are_resampled_and_train(tokenizer, tmp_path):
     )
     assert result.global_step == 2
     assert np.isfinite(result.metrics["train/loss"])
+
+
+def test_fp16_on_cpu_is_refused_instead_of_silently_running_fp32(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a GPU.*bf16"):
+        pretrain(quick_run(tokenizer, tmp_path / "out", mixed_precision="fp16", max_steps=1))

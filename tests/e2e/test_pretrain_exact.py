@@ -65,3 +65,21 @@ def test_resume_equals_straight_run_with_dropout_on(tokenizer, tmp_path):
     assert before.keys() == after.keys() == {4, 5, 6}
     assert all(abs(before[s] - after[s]) < 1e-6 for s in before), (before, after)
     assert resumed.metrics["eval/loss"] == pytest.approx(straight.metrics["eval/loss"], abs=1e-6)
+
+
+def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32(tokenizer, tmp_path):
+    fp32 = pretrain(quick_run(tokenizer, tmp_path / "fp32", max_steps=3, mixed_precision="no"))
+    bf16 = pretrain(quick_run(tokenizer, tmp_path / "bf16", max_steps=3, mixed_precision="bf16"))
+    assert bf16.metrics["train/loss"] == pytest.approx(fp32.metrics["train/loss"], rel=0.02)
+    assert 0 < max_abs_diff(weights(tmp_path / "fp32"), weights(tmp_path / "bf16")) < 0.05  # really ran in bf16
+
+
+def test_continue_from_a_finished_run_folder(tokenizer, tmp_path):
+    first = pretrain(quick_run(tokenizer, tmp_path / "first", max_steps=3))
+    # the output folder is a from_pretrained model with its tokenizer inside: both flags take the folder
+    second = pretrain(
+        quick_run(first.output_dir, tmp_path / "second", max_steps=2, model_name_or_path=first.output_dir)
+    )
+    assert second.global_step == 2
+    assert 0 < max_abs_diff(weights(tmp_path / "first"), weights(tmp_path / "second"))
+    assert second.metrics["train/loss"] < 4.0  # started from the trained weights, not from ln(64) = 4.16

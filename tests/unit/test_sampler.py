@@ -65,3 +65,31 @@ def test_epoch_is_a_permutation():
     s = CurriculumSampler(list(range(16)), 4, seed=5)
     assert sorted(s) == list(range(16))
     assert torch.equal(s.epoch_indices(0), s.epoch_indices(0))
+
+
+class CountingCodes:
+    """Stands in for the tokenized dataset and counts the rows read."""
+
+    def __init__(self, n):
+        self.rows_read = 0
+        self.n = n
+
+    def select_columns(self, columns):
+        return self
+
+    def __getitem__(self, indices):
+        self.rows_read += len(indices)
+        return {"codes": [[[i]] for i in indices]}
+
+
+def test_batch_stream_jumps_to_a_late_step_without_reading_earlier_rows():
+    from hf_audio_trainer.data.codes import batch_stream
+
+    sampler = CurriculumSampler([0.0] * 40, 4, num_replicas=2, rank=1, seed=7)  # 10 steps per epoch
+    data = CountingCodes(40)
+    stream = batch_stream(data, sampler, micro_batch_size=1, collate=lambda rows: rows, start_step=1_000_003)
+    first = next(stream)
+    # step 1,000,003 is epoch 100,000, step 3; rank 1's share of it is the 2 indices after rank 0's 2
+    expected = sampler.epoch_indices(100_000)[3 * 2].item()
+    assert first == [{"codes": [[expected]]}]
+    assert data.rows_read == 1  # nothing was replayed
