@@ -83,3 +83,12 @@ def test_continue_from_a_finished_run_folder(tokenizer, tmp_path):
     assert second.global_step == 2
     assert 0 < max_abs_diff(weights(tmp_path / "first"), weights(tmp_path / "second"))
     assert second.metrics["train/loss"] < 4.0  # started from the trained weights, not from ln(64) = 4.16
+
+
+def test_num_train_epochs_sets_the_step_count(tokenizer, tmp_path):
+    # 64 clips, 5% held out -> 60 train clips; a global batch of 8 gives 7 full steps per epoch
+    result = pretrain(
+        quick_run(tokenizer, tmp_path / "epochs", max_steps=-1, num_train_epochs=2, per_device_train_batch_size=8)
+    )
+    assert result.global_step == 14
+    assert max(m["step"] for m in read_metrics(tmp_path / "epochs")) == 14
