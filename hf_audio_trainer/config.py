@@ -88,6 +88,59 @@ class DataConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """Data order (curriculum learning) and which part of the data a stage trains on."""
+
+    curriculum: str = field(
+        default="none",
+        metadata={"help": "Pacing: none (plain shuffle), linear, root, geometric, step, or anti (hardest first)."},
+    )
+    curriculum_start_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction of the data (easiest first) open at step 0."}
+    )
+    curriculum_steps: int = field(default=1000, metadata={"help": "Steps until all of the data is open."})
+    difficulty_method: str | None = field(
+        default=None,
+        metadata={"help": "Score difficulty before training: column, acoustic or model_loss; unset: use the "
+                  "dataset's `difficulty` column."},
+    )
+    difficulty_column: str = field(default="difficulty", metadata={"help": "Column read by difficulty_method column."})
+    difficulty_model: str | None = field(
+        default=None, metadata={"help": "Reference run folder (model + tokenizer/) for difficulty_method model_loss."}
+    )
+    group_by_length: bool = field(default=False, metadata={"help": "Batch clips of similar length (less padding)."})
+    high_quality_only: bool = field(
+        default=False, metadata={"help": "Train only on rows whose `quality` column is 'clean'."}
+    )
+    max_difficulty: float | None = field(
+        default=None, metadata={"help": "Train only on rows whose difficulty is at most this."}
+    )
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.curriculum import PACING
+        from hf_audio_trainer.difficulty import DIFFICULTY_METHODS
+
+        _check(self.curriculum in PACING, f"curriculum={self.curriculum!r}: choose one of {sorted(PACING)}")
+        _check(
+            0.0 < self.curriculum_start_fraction <= 1.0,
+            f"curriculum_start_fraction={self.curriculum_start_fraction}: must be in (0, 1]",
+        )
+        _check(self.curriculum_steps >= 1, f"curriculum_steps={self.curriculum_steps}: must be >= 1")
+        _check(
+            self.difficulty_method is None or self.difficulty_method in DIFFICULTY_METHODS,
+            f"difficulty_method={self.difficulty_method!r}: choose one of {sorted(DIFFICULTY_METHODS)}",
+        )
+        _check(
+            self.difficulty_method != "model_loss" or self.difficulty_model is not None,
+            "difficulty_method=model_loss needs --difficulty_model (a run folder with the reference model)",
+        )
+        _check(
+            self.max_difficulty is None or 0.0 <= self.max_difficulty <= 1.0,
+            f"max_difficulty={self.max_difficulty}: must be in [0, 1]",
+        )
+
+
+@dataclass
 class OptimConfig:
     """Optimizer, learning-rate schedule and clipping."""
 
@@ -193,6 +246,7 @@ class PretrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -54,7 +54,7 @@ def train(
         accelerator.log(metrics, step=0)
     progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     window_loss = torch.zeros((), device=accelerator.device)  # loss sum since the last log, kept on device
-    window_items = samples = audio_seconds = 0.0
+    window_items = samples = audio_seconds = difficulty = 0.0
     grad_norm = torch.zeros((), device=accelerator.device)
     tic = time.perf_counter()
     model.train()
@@ -72,6 +72,7 @@ def train(
             window_items += batch["num_items"]
             samples += batch["num_samples"]
             audio_seconds += batch["audio_seconds"]
+            difficulty += batch.get("difficulty_sum", 0.0)
         # the pre-clip norm is what tells you about stability; inf max norm measures without clipping
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm or float("inf"))
         optimizer.step()
@@ -82,10 +83,11 @@ def train(
         progress.update(1)
 
         if step % s.logging_steps == 0 or step == s.max_steps:
-            host = torch.tensor([window_items, samples, audio_seconds], device=accelerator.device, dtype=torch.float64)
+            host = [window_items, samples, audio_seconds, difficulty]
+            host = torch.tensor(host, device=accelerator.device, dtype=torch.float64)
             totals = accelerator.reduce(torch.cat([window_loss[None].double(), host]))
             elapsed = time.perf_counter() - tic
-            loss_sum_total, items_total, samples_total, audio_total = totals.tolist()
+            loss_sum_total, items_total, samples_total, audio_total, difficulty_total = totals.tolist()
             logged = {
                 "train/loss": loss_sum_total / max(items_total, 1.0),
                 "train/learning_rate": scheduler.get_last_lr()[0],
@@ -94,13 +96,15 @@ def train(
                 "train/tokens_per_second": items_total / elapsed,
                 "train/audio_seconds_per_second": audio_total / elapsed,
             }
+            if "difficulty_sum" in micro_batches[-1]:
+                logged["train/mean_difficulty"] = difficulty_total / max(samples_total, 1.0)
             if accelerator.scaler is not None:
                 logged["train/loss_scale"] = accelerator.scaler.get_scale()
             accelerator.log(logged, step=step)
             metrics.update(logged)
             progress.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/learning_rate']:.2e}")
             window_loss.zero_()
-            window_items = samples = audio_seconds = 0.0
+            window_items = samples = audio_seconds = difficulty = 0.0
             tic = time.perf_counter()
         if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
             evaluated = evaluate()

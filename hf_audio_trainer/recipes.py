@@ -19,6 +19,7 @@ from hf_audio_trainer.config import PretrainConfig, parse_config, resolve_config
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.audio import decode_audio, load_audio_dataset
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.loop import LoopSettings, evaluate_loss, train
 from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
@@ -65,6 +66,39 @@ def prepare_tokenizer(cfg: PretrainConfig, accelerator: Accelerator, train_set: 
     return load_audio_tokenizer(str(fitted))
 
 
+def select_training_rows(train: Dataset, cfg: PretrainConfig) -> Dataset:
+    """Score difficulty if asked, check the curriculum has what it needs, keep the rows the stage trains on."""
+    c = cfg.curriculum
+    if c.difficulty_method is not None:
+        train = score_difficulty(
+            train,
+            c.difficulty_method,
+            audio_column=cfg.data.audio_column,
+            column=c.difficulty_column,
+            model_name_or_path=c.difficulty_model,
+            num_proc=cfg.data.preprocessing_num_workers,
+        )
+    if (c.curriculum != "none" or c.max_difficulty is not None) and "difficulty" not in train.column_names:
+        raise ValueError(
+            f"--curriculum {c.curriculum} / --max_difficulty need a difficulty score per clip, but the dataset has no "
+            "'difficulty' column: pass --difficulty_method acoustic (or column, model_loss) to score it, or add a "
+            "'difficulty' column to the dataset"
+        )
+    if c.high_quality_only:
+        if "quality" not in train.column_names:
+            raise ValueError(
+                f"--high_quality_only reads a 'quality' column, which the dataset lacks (columns: "
+                f"{train.column_names}); add one ('clean' marks the rows to keep) or use --max_difficulty"
+            )
+        train = train.filter(lambda q: q == "clean", input_columns="quality", desc="Keeping clean rows")
+    if c.max_difficulty is not None:
+        limit = c.max_difficulty
+        train = train.filter(lambda d: d <= limit, input_columns="difficulty", desc="Keeping easy rows")
+    if len(train) == 0:
+        raise ValueError("no training rows are left after --high_quality_only / --max_difficulty; loosen them")
+    return train
+
+
 def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | None):
     """Load the audio, get a tokenizer, and tokenize both splits once (cached by datasets where it can)."""
     with accelerator.main_process_first():
@@ -76,6 +110,7 @@ def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | N
             dataset_config_name=cfg.data.dataset_config_name,
             synthetic_num_clips=cfg.data.synthetic_num_clips,
         )
+        raw["train"] = select_training_rows(raw["train"], cfg)
     tokenizer = prepare_tokenizer(cfg, accelerator, raw["train"], resume)
     with accelerator.main_process_first():
         splits = {
@@ -131,12 +166,17 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
     tokenizer, train_set, val_set = prepare_data(cfg, accelerator, resume)
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     difficulties = train_set["difficulty"] if "difficulty" in train_set.column_names else [0.0] * len(train_set)
+    c = cfg.curriculum
     sampler = CurriculumSampler(
         difficulties,
         global_batch,
+        pacing=c.curriculum,
+        start_fraction=c.curriculum_start_fraction,
+        curriculum_steps=c.curriculum_steps,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         seed=t.seed,
+        lengths=train_set["num_frames"] if c.group_by_length else None,
     )
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
     max_frames = max(max(train_set["num_frames"]), max(val_set["num_frames"]))

@@ -98,7 +98,7 @@ class CodesCollator:
             labels[i, :, :n] = np.where(d == self.pad_id, -100, d)
             attention_mask[i, :n] = 1
         frames = sum(len(ex["codes"][0]) for ex in examples)
-        return {
+        batch = {
             # MusicGen takes codebooks folded into the batch: row b * K + k is codebook k of clip b
             "input_ids": torch.from_numpy(input_ids.reshape(-1, length)),
             "labels": torch.from_numpy(labels.reshape(-1, length)),
@@ -107,6 +107,9 @@ class CodesCollator:
             "num_samples": len(examples),
             "audio_seconds": frames / self.frame_rate,
         }
+        if "difficulty" in examples[0]:  # the curriculum's footprint: the loop logs the mean difficulty trained on
+            batch["difficulty_sum"] = float(sum(ex["difficulty"] for ex in examples))
+        return batch
 
 
 def batch_stream(
@@ -114,13 +117,16 @@ def batch_stream(
 ) -> Iterator[dict]:
     """Endless micro-batches for this rank, starting right after optimizer step `start_step` (no replay)."""
     sampler.load_state_dict(sampler.state_at_step(start_step))
-    codes = dataset.select_columns(["codes"])
+    columns = [c for c in ("codes", "difficulty") if c in dataset.column_names]
+    rows = dataset.select_columns(columns)
     while True:
         indices: list[int] = []
         for index in sampler:
             indices.append(index)
             if len(indices) == micro_batch_size:
-                yield collate([{"codes": c} for c in codes[indices]["codes"]])
+                picked = rows[indices]  # one read per micro-batch, column-wise
+                per_row = zip(*(picked[c] for c in columns), strict=True)
+                yield collate([dict(zip(columns, values, strict=True)) for values in per_row])
                 indices = []
         sampler.set_epoch(sampler.epoch + 1)
 

@@ -10,9 +10,11 @@ from tests.helpers import as_flags, fit_small_tokenizer, launch, max_abs_diff, q
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def test_two_processes_2x2_equal_one_process_8x1(tmp_path):
+def test_two_processes_2x2_equal_one_process_8x1_with_a_curriculum(tmp_path):
     tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
-    common = dict(max_steps=4, save_steps=4)
+    # with a curriculum and length grouping on: the global order is built first and then split by rank, so two
+    # processes still train on exactly what one process would
+    common = dict(max_steps=4, save_steps=4, curriculum="root", curriculum_steps=3, group_by_length=True)
     ddp = quick_run(tokenizer, tmp_path / "ddp", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
     # `--multi_gpu` with ACCELERATE_USE_CPU gives two gloo processes (`--cpu --num_processes 2` would start one)
     done = launch(

@@ -1,3 +1,6 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +73,8 @@ def test_epoch_is_a_permutation():
 class CountingCodes:
     """Stands in for the tokenized dataset and counts the rows read."""
 
+    column_names = ["codes"]
+
     def __init__(self, n):
         self.rows_read = 0
         self.n = n
@@ -93,3 +98,122 @@ def test_batch_stream_jumps_to_a_late_step_without_reading_earlier_rows():
     expected = sampler.epoch_indices(100_000)[3 * 2].item()
     assert first == [{"codes": [[expected]]}]
     assert data.rows_read == 1  # nothing was replayed
+
+
+PACED = ["linear", "root", "geometric", "step", "anti"]
+
+
+def ranks_by_difficulty(difficulties):
+    order = np.argsort(difficulties, kind="stable")
+    rank = np.empty(len(order), dtype=int)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+@pytest.mark.parametrize("pacing", PACED)
+def test_every_index_exactly_once_per_epoch_once_pacing_reaches_one(pacing):
+    difficulties = np.random.default_rng(0).random(96)
+    sampler = CurriculumSampler(difficulties, 8, pacing=pacing, start_fraction=0.25, curriculum_steps=6, seed=1)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        assert sorted(sampler) == list(range(96))
+
+
+@pytest.mark.parametrize("pacing", ["linear", "root", "geometric", "step"])
+def test_early_batches_come_from_the_easiest_fraction(pacing):
+    difficulties = np.random.default_rng(1).random(200)
+    rank = ranks_by_difficulty(difficulties)
+    sampler = CurriculumSampler(difficulties, 4, pacing=pacing, start_fraction=0.2, curriculum_steps=1000, seed=2)
+    order = sampler.global_order(0).reshape(-1, 4)
+    assert rank[order[0]].max() < 40  # step 0: only the easiest 20% (40 clips) are open
+    for step in range(20):
+        # open at step s: the paced fraction, extended only when its unused indices run out
+        allowed = max(sampler.open_count(step), (step + 1) * 4)
+        assert rank[order[step]].max() < allowed, step
+    # the mean difficulty rises as the harder data opens up
+    assert difficulties[order[:10]].mean() < difficulties[order[-10:]].mean()
+
+
+def test_anti_starts_with_the_hardest():
+    difficulties = np.linspace(0, 1, 100)
+    sampler = CurriculumSampler(difficulties, 4, pacing="anti", start_fraction=0.1, curriculum_steps=100)
+    assert difficulties[sampler.global_order(0)[:4]].min() >= 0.9
+
+
+def test_pacing_functions_go_from_start_to_one():
+    sampler = {
+        p: CurriculumSampler(np.arange(1000.0), 10, pacing=p, start_fraction=0.25, curriculum_steps=100)
+        for p in ["linear", "root", "geometric", "step"]
+    }
+    for p, s in sampler.items():
+        assert s.open_count(0) == 250, p
+        assert s.open_count(100) == s.open_count(5000) == 1000, p
+        counts = [s.open_count(t) for t in range(0, 101, 5)]
+        assert counts == sorted(counts), p  # never shrinks
+    assert sampler["linear"].open_count(50) == 625  # 0.25 + 0.75 / 2
+    assert sampler["root"].open_count(50) == math.ceil(1000 * math.sqrt(0.0625 + 0.9375 / 2))
+    assert sampler["geometric"].open_count(50) == 500  # 0.25 * 4 ** 0.5
+    assert sampler["step"].open_count(49) == 438 and sampler["step"].open_count(50) == 625  # 4 equal stages
+    assert sampler["step"].open_count(24) == 250 and sampler["step"].open_count(25) == 438
+
+
+def test_none_is_an_ordinary_seeded_shuffle():
+    sampler = CurriculumSampler(np.zeros(50), 8, seed=4)
+    sampler.set_epoch(3)
+    assert list(sampler) == np.random.default_rng([4, 3, 0]).permutation(50)[:48].tolist()
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_paced_ranks_are_disjoint_equal_and_union_the_single_process_order(group_by_length):
+    difficulties = np.random.default_rng(3).random(80)
+    lengths = np.random.default_rng(4).integers(10, 100, 80) if group_by_length else None
+    kwargs = dict(pacing="root", start_fraction=0.3, curriculum_steps=5, seed=9, lengths=lengths)
+    single = list(CurriculumSampler(difficulties, 8, **kwargs))
+    per_rank = [list(CurriculumSampler(difficulties, 8, num_replicas=2, rank=r, **kwargs)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 40
+    assert not set(per_rank[0]) & set(per_rank[1])
+    for step in range(10):
+        assert (
+            per_rank[0][step * 4 : step * 4 + 4] + per_rank[1][step * 4 : step * 4 + 4]
+            == single[step * 8 : step * 8 + 8]
+        )
+
+
+def test_paced_resume_mid_epoch_continues_identically():
+    difficulties = np.random.default_rng(5).random(64)
+    kwargs = dict(pacing="linear", start_fraction=0.2, curriculum_steps=10, seed=0)
+    straight = CurriculumSampler(difficulties, 4, **kwargs)
+    full = []
+    for epoch in range(2):
+        straight.set_epoch(epoch)
+        full += list(straight)
+    resumed = CurriculumSampler(difficulties, 4, **kwargs)
+    resumed.load_state_dict(resumed.state_at_step(21))  # epoch 1, step 5
+    assert list(resumed) == full[21 * 4 :]
+
+
+def test_group_by_length_cuts_padding():
+    rng = np.random.default_rng(6)
+    lengths = rng.integers(25, 150, 2000)  # frames of 0.5-3 s clips at 50 frames/s
+    difficulties = rng.random(2000)
+
+    def padding(sampler, micro=8):
+        batches = sampler.global_order(0).reshape(-1, micro)
+        longest = lengths[batches].max(axis=1, keepdims=True)
+        return 1 - lengths[batches].sum() / (longest * micro).sum()
+
+    plain = padding(CurriculumSampler(difficulties, 32, pacing="linear", curriculum_steps=30))
+    grouped = padding(CurriculumSampler(difficulties, 32, pacing="linear", curriculum_steps=30, lengths=lengths))
+    assert grouped < plain / 4, (plain, grouped)
+
+
+def test_bad_scores_and_settings_are_named():
+    with pytest.raises(ValueError, match=r"NaN or infinite at rows \[2, 5\]"):
+        CurriculumSampler([0.1, 0.2, float("nan"), 0.3, 0.4, float("inf"), 0.5, 0.6], 4, pacing="linear")
+    with pytest.warns(UserWarning, match="plain shuffle"):
+        sampler = CurriculumSampler([0.5] * 16, 4, pacing="linear")
+    assert sorted(sampler) == list(range(16))
+    with pytest.raises(ValueError, match="start_fraction=0.0"):
+        CurriculumSampler([0.1] * 16, 4, pacing="linear", start_fraction=0.0)
+    with pytest.raises(ValueError, match="start_fraction=1.5"):
+        CurriculumSampler([0.1] * 16, 4, pacing="linear", start_fraction=1.5)
