@@ -4,7 +4,7 @@ Runs the real pretrain recipe on the embedded synthetic data (tiny model, one sh
 and seed, measures validation loss every `--eval_steps`, and prints one table: the first evaluated step at which
 validation loss is at or below `--target_loss`, per run, and the mean ratio against `none` (random order).
 
-    python benchmarks/curriculum_efficacy.py [--steps 200] [--seeds 0 1 2] [--target_loss 3.2]
+    python benchmarks/curriculum_efficacy.py [--steps 200] [--seeds 0 1 2] [--target_loss 3.5]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--start_fraction", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pacings", nargs="+", default=["none", "linear", "root"])
-    parser.add_argument("--target_loss", type=float, default=3.2)
+    parser.add_argument("--target_loss", type=float, default=3.5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -60,7 +60,11 @@ def main() -> None:
                 )  # fmt: skip
                 results.setdefault(pacing, []).append(steps_to_target(out, args.target_loss))
                 finals.setdefault(pacing, []).append(result.metrics["eval/loss"])
-                print(f"{pacing} seed {seed}: steps to {args.target_loss} = {results[pacing][-1]}", flush=True)
+                curve = " ".join(f"{m['step']}:{m['eval/loss']:.2f}" for m in read_metrics(out) if "eval/loss" in m)
+                print(
+                    f"{pacing} seed {seed}: steps to {args.target_loss} = {results[pacing][-1]}; curve {curve}",
+                    flush=True,
+                )
     print(
         f"\nsteps to validation loss <= {args.target_loss} ({args.steps} steps, eval every {args.eval_steps}, "
         f"curriculum over {args.curriculum_steps} steps from {args.start_fraction:.0%})"

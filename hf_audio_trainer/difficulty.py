@@ -1,35 +1,33 @@
-"""Per-clip difficulty scores in [0, 1] for curriculum learning: from a column, from the signal, or from a model's loss.
+"""Per-clip difficulty in [0, 1] for curriculum learning: from a column, from the signal, or from a model's loss.
 
-``score_difficulty(dataset, method)`` adds a float32 ``difficulty`` column. The per-clip work runs in
-``Dataset.map``, so a dataset with cache files is scored once per fingerprint; the dataset-level rescaling to [0, 1]
-needs every clip's value and is applied afterwards with ``add_column``.
+``score_difficulty`` runs the per-clip work in ``Dataset.map`` (so a dataset with cache files is scored once), then
+rescales over the whole dataset and adds a float32 ``difficulty`` column.
 
-The "acoustic" score combines five signal features, each turned into [0, 1] by its percentile rank (so their units
-and scales do not matter) and weighted by ``ACOUSTIC_WEIGHTS``:
+The "acoustic" score is a weighted sum (``ACOUSTIC_WEIGHTS``) of five features, each first replaced by its
+percentile rank in the dataset so that units and scales do not matter:
 
-- ``noisiness``: the noise floor (10th percentile over 60 Hz - 8 kHz of the clip's time-averaged power spectrum) in
-  dB relative to the clip's peak, i.e. an SNR estimate. Tones fill a few bins and noise fills all of them, so the low
-  percentile tracks the noise and not the instrument.
-- ``polyphony``: pitch classes sounding together: per 256 ms frame, spectral peaks in 60 Hz - 1 kHz (where the
-  fundamentals are) folded into 12 pitch classes; classes with at least a quarter of the strongest one's power are
-  counted (a single note's overtones are weaker than that), and the 75th percentile over the sounding frames is kept
-  (chords and arpeggios take a while to build up, and notes die away).
-- ``onset_rate``: note onsets per second: peaks of the positive spectral flux of a 64-band mel spectrogram in dB,
-  floored 20 dB under the clip's maximum (so noise and soft tails make no onsets), above the larger of the local mean
-  and the median plus a fifth of the range.
-- ``loudness_range``: dB range (95th - 5th percentile) of the frame energy.
-- ``duration``: seconds.
+- ``noisiness``: noise floor over peak level, in dB: the 10th percentile over 60 Hz - 8 kHz of the time-averaged power
+  spectrum. Tones fill a few bins and noise all of them, so a low percentile tracks the noise, not the instrument.
+- ``polyphony``: pitch classes sounding together: per 256 ms frame, spectral peaks in 60 Hz - 1 kHz (the fundamentals)
+  folded into 12 pitch classes, counting those with at least a fifth of the strongest one's power; the 75th
+  percentile over the sounding frames.
+- ``onset_rate``: onsets per second: peaks of the positive spectral flux of a 64-band mel spectrogram in dB floored
+  20 dB under the clip's maximum (so noise and soft tails make no onsets), above the larger of the local mean and the
+  median plus a fifth of the flux range.
+- ``loudness_range``: 95th - 5th percentile of the frame energy in dB. ``duration``: seconds.
 
-Weights were set on the bundled synthetic data, whose generator labels difficulty from polyphony, noise and note
-density (see ``data/synthetic.py``): the default combination has a Spearman correlation of 0.93 with that label
-over the 2,000 default clips. Loudness range and duration do not enter that label; they get small weights because
-on real music wide dynamics and long clips are still harder to model.
+They were tuned on the bundled synthetic data, whose generator labels difficulty 0.40 polyphony + 0.35 log noise +
+0.25 note density (``data/synthetic.py``). Over its 2,000 default clips the default score has a Spearman correlation
+of 0.92 with that label, and polyphony, noisiness and onset rate have 0.94, 0.86 and 0.98 with the generator's
+polyphony, log noise level and notes per second. Noise weighs less than in the label because its estimate is the
+least reliable (clipping, low-pass and bit-crushing change the audible noise, not the label). Loudness range (-0.43
+with the label: sparse notes between silences) and duration (0.00) do not describe that label, so they are measured
+but weigh 0 by default; turn them on with ``weights=``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -37,19 +35,25 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets.fingerprint import Hasher
 
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.models import check_model_fits_tokenizer
 from hf_audio_trainer.tokenizers import AudioTokenizer, load_audio_tokenizer
 
-ACOUSTIC_WEIGHTS = {"noisiness": 0.35, "polyphony": 0.4, "onset_rate": 0.25, "loudness_range": 0.0, "duration": 0.0}
+# Bump when the features change: datasets' fingerprint of the map function sees neither these constants nor the code
+# it calls, so cached features would otherwise outlive the code that made them.
+ACOUSTIC_VERSION = 1
+ACOUSTIC_WEIGHTS = {"noisiness": 0.3, "polyphony": 0.45, "onset_rate": 0.25, "loudness_range": 0.0, "duration": 0.0}
 SAMPLE_RATE = 16000  # acoustic features are measured at this rate whatever the clips' own
 FINE_FFT, FINE_HOP = 1024, 256  # 64 ms windows every 16 ms: onsets, noise floor, loudness
 TONAL_FFT, TONAL_HOP = 4096, 1024  # 256 ms windows (3.9 Hz bins) resolve semitones down to ~C3 for the pitch classes
 NOISE_BAND_HZ, PITCH_BAND_HZ = (60.0, 8000.0), (60.0, 1000.0)
 ONSET_MELS, ONSET_FLOOR_DB = 64, 20.0
-PITCH_SHARE, PITCH_QUANTILE = 0.25, 0.75
+# A single note's overtones hold less than a fifth of its fundamental's power (sawtooth: 1/9 for the fifth above).
+PITCH_SHARE = 0.2
+PITCH_QUANTILE = 0.75  # of the per-frame counts: arpeggios build up and notes die away, so the mean undercounts
 BATCH_SAMPLES = 2**19  # padded samples per batched STFT (~33 s at 16 kHz): bounds memory whatever the clip lengths
 TOKENIZER_DIR = "tokenizer"  # where a run's output folder keeps its tokenizer (recipes.py)
 
@@ -89,9 +93,11 @@ def score_difficulty(
         scores = np.zeros(len(raw), dtype=np.float32)
     else:
         scores = ((raw - raw.min()) / span).astype(np.float32)
+    # Added before the old column goes: a table with no columns left would also have no rows to add one to.
+    scored = dataset.add_column("__difficulty__", scores, feature=datasets.Value("float32"))
     if "difficulty" in dataset.column_names:
-        dataset = dataset.remove_columns("difficulty")
-    return dataset.add_column("difficulty", scores, feature=datasets.Value("float32"))
+        scored = scored.remove_columns("difficulty")
+    return scored.rename_column("__difficulty__", "difficulty")
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
@@ -103,16 +109,26 @@ def _check_finite(values: np.ndarray, what: str) -> None:
         )
 
 
+def _audio_dataset(dataset: datasets.Dataset, audio_column: str) -> datasets.Dataset:
+    """The dataset with its audio column left undecoded (datasets decodes Audio only through torchcodec)."""
+    if audio_column not in dataset.column_names:
+        raise ValueError(f"no audio column {audio_column!r} in {dataset.column_names}; name it with --audio_column")
+    feature = dataset.features[audio_column]
+    if isinstance(feature, datasets.Audio) and feature.decode:
+        return dataset.cast_column(audio_column, datasets.Audio(decode=False))
+    return dataset
+
+
+def _map_fingerprint(dataset: datasets.Dataset, *parts: object) -> str:
+    """A map's fingerprint from its input's and `parts` (what datasets' own hash of the function would miss)."""
+    return Hasher.hash([dataset._fingerprint, *parts])
+
+
 def percentile_rank(values: np.ndarray) -> np.ndarray:
     """Each value's rank scaled to [0, 1] (ties share their mean rank), so only the order of the values matters."""
     _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
     mean_rank = np.cumsum(counts) - counts + (counts - 1) / 2
     return mean_rank[inverse] / max(len(values) - 1, 1)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# column
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def _column_scores(dataset: datasets.Dataset, *, column: str, **_) -> np.ndarray:
@@ -125,11 +141,6 @@ def _column_scores(dataset: datasets.Dataset, *, column: str, **_) -> np.ndarray
         return np.asarray(dataset[column], dtype=np.float64)  # None (a missing value) becomes NaN
     except (TypeError, ValueError) as err:
         raise ValueError(f"difficulty column {column!r} is not numeric ({dataset.features[column]})") from err
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# acoustic
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def _acoustic_scores(
@@ -161,8 +172,7 @@ def acoustic_feature_table(
     dataset: datasets.Dataset, audio_column: str = "audio", num_proc: int | None = None, batch_size: int = 32
 ) -> datasets.Dataset:
     """The raw acoustic features of every clip, one column each; cached by datasets for datasets with cache files."""
-    if audio_column not in dataset.column_names:
-        raise ValueError(f"no audio column {audio_column!r} in {dataset.column_names}; name it with --audio_column")
+    dataset = _audio_dataset(dataset, audio_column)
     return dataset.map(
         _acoustic_batch,
         batched=True,
@@ -171,6 +181,7 @@ def acoustic_feature_table(
         input_columns=[audio_column],
         remove_columns=dataset.column_names,
         num_proc=num_proc,
+        new_fingerprint=_map_fingerprint(dataset, "acoustic", ACOUSTIC_VERSION, audio_column),
         desc="Scoring difficulty (acoustic)",
     )
 
@@ -199,7 +210,8 @@ def acoustic_features(waves: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 def _power(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     spec = torch.stft(x, n_fft, hop, window=_window(n_fft), center=True, pad_mode="constant", return_complex=True)
-    return torch.view_as_real(spec).square_().sum(-1)  # [batch, freq, frames]
+    parts = torch.view_as_real(spec).square_()  # a complex abs() would pay for a sqrt per bin
+    return parts[..., 0] + parts[..., 1]  # [batch, freq, frames]
 
 
 @functools.cache
@@ -249,14 +261,16 @@ def _batch_features(x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.T
     loudness_range = _masked_quantile(frame_db, valid, 0.95) - _masked_quantile(frame_db, valid, 0.05)
 
     mel_db = 10 * torch.log10(torch.einsum("bft,fm->bmt", fine, _mel_filters()) + 1e-10)
-    mel_db = torch.maximum(mel_db, mel_db.amax((1, 2), keepdim=True) - ONSET_FLOOR_DB)
-    # Lag 2 (32 ms) catches attacks slower than one hop; the lag's first frames are compared with silence.
-    flux = F.pad(torch.relu(mel_db[..., 2:] - mel_db[..., :-2]).mean(1), (2, 0)) * valid
+    floor = mel_db.amax((1, 2), keepdim=True) - ONSET_FLOOR_DB
+    # Two frames of silence in front, so a clip that starts with a note has an onset as strong as a later one.
+    mel_db = torch.cat([floor.expand(-1, mel_db.shape[1], 2), torch.maximum(mel_db, floor)], -1)
+    # Lag 2 (32 ms) catches attacks slower than one hop.
+    flux = torch.relu(mel_db[..., 2:] - mel_db[..., :-2]).mean(1) * valid
     is_peak = flux == F.max_pool1d(flux[:, None], 7, 1, 3)[:, 0]
     local_mean = F.avg_pool1d(flux[:, None], 31, 1, 15, count_include_pad=False)[:, 0]
     median = _masked_quantile(flux, valid, 0.5)[:, None]
     threshold = torch.maximum(local_mean, median) + 0.2 * (flux.amax(1, keepdim=True) - median)
-    onsets = (is_peak & (flux > threshold) & (flux > 0) & valid).sum(1)
+    onsets = (is_peak & (flux > threshold) & valid).sum(1)
     duration = lengths / SAMPLE_RATE
     onset_rate = onsets / duration.clamp_min(FINE_HOP / SAMPLE_RATE)
 
@@ -284,14 +298,9 @@ def _batch_features(x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.T
     }
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# model_loss
-# --------------------------------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def example_losses(model: torch.nn.Module, tokenizer: AudioTokenizer, waves: list[np.ndarray]) -> np.ndarray:
-    """Each clip's mean cross-entropy (nats per target token) under `model`; NaN for a clip with no frames.
+    """Mean cross-entropy (nats per target token) of each clip under `model` (in eval mode); NaN for one with no frames.
 
     Clips longer than the model's context are scored on the frames that fit.
     """
@@ -299,9 +308,11 @@ def example_losses(model: torch.nn.Module, tokenizer: AudioTokenizer, waves: lis
     config = model.config
     max_frames = config.max_position_embeddings - k + 1  # the delay pattern adds k - 1 positions
     codes = [c[:, :max_frames].numpy() for c in tokenizer.encode_batch(waves)]
-    if k == 1 and not any(c.shape[1] for c in codes):  # nothing to collate: every sequence would be empty
+    if not any(c.shape[1] for c in codes):  # nothing to predict (and nothing the collator could pad)
         return np.full(len(waves), np.nan)
-    batch = CodesCollator(k, config.pad_token_id, config.bos_token_id, tokenizer.frame_rate)([{"codes": c} for c in codes])
+    batch = CodesCollator(k, config.pad_token_id, config.bos_token_id, tokenizer.frame_rate)(
+        [{"codes": c} for c in codes]
+    )
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"].to(device)
@@ -334,6 +345,7 @@ def _model_loss_scores(
             f"{model_name_or_path} has no {TOKENIZER_DIR}/ folder; pass the output folder of a run, "
             "which holds the model and the tokenizer it was trained with"
         )
+    dataset = _audio_dataset(dataset, audio_column)
     model = MusicgenForCausalLM.from_pretrained(folder).eval()
     tokenizer = load_audio_tokenizer(folder / TOKENIZER_DIR)
     check_model_fits_tokenizer(model.config, tokenizer.num_codebooks, tokenizer.codebook_size, 0)
@@ -344,8 +356,7 @@ def _model_loss_scores(
 
     # datasets would hash the model (all its weights) to fingerprint `losses`; the saved files identify it cheaply.
     files = sorted(p for p in [*folder.iterdir(), *(folder / TOKENIZER_DIR).iterdir()] if p.is_file())
-    key = [dataset._fingerprint, str(folder.resolve()), audio_column]
-    key += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    saved = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     table = dataset.map(
         losses,
         batched=True,
@@ -354,7 +365,7 @@ def _model_loss_scores(
         input_columns=[audio_column],
         remove_columns=dataset.column_names,
         num_proc=num_proc,
-        new_fingerprint=hashlib.sha256("\n".join(key).encode()).hexdigest()[:16],
+        new_fingerprint=_map_fingerprint(dataset, "model_loss", audio_column, saved),
         desc="Scoring difficulty (model loss)",
     )
     return np.asarray(table["loss"], dtype=np.float64)

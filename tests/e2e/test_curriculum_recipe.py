@@ -62,3 +62,30 @@ def test_high_quality_only_and_max_difficulty_select_the_training_rows(tokenizer
     assert max(mean_difficulty(tmp_path / "easy")) <= 0.3
     with pytest.raises(ValueError, match="no training rows are left"):
         pretrain(quick_run(tokenizer, tmp_path / "none", max_steps=2, max_difficulty=0.0))
+
+
+@pytest.mark.slow
+def test_acoustic_scoring_feeds_the_curriculum_of_a_folder_dataset(tokenizer, tmp_path):
+    # clean tones first, noisy ones later: the acoustic score must see the difference
+    root = tmp_path / "clips"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    for i in range(16):
+        noise = 0.3 if i % 2 else 0.0
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 30 * i) * t) + noise * rng.standard_normal(len(t))
+        sf.write(root / f"c{i:02d}.wav", wave.astype(np.float32), 16000)
+    settings = dict(
+        dataset_name=str(root),
+        difficulty_method="acoustic",
+        curriculum="linear",
+        max_steps=3,
+        per_device_train_batch_size=4,
+        curriculum_start_fraction=0.25,
+        curriculum_steps=3,
+        validation_split_percentage=20,
+    )
+    result = pretrain(quick_run(tokenizer, tmp_path / "out", **settings))
+    assert result.global_step == 3
+    first, *_ = mean_difficulty(tmp_path / "out")
+    assert first < 0.4  # the first batch came from the clean, easy quarter
