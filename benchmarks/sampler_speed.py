@@ -2,9 +2,9 @@
 
     python benchmarks/sampler_speed.py
 
-Prints the time to build the order per pacing, the padding fraction on the embedded data with and without
---group_by_length, (target: under 2 s for a million items) and the sampler's cost per
-batch as a fraction of one training step of the tiny default model (target: negligible).
+Prints the time to build the order per pacing (target: under 2 s for a million items), the sampler's cost per
+batch as a fraction of one training step of the tiny default model (target: negligible), and the padding fraction
+on the embedded data with and without --group_by_length.
 """
 
 from __future__ import annotations
