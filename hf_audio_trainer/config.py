@@ -101,8 +101,10 @@ class CurriculumConfig:
     curriculum_steps: int = field(default=1000, metadata={"help": "Steps until all of the data is open."})
     difficulty_method: str | None = field(
         default=None,
-        metadata={"help": "Score difficulty before training: column, acoustic or model_loss; unset: use the "
-                  "dataset's `difficulty` column."},
+        metadata={
+            "help": "Score difficulty before training: column, acoustic or model_loss; unset: use the "
+            "dataset's `difficulty` column."
+        },
     )
     difficulty_column: str = field(default="difficulty", metadata={"help": "Column read by difficulty_method column."})
     difficulty_model: str | None = field(

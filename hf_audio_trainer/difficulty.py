@@ -261,7 +261,8 @@ def _batch_features(x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.T
     loudness_range = _masked_quantile(frame_db, valid, 0.95) - _masked_quantile(frame_db, valid, 0.05)
 
     mel_db = 10 * torch.log10(torch.einsum("bft,fm->bmt", fine, _mel_filters()) + 1e-10)
-    floor = mel_db.amax((1, 2), keepdim=True) - ONSET_FLOOR_DB
+    # Not under the -100 dB that the log's epsilon gives digital silence, which would otherwise rise above the floor.
+    floor = (mel_db.amax((1, 2), keepdim=True) - ONSET_FLOOR_DB).clamp_min(-100.0)
     # Two frames of silence in front, so a clip that starts with a note has an onset as strong as a later one.
     mel_db = torch.cat([floor.expand(-1, mel_db.shape[1], 2), torch.maximum(mel_db, floor)], -1)
     # Lag 2 (32 ms) catches attacks slower than one hop.
