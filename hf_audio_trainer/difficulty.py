@@ -178,6 +178,7 @@ def acoustic_feature_table(
         batched=True,
         batch_size=batch_size,
         with_indices=True,
+        with_rank=True,
         input_columns=[audio_column],
         remove_columns=dataset.column_names,
         num_proc=num_proc,
@@ -186,7 +187,15 @@ def acoustic_feature_table(
     )
 
 
-def _acoustic_batch(audio: list, indices: list[int]) -> dict[str, list[float]]:
+def _one_thread_in_workers(rank: int | None) -> None:
+    # A forked num_proc worker inherits the parent's OpenMP pool in a broken state and hangs at its first parallel
+    # torch op once the parent has run one; with one thread torch runs ops inline. The workers share the cores anyway.
+    if rank is not None:
+        torch.set_num_threads(1)
+
+
+def _acoustic_batch(audio: list, indices: list[int], rank: int | None) -> dict[str, list[float]]:
+    _one_thread_in_workers(rank)
     waves = [decode_audio(value, SAMPLE_RATE, where=f"row {i}") for value, i in zip(audio, indices, strict=True)]
     return {name: values.tolist() for name, values in acoustic_features(waves).items()}
 
@@ -351,7 +360,8 @@ def _model_loss_scores(
     tokenizer = load_audio_tokenizer(folder / TOKENIZER_DIR)
     check_model_fits_tokenizer(model.config, tokenizer.num_codebooks, tokenizer.codebook_size, 0)
 
-    def losses(audio: list, indices: list[int]) -> dict[str, list[float]]:
+    def losses(audio: list, indices: list[int], rank: int | None) -> dict[str, list[float]]:
+        _one_thread_in_workers(rank)
         waves = [decode_audio(v, tokenizer.sample_rate, where=f"row {i}") for v, i in zip(audio, indices, strict=True)]
         return {"loss": example_losses(model, tokenizer, waves).tolist()}
 
@@ -363,6 +373,7 @@ def _model_loss_scores(
         batched=True,
         batch_size=batch_size,
         with_indices=True,
+        with_rank=True,
         input_columns=[audio_column],
         remove_columns=dataset.column_names,
         num_proc=num_proc,

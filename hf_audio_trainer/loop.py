@@ -60,8 +60,9 @@ def train(
     model.train()
     while step < s.max_steps:
         micro_batches = [next(batches) for _ in range(accum)]
-        items = torch.tensor(float(sum(b["num_items"] for b in micro_batches)), device=accelerator.device)
-        items = accelerator.reduce(items, "sum")  # one collective per step, no host sync
+        items = float(sum(b["num_items"] for b in micro_batches))  # counted on the host by the collator
+        if world > 1:  # one collective per step; it stays on the device, nothing waits for it on the host
+            items = accelerator.reduce(torch.tensor(items, device=accelerator.device), "sum")
         for batch in micro_batches:
             with accelerator.accumulate(model):
                 loss_sum, _ = loss_fn(model, to_device(batch, accelerator.device))
