@@ -175,6 +175,28 @@ class OptimConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, used for evaluation and exported as `ema/`."""
+
+    ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights."})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (typically 0.999-0.9999)."})
+    ema_update_every: int = field(default=1, metadata={"help": "Update the EMA every N optimizer steps."})
+    ema_start_step: int = field(default=0, metadata={"help": "Until this step the EMA copies the weights."})
+    ema_warmup: bool = field(default=False, metadata={"help": "Ramp the decay up as (1 + n) / (10 + n)."})
+    ema_offload: bool = field(default=False, metadata={"help": "Keep the EMA on the CPU (saves GPU memory)."})
+    final_model: str = field(
+        default="raw", metadata={"help": "Which weights the output folder holds: raw or ema (the other: ema/)."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be in [0, 1)")
+        _check(self.ema_update_every >= 1, f"ema_update_every={self.ema_update_every}: must be >= 1")
+        _check(self.ema_start_step >= 0, f"ema_start_step={self.ema_start_step}: must be >= 0")
+        _check(self.final_model in ("raw", "ema"), f"final_model={self.final_model!r}: choose raw or ema")
+        _check(self.ema or self.final_model == "raw", "final_model=ema needs --ema")
+
+
+@dataclass
 class TrainingConfig:
     """Batch sizes, length of the run, precision and seed."""
 
@@ -250,6 +272,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -10,6 +10,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from hf_audio_trainer.ema import EMA
+
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
 
@@ -39,6 +41,7 @@ def train(
     start_step: int = 0,
     evaluate: Callable[[], dict[str, float]] | None = None,
     save: Callable[[int], None] | None = None,
+    ema: EMA | None = None,
 ) -> dict[str, float]:
     """Run optimizer steps start_step+1 .. max_steps; return the last logged train and eval metrics.
 
@@ -81,6 +84,8 @@ def train(
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if ema is not None and not accelerator.optimizer_step_was_skipped:
+            ema.update(accelerator.unwrap_model(model), step)
         progress.update(1)
 
         if step % s.logging_steps == 0 or step == s.max_steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.config import PretrainConfig, parse_config, resolve_config
@@ -20,6 +22,7 @@ from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.audio import decode_audio, load_audio_dataset
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
 from hf_audio_trainer.difficulty import score_difficulty
+from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.loop import LoopSettings, evaluate_loss, train
 from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
@@ -28,6 +31,7 @@ from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metri
 
 logger = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
+EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
 FIT_CLIPS = 500  # clips a new mel k-means tokenizer is fitted on
 SAMPLE_RATE = 16000  # of a new mel k-means tokenizer
 
@@ -201,10 +205,25 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
     warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
     scheduler = build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    e = cfg.ema
+    ema = None
+    if e.ema:
+        ema = EMA(
+            accelerator.unwrap_model(model),
+            decay=e.ema_decay,
+            update_every=e.ema_update_every,
+            start_step=e.ema_start_step,
+            warmup=e.ema_warmup,
+            device="cpu" if e.ema_offload else None,
+        )
 
     start_step = 0
     if resume is not None:
         state = ckpt.load_checkpoint(accelerator, resume)
+        if ema is not None:
+            if not (resume / EMA_FILE).is_file():
+                raise ValueError(f"{resume} has no {EMA_FILE}: it was trained without --ema; resume without it")
+            ema.load_state_dict(load_file(str(resume / EMA_FILE)))
         if state["global_batch_size"] != global_batch:
             raise ValueError(
                 f"{resume} was trained with a global batch of {state['global_batch_size']}, this run has "
@@ -230,7 +249,16 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         stream = lambda: eval_batches(  # noqa: E731
             val_set, t.per_device_eval_batch_size, collate, accelerator.process_index, accelerator.num_processes
         )
-        return {"eval/loss": evaluate_loss(accelerator, model, stream, lm_loss)}
+        results = {"eval/loss": evaluate_loss(accelerator, model, stream, lm_loss)}
+        if ema is not None:
+            with ema.average_parameters(accelerator.unwrap_model(model)):
+                results["eval/loss_ema"] = evaluate_loss(accelerator, model, stream, lm_loss)
+        return results
+
+    def save_extras(folder: Path) -> None:
+        tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+        if ema is not None:
+            save_file(ema.state_dict(), str(folder / EMA_FILE))
 
     def save(step: int) -> None:
         state = {
@@ -247,7 +275,7 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
             out,
             step,
             state,
-            lambda folder: tokenizer.save_pretrained(folder / TOKENIZER_DIR),
+            save_extras,
             cfg.checkpoint.save_total_limit,
         )
 
@@ -260,8 +288,18 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         save_steps=cfg.checkpoint.save_steps,
         eval_on_start=cfg.logging.eval_on_start,
     )
-    metrics = train(accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save)
-    ckpt.save_final_model(accelerator, model, out, lambda folder: tokenizer.save_pretrained(folder / TOKENIZER_DIR))
+    metrics = train(
+        accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save, ema
+    )
+
+    def export(folder: Path, use_ema: bool) -> None:
+        swap = ema.average_parameters(accelerator.unwrap_model(model)) if use_ema else contextlib.nullcontext()
+        with swap:
+            ckpt.save_final_model(accelerator, model, folder, lambda f: tokenizer.save_pretrained(f / TOKENIZER_DIR))
+
+    if ema is not None:
+        export(out / "ema", use_ema=True)
+    export(out, use_ema=e.final_model == "ema")
     evals = [(m["step"], m["eval/loss"]) for m in read_metrics(out) if "eval/loss" in m]
     if len(evals) > 1:
         (s0, first), (s1, last) = evals[0], evals[-1]

@@ -47,6 +47,8 @@ def test_resume_equals_straight_run_with_dropout_on(tokenizer, tmp_path):
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         eval_steps=3,
+        ema=True,  # the average must resume exactly too
+        ema_decay=0.5,
     )
     straight = pretrain(quick_run(tokenizer, tmp_path / "straight", **settings))
     assert (tmp_path / "straight" / "checkpoint-3" / "trainer_state.json").is_file()
@@ -65,6 +67,8 @@ def test_resume_equals_straight_run_with_dropout_on(tokenizer, tmp_path):
     assert before.keys() == after.keys() == {4, 5, 6}
     assert all(abs(before[s] - after[s]) < 1e-6 for s in before), (before, after)
     assert resumed.metrics["eval/loss"] == pytest.approx(straight.metrics["eval/loss"], abs=1e-6)
+    assert resumed.metrics["eval/loss_ema"] == pytest.approx(straight.metrics["eval/loss_ema"], abs=1e-6)
+    assert max_abs_diff(weights(tmp_path / "straight" / "ema"), weights(tmp_path / "resumed" / "ema")) < 1e-6
 
 
 def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32(tokenizer, tmp_path):
@@ -92,3 +96,21 @@ def test_num_train_epochs_sets_the_step_count(tokenizer, tmp_path):
     )
     assert result.global_step == 14
     assert max(m["step"] for m in read_metrics(tmp_path / "epochs")) == 14
+
+
+def test_ema_is_evaluated_and_exported_as_a_loadable_model(tokenizer, tmp_path):
+    from transformers import MusicgenForCausalLM
+
+    result = pretrain(
+        quick_run(tokenizer, tmp_path / "ema", max_steps=4, eval_steps=4, ema=True, ema_decay=0.9, final_model="ema")
+    )
+    assert {"eval/loss", "eval/loss_ema"} <= result.metrics.keys()
+    assert result.metrics["eval/loss_ema"] != result.metrics["eval/loss"]
+    ema_weights = weights(tmp_path / "ema" / "ema")
+    assert max_abs_diff(weights(tmp_path / "ema"), ema_weights) == 0  # --final_model ema: the top level is the EMA
+    assert MusicgenForCausalLM.from_pretrained(tmp_path / "ema" / "ema").config.num_codebooks == 2
+    assert (tmp_path / "ema" / "ema" / "tokenizer" / "tokenizer_config.json").is_file()
+    raw = pretrain(quick_run(tokenizer, tmp_path / "raw", max_steps=4, ema=True, ema_decay=0.9))
+    assert raw.global_step == 4
+    assert max_abs_diff(weights(tmp_path / "raw" / "ema"), ema_weights) == 0  # same run, same average
+    assert max_abs_diff(weights(tmp_path / "raw"), ema_weights) > 0  # but the top level holds the raw weights
