@@ -213,10 +213,14 @@ class TrainingConfig:
         default=None, metadata={"help": "no, fp16 or bf16; unset: whatever `accelerate launch` was configured with."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
+    max_consecutive_skips: int = field(
+        default=10, metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss."}
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_steps == -1 or self.max_steps > 0, f"max_steps={self.max_steps}: must be > 0, or -1")
         _check(self.num_train_epochs > 0, f"num_train_epochs={self.num_train_epochs}: must be > 0")
+        _check(self.max_consecutive_skips >= 0, f"max_consecutive_skips={self.max_consecutive_skips}: must be >= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be >= 1")
         _check(

@@ -24,6 +24,11 @@ class LoopSettings:
     eval_steps: int = 0
     save_steps: int = 0
     eval_on_start: bool = False
+    max_consecutive_skips: int = 10
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -59,6 +64,7 @@ def train(
     window_loss = torch.zeros((), device=accelerator.device)  # loss sum since the last log, kept on device
     window_items = samples = audio_seconds = difficulty = 0.0
     grad_norm = torch.zeros((), device=accelerator.device)
+    skipped = consecutive = 0
     tic = time.perf_counter()
     model.train()
     while step < s.max_steps:
@@ -79,12 +85,23 @@ def train(
             difficulty += batch.get("difficulty_sum", 0.0)
         # the pre-clip norm is what tells you about stability; inf max norm measures without clipping
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm or float("inf"))
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule must not advance either
+        # A non-finite loss makes a non-finite norm: skip the update (parameters, optimizer state and schedule
+        # untouched, cf. pytorch #67590). This is the loop's one host sync per optimizer step. Under fp16 the
+        # loss scaler already skips such steps, and must see them to lower its scale.
+        finite = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        stepped = finite and not accelerator.optimizer_step_was_skipped
+        if stepped:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if ema is not None and not accelerator.optimizer_step_was_skipped:
+        step += 1  # the batch is consumed either way, so the data position stays a function of the step
+        skipped, consecutive = (skipped, 0) if stepped else (skipped + 1, consecutive + 1)
+        if consecutive > s.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{consecutive} optimizer steps in a row (up to step {step}) had a non-finite loss or gradient norm"
+            )
+        if ema is not None and stepped:
             ema.update(accelerator.unwrap_model(model), step)
         progress.update(1)
 
@@ -104,6 +121,7 @@ def train(
             }
             if "difficulty_sum" in micro_batches[-1]:
                 logged["train/mean_difficulty"] = difficulty_total / max(samples_total, 1.0)
+            logged["train/skipped_steps"] = skipped
             if accelerator.scaler is not None:
                 logged["train/loss_scale"] = accelerator.scaler.get_scale()
             accelerator.log(logged, step=step)

@@ -23,7 +23,7 @@ from hf_audio_trainer.data.audio import decode_audio, load_audio_dataset
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
 from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.ema import EMA
-from hf_audio_trainer.loop import LoopSettings, evaluate_loss, train
+from hf_audio_trainer.loop import LoopSettings, NonFiniteError, evaluate_loss, train
 from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
@@ -287,10 +287,19 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         eval_steps=cfg.logging.eval_steps,
         save_steps=cfg.checkpoint.save_steps,
         eval_on_start=cfg.logging.eval_on_start,
+        max_consecutive_skips=t.max_consecutive_skips,
     )
-    metrics = train(
-        accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save, ema
-    )
+    try:
+        metrics = train(
+            accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save, ema
+        )
+    except NonFiniteError as err:
+        good = ckpt.list_checkpoints(out)
+        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"{err}: training diverged; {where}. Resume from it with a lower --learning_rate, a smaller "
+            "--max_grad_norm or --mixed_precision bf16 instead of fp16"
+        ) from err
 
     def export(folder: Path, use_ema: bool) -> None:
         swap = ema.average_parameters(accelerator.unwrap_model(model)) if use_ema else contextlib.nullcontext()
