@@ -132,3 +132,19 @@ def save_final_model(accelerator: Accelerator, model, output_dir: str | os.PathL
             os.replace(item, target)
         tmp.rmdir()
     accelerator.wait_for_everyone()
+
+
+BEST = "best"
+
+
+def copy_to_best(accelerator: Accelerator, output_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """Copy a checkpoint to output_dir/best, outside the last-K rotation; the old best goes only once the new is in."""
+    if accelerator.is_main_process:
+        root = Path(output_dir)
+        tmp, best = root / f".tmp-{BEST}", root / BEST
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint, tmp)
+        if best.exists():
+            _remove(best)
+        os.replace(tmp, best)
+    accelerator.wait_for_everyone()

@@ -259,6 +259,11 @@ class CheckpointConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (in output_dir) or a checkpoint folder to resume from."}
     )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={"help": "Metric that picks the best/ checkpoint; unset: eval/loss_ema with --ema, else eval/loss."},
+    )
+    greater_is_better: bool = field(default=False, metadata={"help": "Whether a larger metric is better."})
 
     def __post_init__(self) -> None:
         _check(self.save_steps >= 1, f"save_steps={self.save_steps}: must be >= 1")

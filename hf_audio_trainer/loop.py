@@ -44,7 +44,7 @@ def train(
     loss_fn: LossFn,
     settings: LoopSettings,
     start_step: int = 0,
-    evaluate: Callable[[], dict[str, float]] | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
     save: Callable[[int], None] | None = None,
     ema: EMA | None = None,
 ) -> dict[str, float]:
@@ -58,7 +58,7 @@ def train(
     metrics: dict[str, float] = {}
     step = start_step
     if evaluate is not None and s.eval_on_start and step == 0:
-        metrics.update(evaluate())
+        metrics.update(evaluate(0))
         accelerator.log(metrics, step=0)
     progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     window_loss = torch.zeros((), device=accelerator.device)  # loss sum since the last log, kept on device
@@ -131,7 +131,7 @@ def train(
             window_items = samples = audio_seconds = difficulty = 0.0
             tic = time.perf_counter()
         if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
-            evaluated = evaluate()
+            evaluated = evaluate(step)
             accelerator.log(evaluated, step=step)
             metrics.update(evaluated)
             tic = time.perf_counter()

@@ -217,9 +217,13 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
             device="cpu" if e.ema_offload else None,
         )
 
+    best_metric = cfg.checkpoint.metric_for_best_model or ("eval/loss_ema" if ema is not None else "eval/loss")
+    best: dict = {}  # {"step", "value"} of the best checkpoint so far
+    last_eval: dict = {}
     start_step = 0
     if resume is not None:
         state = ckpt.load_checkpoint(accelerator, resume)
+        best = state.get("best", {})
         if ema is not None:
             if not (resume / EMA_FILE).is_file():
                 raise ValueError(f"{resume} has no {EMA_FILE}: it was trained without --ema; resume without it")
@@ -245,7 +249,7 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
     )
     batches = batch_stream(train_set, sampler, t.per_device_train_batch_size, collate, start_step)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(step: int) -> dict[str, float]:
         stream = lambda: eval_batches(  # noqa: E731
             val_set, t.per_device_eval_batch_size, collate, accelerator.process_index, accelerator.num_processes
         )
@@ -253,6 +257,8 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         if ema is not None:
             with ema.average_parameters(accelerator.unwrap_model(model)):
                 results["eval/loss_ema"] = evaluate_loss(accelerator, model, stream, lm_loss)
+        last_eval.clear()
+        last_eval.update(results, step=step)
         return results
 
     def save_extras(folder: Path) -> None:
@@ -261,6 +267,12 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
             save_file(ema.state_dict(), str(folder / EMA_FILE))
 
     def save(step: int) -> None:
+        # best is judged where a save follows an evaluation of the same step
+        value = last_eval.get(best_metric) if last_eval.get("step") == step else None
+        greater = cfg.checkpoint.greater_is_better
+        is_best = value is not None and (not best or (value > best["value"] if greater else value < best["value"]))
+        if is_best:
+            best.update(step=step, value=value)
         state = {
             "global_step": step,
             "global_batch_size": global_batch,
@@ -269,8 +281,9 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
             "distributed_type": str(accelerator.distributed_type),
             "sampler": sampler.state_at_step(step),
             "config": cfg.to_flat_dict(),
+            "best": {**best, "metric": best_metric},
         }
-        ckpt.save_checkpoint(
+        saved = ckpt.save_checkpoint(
             accelerator,
             out,
             step,
@@ -278,6 +291,8 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
             save_extras,
             cfg.checkpoint.save_total_limit,
         )
+        if is_best:
+            ckpt.copy_to_best(accelerator, out, saved)
 
     settings = LoopSettings(
         max_steps=max_steps,

@@ -114,3 +114,30 @@ def test_ema_is_evaluated_and_exported_as_a_loadable_model(tokenizer, tmp_path):
     assert raw.global_step == 4
     assert max_abs_diff(weights(tmp_path / "raw" / "ema"), ema_weights) == 0  # same run, same average
     assert max_abs_diff(weights(tmp_path / "raw"), ema_weights) > 0  # but the top level holds the raw weights
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True])
+def test_best_checkpoint_is_the_best_evaluated_step(tokenizer, tmp_path, greater_is_better):
+    import json
+
+    out = tmp_path / "run"
+    pretrain(
+        quick_run(
+            tokenizer,
+            out,
+            max_steps=5,
+            eval_steps=1,
+            save_steps=1,
+            save_total_limit=1,
+            greater_is_better=greater_is_better,
+            learning_rate=5e-3,
+        )
+    )
+    evals = {m["step"]: m["eval/loss"] for m in read_metrics(out) if "eval/loss" in m and m["step"] > 0}
+    pick = max if greater_is_better else min
+    expected = pick(evals, key=evals.get)
+    state = json.loads((out / "best" / "trainer_state.json").read_text())
+    assert state["global_step"] == expected, evals
+    assert state["best"] == {"step": expected, "value": evals[expected], "metric": "eval/loss"}
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-5"]  # rotation never touches best/
+    assert (out / "best" / "model.safetensors").is_file()
