@@ -156,6 +156,12 @@ class OptimConfig:
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers SchedulerType name."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of max_steps."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the training cross-entropy."})
+    scale_lr: str | None = field(
+        default=None,
+        metadata={"help": "linear or sqrt: scale learning_rate by the effective batch / base_batch_size."},
+    )
+    base_batch_size: int = field(default=16, metadata={"help": "The effective batch learning_rate was tuned for."})
 
     def __post_init__(self) -> None:
         from transformers import SchedulerType
@@ -172,6 +178,12 @@ class OptimConfig:
         _check(self.lr_scheduler_type in names, f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {names}")
         _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
         _check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: must be in [0, 1)")
+        _check(
+            self.scale_lr is None or self.scale_lr in ("linear", "sqrt"),
+            f"scale_lr={self.scale_lr!r}: choose linear or sqrt",
+        )
+        _check(self.base_batch_size >= 1, f"base_batch_size={self.base_batch_size}: must be >= 1")
 
 
 @dataclass

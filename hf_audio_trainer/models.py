@@ -104,9 +104,17 @@ def check_model_fits_tokenizer(
         )
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def lm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum (not mean) of the per-token cross-entropies over all codebooks; the loop divides by the token count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # float32 for the softmax even under autocast, so bf16/fp16 runs report comparable losses
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        batch["labels"].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
     return loss, {}

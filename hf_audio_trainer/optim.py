@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import get_scheduler
 
@@ -43,3 +45,17 @@ def build_scheduler(
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=kwargs or None,
     )
+
+
+# rule -> lr multiplier for a batch `ratio` times the one the lr was tuned for (Goyal et al. 2017 for linear;
+# square root for adaptive optimizers, Malladi et al. 2022)
+LR_SCALING = {"linear": lambda ratio: ratio, "sqrt": math.sqrt}
+
+
+def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str = "linear") -> float:
+    """The learning rate for `batch_size`, given one tuned for `base_batch_size` (the linear scaling rule)."""
+    if rule not in LR_SCALING:
+        raise ValueError(f"unknown lr scaling rule {rule!r}; choose one of {sorted(LR_SCALING)}")
+    if base_batch_size < 1 or batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {base_batch_size} and {batch_size}")
+    return base_lr * LR_SCALING[rule](batch_size / base_batch_size)

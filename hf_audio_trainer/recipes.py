@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, evaluate_loss, train
 from hf_audio_trainer.models import build_model, lm_loss
-from hf_audio_trainer.optim import build_optimizer, build_scheduler
+from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
 from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metrics, truncate_metrics
 
@@ -194,11 +195,18 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         dropout=cfg.model.dropout,
     )
     o = cfg.optim
+    lr = o.learning_rate
+    if o.scale_lr is not None:
+        lr = scale_lr(o.learning_rate, o.base_batch_size, global_batch, o.scale_lr)
+        accelerator.print(
+            f"--scale_lr {o.scale_lr}: learning rate {o.learning_rate:g} tuned for a batch of {o.base_batch_size} "
+            f"-> {lr:g} for the effective batch of {global_batch}"
+        )
     optimizer = build_optimizer(
         model,
         o.optim,
         weight_decay=o.weight_decay,
-        lr=o.learning_rate,
+        lr=lr,
         betas=(o.adam_beta1, o.adam_beta2),
         eps=o.adam_epsilon,
     )
@@ -304,9 +312,11 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         eval_on_start=cfg.logging.eval_on_start,
         max_consecutive_skips=t.max_consecutive_skips,
     )
+    # smoothing shapes the training targets only; validation reports the plain cross-entropy
+    train_loss = functools.partial(lm_loss, label_smoothing=o.label_smoothing)
     try:
         metrics = train(
-            accelerator, model, optimizer, scheduler, batches, lm_loss, settings, start_step, evaluate, save, ema
+            accelerator, model, optimizer, scheduler, batches, train_loss, settings, start_step, evaluate, save, ema
         )
     except NonFiniteError as err:
         good = ckpt.list_checkpoints(out)

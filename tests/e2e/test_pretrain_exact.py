@@ -141,3 +141,21 @@ def test_best_checkpoint_is_the_best_evaluated_step(tokenizer, tmp_path, greater
     assert state["best"] == {"step": expected, "value": evals[expected], "metric": "eval/loss"}
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-5"]  # rotation never touches best/
     assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_scale_lr_and_label_smoothing_flags_reach_the_run(tokenizer, tmp_path, capsys):
+    result = pretrain(
+        quick_run(
+            tokenizer,
+            tmp_path / "scaled",
+            max_steps=2,
+            per_device_train_batch_size=8,
+            scale_lr="linear",
+            base_batch_size=4,
+            label_smoothing=0.1,
+        )
+    )
+    assert "learning rate 0.002 tuned for a batch of 4 -> 0.004" in capsys.readouterr().out
+    first = next(m for m in read_metrics(tmp_path / "scaled") if "train/learning_rate" in m)
+    assert first["train/learning_rate"] == pytest.approx(0.004 / 2)  # warm-up step 1 of 2 of the scaled lr
+    assert result.global_step == 2

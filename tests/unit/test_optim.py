@@ -1,0 +1,61 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import SchedulerType, get_scheduler
+
+from hf_audio_trainer.models import lm_loss
+from hf_audio_trainer.optim import build_optimizer, build_scheduler, parameter_groups, scale_lr
+
+
+def test_scale_lr_rules():
+    assert scale_lr(1e-3, 256, 1024, "linear") == pytest.approx(4e-3)
+    assert scale_lr(1e-3, 256, 1024, "sqrt") == pytest.approx(2e-3)
+    assert scale_lr(1e-3, 256, 64) == pytest.approx(2.5e-4)
+    with pytest.raises(ValueError, match="choose one of"):
+        scale_lr(1e-3, 256, 64, "cubic")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "cosine_with_restarts", "constant_with_warmup", "inverse_sqrt"])
+def test_schedules_equal_transformers_at_every_step(name):
+    def lrs(make):
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=0.5)
+        scheduler = make(optimizer)
+        out = []
+        for _ in range(30):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours = lrs(lambda opt: build_scheduler(opt, name, 5, 30))
+    ref = lrs(lambda opt: get_scheduler(SchedulerType(name), opt, num_warmup_steps=5, num_training_steps=30))
+    assert ours == ref
+    assert ours[0] == 0.0 and ours[5] == pytest.approx(0.5)  # linear warm-up over 5 steps reaches the peak
+
+
+def test_parameter_groups_leave_biases_norms_and_embeddings_undecayed():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = parameter_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]  # only the Linear weight
+    assert len(no_decay["params"]) == 4  # embedding, Linear bias, LayerNorm weight and bias
+    optimizer = build_optimizer(model, "adamw", weight_decay=0.01, lr=1e-3)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+
+
+def test_label_smoothing_matches_the_formula():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # one row, two positions, three classes
+    labels = torch.tensor([[0, -100]])  # the second position is masked
+    model = lambda input_ids, attention_mask: SimpleNamespace(logits=logits)  # noqa: E731
+    batch = {"input_ids": None, "attention_mask": None, "labels": labels}
+    log_p = torch.log_softmax(logits[0, 0], -1)
+    eps = 0.1
+    expected = -(1 - eps) * log_p[0] - eps * log_p.mean()
+    loss, _ = lm_loss(model, batch, label_smoothing=eps)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    plain, _ = lm_loss(model, batch)
+    assert plain.item() == pytest.approx(-log_p[0].item(), rel=1e-6)
+    assert not math.isclose(loss.item(), plain.item())
