@@ -1,3 +1,4 @@
+import signal
 import warnings
 
 import datasets
@@ -106,6 +107,23 @@ def test_more_onsets_per_second_is_harder():
     raw = acoustic_features([slow, fast])
     np.testing.assert_allclose(raw["onset_rate"], [1.0, 5.0], atol=0.5)
     assert score_difficulty(clips(slow, fast), "acoustic")["difficulty"] == [0.0, 1.0]
+
+
+def test_silent_and_empty_clips_have_finite_features_and_no_notes():
+    raw = acoustic_features([np.zeros(SR, dtype=np.float32), np.zeros(0, dtype=np.float32)])
+    assert all(np.isfinite(values).all() for values in raw.values())
+    assert raw["onset_rate"].tolist() == [0.0, 0.0] and raw["polyphony"].tolist() == [0.0, 0.0]
+
+
+def test_num_proc_workers_match_one_process_and_do_not_hang():
+    ds = clips(tone([60]), tone([60, 64, 67]), tone([62], onsets_per_second=3.0), tone([65, 69]))
+    one = score_difficulty(ds, "acoustic")["difficulty"]  # this process has now run torch ops before forking
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("num_proc workers hung"))
+    signal.alarm(120)
+    try:
+        assert score_difficulty(ds, "acoustic", num_proc=2)["difficulty"] == one
+    finally:
+        signal.alarm(0)
 
 
 def test_acoustic_score_ranks_synthetic_clips_like_the_generator(tmp_path):
