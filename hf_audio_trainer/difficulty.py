@@ -28,7 +28,6 @@ but weigh 0 by default; turn them on with ``weights=``.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 
 from hf_audio_trainer.data.audio import decode_audio
-from hf_audio_trainer.data.codes import CodesCollator
+from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
 from hf_audio_trainer.models import check_model_fits_tokenizer
 from hf_audio_trainer.tokenizers import AudioTokenizer, load_audio_tokenizer
 
@@ -57,7 +56,6 @@ PITCH_SHARE = 0.2
 PITCH_QUANTILE = 0.75  # of the per-frame counts: arpeggios build up and notes die away, so the mean undercounts
 BATCH_SAMPLES = 2**19  # padded samples per batched STFT (~33 s at 16 kHz): bounds memory whatever the clip lengths
 TOKENIZER_DIR = "tokenizer"  # where a run's output folder keeps its tokenizer (recipes.py)
-_MAIN_PID = os.getpid()  # datasets forks its num_proc workers after this module is imported
 
 
 def score_difficulty(
@@ -188,15 +186,8 @@ def acoustic_feature_table(
     )
 
 
-def _one_thread_in_workers() -> None:
-    # A forked num_proc worker inherits the parent's OpenMP pool in a broken state and hangs at its first parallel
-    # torch op once the parent has run one; with one thread torch runs ops inline. The workers share the cores anyway.
-    if os.getpid() != _MAIN_PID:
-        torch.set_num_threads(1)
-
-
 def _acoustic_batch(audio: list, indices: list[int]) -> dict[str, list[float]]:
-    _one_thread_in_workers()
+    one_thread_in_workers()
     waves = [decode_audio(value, SAMPLE_RATE, where=f"row {i}") for value, i in zip(audio, indices, strict=True)]
     return {name: values.tolist() for name, values in acoustic_features(waves).items()}
 
@@ -362,7 +353,7 @@ def _model_loss_scores(
     check_model_fits_tokenizer(model.config, tokenizer.num_codebooks, tokenizer.codebook_size, 0)
 
     def losses(audio: list, indices: list[int]) -> dict[str, list[float]]:
-        _one_thread_in_workers()
+        one_thread_in_workers()
         waves = [decode_audio(v, tokenizer.sample_rate, where=f"row {i}") for v, i in zip(audio, indices, strict=True)]
         return {"loss": example_losses(model, tokenizer, waves).tolist()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,6 +11,16 @@ from datasets import Dataset
 
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.tokenizers import AudioTokenizer
+
+_MAIN_PID = os.getpid()  # datasets forks its num_proc workers after this module is imported
+
+
+def one_thread_in_workers() -> None:
+    """Call first in a `Dataset.map` function that runs torch ops, so num_proc workers do not hang."""
+    # A forked num_proc worker inherits the parent's OpenMP pool in a broken state and hangs at its first parallel
+    # torch op once the parent has run one; with one thread torch runs ops inline. The workers share the cores anyway.
+    if os.getpid() != _MAIN_PID:
+        torch.set_num_threads(1)
 
 
 def tokenize_dataset(
@@ -24,6 +35,7 @@ def tokenize_dataset(
     max_samples = int(max_duration_seconds * tokenizer.sample_rate)
 
     def encode(batch: dict, indices: list[int]) -> dict:
+        one_thread_in_workers()
         waves = [
             decode_audio(value, tokenizer.sample_rate, where=f"{split} row {i}")[:max_samples]
             for value, i in zip(batch[audio_column], indices, strict=True)

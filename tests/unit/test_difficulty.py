@@ -1,5 +1,4 @@
 import signal
-import warnings
 
 import datasets
 import numpy as np
@@ -118,12 +117,13 @@ def test_silent_and_empty_clips_have_finite_features_and_no_notes():
 def test_num_proc_workers_match_one_process_and_do_not_hang():
     ds = clips(tone([60]), tone([60, 64, 67]), tone([62], onsets_per_second=3.0), tone([65, 69]))
     one = score_difficulty(ds, "acoustic")["difficulty"]  # this process has now run torch ops before forking
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("num_proc workers hung"))
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("num_proc workers hung"))
     signal.alarm(120)
     try:
         assert score_difficulty(ds, "acoustic", num_proc=2)["difficulty"] == one
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_acoustic_score_ranks_synthetic_clips_like_the_generator(tmp_path):
@@ -199,5 +199,5 @@ def test_model_loss_needs_a_run_folder(tmp_path):
 
 
 def test_weights_only_apply_to_acoustic():
-    with warnings.catch_warnings(), pytest.raises(ValueError, match="weights only apply"):
+    with pytest.raises(ValueError, match="weights only apply"):
         score_difficulty(datasets.Dataset.from_dict({"difficulty": [1.0, 2.0]}), "column", weights={"duration": 1})
