@@ -7,8 +7,41 @@ import math
 import torch
 from transformers import get_scheduler
 
-# name -> optimizer class taking (param_groups, lr=..., betas=..., eps=..., weight_decay=...)
-OPTIMIZERS = {"adamw": torch.optim.AdamW}
+
+def _adafactor(params, lr, betas, eps, weight_decay):
+    from transformers.optimization import Adafactor
+
+    # an external learning rate and schedule, like every other optimizer here (not Adafactor's relative steps)
+    return Adafactor(params, lr=lr, beta1=None, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
+
+
+def _pytorch_optimizer(name: str):
+    def build(params, lr, betas, eps, weight_decay):
+        import pytorch_optimizer
+
+        if name == "Lion":  # sign updates: no eps
+            return pytorch_optimizer.Lion(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        if name == "LARS":  # SGD with layer-wise trust ratios: beta1 is its momentum
+            return pytorch_optimizer.LARS(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
+        return getattr(pytorch_optimizer, name)(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    return build
+
+
+# name -> factory(param_groups, lr, betas, eps, weight_decay); weight decay is decoupled except for plain Adam.
+# Lion, LAMB and LARS come from pytorch-optimizer, a maintained collection, rather than being rewritten here.
+OPTIMIZERS = {
+    "adamw": lambda params, lr, betas, eps, weight_decay: torch.optim.AdamW(
+        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+    ),
+    "adam": lambda params, lr, betas, eps, weight_decay: torch.optim.Adam(
+        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+    ),
+    "adafactor": _adafactor,
+    "lion": _pytorch_optimizer("Lion"),
+    "lamb": _pytorch_optimizer("Lamb"),
+    "lars": _pytorch_optimizer("LARS"),
+}
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -22,7 +55,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model_or_params, name: str = "adamw", weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+def build_optimizer(
+    model_or_params,
+    name: str = "adamw",
+    weight_decay: float = 0.0,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
     """An optimizer by name over a model (with decay/no-decay groups) or an iterable of parameters/groups."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
@@ -30,8 +70,7 @@ def build_optimizer(model_or_params, name: str = "adamw", weight_decay: float = 
         params = parameter_groups(model_or_params, weight_decay)
     else:
         params = list(model_or_params)
-        kwargs["weight_decay"] = weight_decay
-    return OPTIMIZERS[name](params, **kwargs)
+    return OPTIMIZERS[name](params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 def build_scheduler(

@@ -1,5 +1,7 @@
 """The two promises of the loop, on the real recipe: exact accumulation and exact resume."""
 
+import math
+
 import pytest
 
 from hf_audio_trainer import pretrain
@@ -159,3 +161,10 @@ def test_scale_lr_and_label_smoothing_flags_reach_the_run(tokenizer, tmp_path, c
     first = next(m for m in read_metrics(tmp_path / "scaled") if "train/learning_rate" in m)
     assert first["train/learning_rate"] == pytest.approx(0.004 / 2)  # warm-up step 1 of 2 of the scaled lr
     assert result.global_step == 2
+
+
+@pytest.mark.parametrize("optim", ["adam", "adafactor", "lion", "lamb", "lars"])
+def test_each_optimizer_trains_the_recipe(tokenizer, tmp_path, optim):
+    result = pretrain(quick_run(tokenizer, tmp_path / optim, max_steps=2, optim=optim, learning_rate=1e-3))
+    assert result.global_step == 2 and math.isfinite(result.metrics["train/loss"])
+    assert (tmp_path / optim / "model.safetensors").is_file()

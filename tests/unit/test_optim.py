@@ -59,3 +59,44 @@ def test_label_smoothing_matches_the_formula():
     plain, _ = lm_loss(model, batch)
     assert plain.item() == pytest.approx(-log_p[0].item(), rel=1e-6)
     assert not math.isclose(loss.item(), plain.item())
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "adafactor", "lion", "lamb", "lars"])
+def test_every_optimizer_minimises_a_quadratic(name):
+    torch.manual_seed(0)
+    target = torch.randn(8, 4)
+    weight = torch.nn.Parameter(torch.zeros(8, 4))
+    lr = {"lion": 0.01, "adafactor": 0.05}.get(name, 0.05)
+    optimizer = build_optimizer([weight], name, lr=lr, weight_decay=0.0)
+    start = (weight - target).pow(2).sum().item()
+    for _ in range(50):
+        loss = (weight - target).pow(2).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (weight - target).pow(2).sum().item() < 0.5 * start, name
+
+
+def test_lion_first_step_is_the_signed_update_with_decoupled_decay():
+    # Lion (Chen et al. 2023): p <- p - lr * (sign(b1 * m + (1 - b1) * g) + wd * p); with m = 0 that is sign(g)
+    p0 = torch.tensor([[0.5, -1.0], [2.0, 0.1]])
+    grad = torch.tensor([[0.3, -0.2], [-4.0, 0.0001]])
+    param = torch.nn.Parameter(p0.clone())
+    optimizer = build_optimizer([param], "lion", lr=0.1, weight_decay=0.5, betas=(0.9, 0.99))
+    param.grad = grad.clone()
+    optimizer.step()
+    expected = p0 * (1 - 0.1 * 0.5) - 0.1 * torch.sign(grad)
+    assert torch.allclose(param.detach(), expected, atol=1e-6)
+
+
+def test_adam_couples_weight_decay_and_adamw_decouples_it():
+    # with a zero gradient, AdamW still shrinks the weight by lr * wd; Adam's L2 term goes through the moments
+    results = {}
+    for name in ("adam", "adamw"):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = build_optimizer([param], name, lr=0.1, weight_decay=0.1)
+        param.grad = torch.zeros(3)
+        optimizer.step()
+        results[name] = param.detach().clone()
+    assert torch.allclose(results["adamw"], torch.full((3,), 1 - 0.1 * 0.1))
+    assert torch.allclose(results["adam"], torch.full((3,), 0.9), atol=1e-4)  # a full normalised step of lr
