@@ -149,14 +149,24 @@ class OptimConfig:
     optim: str = field(default="adamw", metadata={"help": "Optimizer name (see optim.OPTIMIZERS)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.01, metadata={"help": "Decoupled weight decay (not on biases/norms)."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
+    adam_beta1: float | None = field(
+        default=None, metadata={"help": "beta1 (Adam, Lion, Sophia, LAMB; LARS momentum); default: the optimizer's own."}
+    )
+    adam_beta2: float | None = field(
+        default=None, metadata={"help": "beta2; default: the optimizer's own (0.999 Adam-style, 0.99 Lion/Sophia)."}
+    )
     adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 disables."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers SchedulerType name."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of max_steps."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the training cross-entropy."})
+    sophia_rho: float = field(
+        default=0.04, metadata={"help": "Sophia's clipping rho: updates are lr * clip(m / (rho * h), 1)."}
+    )
+    hessian_update_period: int = field(
+        default=10, metadata={"help": "Sophia: refresh the Hessian estimate (one extra pass) every N steps."}
+    )
     scale_lr: str | None = field(
         default=None,
         metadata={"help": "linear or sqrt: scale learning_rate by the effective batch / base_batch_size."},
@@ -171,7 +181,11 @@ class OptimConfig:
         _check(self.optim in OPTIMIZERS, f"optim={self.optim!r}: choose one of {sorted(OPTIMIZERS)}")
         _check(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0")
         _check(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
-        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
+        for name in ("adam_beta1", "adam_beta2"):
+            beta = getattr(self, name)
+            _check(beta is None or 0 <= beta < 1, f"{name}={beta}: must be in [0, 1)")
+        _check(self.sophia_rho > 0, f"sophia_rho={self.sophia_rho}: must be > 0")
+        _check(self.hessian_update_period >= 1, f"hessian_update_period={self.hessian_update_period}: must be >= 1")
         _check(self.adam_epsilon > 0, f"adam_epsilon={self.adam_epsilon}: must be > 0")
         _check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm}: must be >= 0 (0 disables clipping)")
         names = [s.value for s in SchedulerType]
@@ -201,7 +215,7 @@ class EMAConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be in [0, 1)")
+        _check(0.0 < self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be in (0, 1), typically 0.999-0.9999")
         _check(self.ema_update_every >= 1, f"ema_update_every={self.ema_update_every}: must be >= 1")
         _check(self.ema_start_step >= 0, f"ema_start_step={self.ema_start_step}: must be >= 0")
         _check(self.final_model in ("raw", "ema"), f"final_model={self.final_model!r}: choose raw or ema")
@@ -297,6 +311,14 @@ class PretrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        steps, warmup = self.training.max_steps, self.optim.warmup_steps
+        _check(
+            steps <= 0 or warmup < steps,
+            f"warmup_steps={warmup} is not shorter than max_steps={steps}: the learning rate would never leave "
+            "warm-up; lower --warmup_steps or use --warmup_ratio",
+        )
 
     def to_flat_dict(self) -> dict[str, Any]:
         """All fields as one flat dict (flag name -> value), e.g. for tracker hyperparameters."""

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from hf_audio_trainer.ema import EMA
+from hf_audio_trainer.optim import Sophia, hutchinson_hessian
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -65,6 +67,8 @@ def train(
     window_items = samples = audio_seconds = difficulty = 0.0
     grad_norm = torch.zeros((), device=accelerator.device)
     skipped = consecutive = 0
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    sophia = inner if isinstance(inner, Sophia) else None
     tic = time.perf_counter()
     model.train()
     while step < s.max_steps:
@@ -90,6 +94,8 @@ def train(
         # loss scaler already skips such steps, and must see them to lower its scale.
         finite = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
         if finite:
+            if sophia is not None and sophia.hessian_due:
+                sophia.next_hessian = estimate_hessian(accelerator, model, loss_fn, micro_batches[0], sophia)
             optimizer.step()
         stepped = finite and not accelerator.optimizer_step_was_skipped
         if stepped:
@@ -140,6 +146,18 @@ def train(
             tic = time.perf_counter()
     progress.close()
     return metrics
+
+
+def estimate_hessian(
+    accelerator: Accelerator, model: torch.nn.Module, loss_fn: LossFn, batch: dict, optimizer: torch.optim.Optimizer
+) -> list[torch.Tensor]:
+    """Sophia's extra pass: a Hutchinson estimate of diag(H) of one micro-batch's mean loss, averaged over ranks."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # fused attention kernels have no double backward; the unwrapped model keeps DDP's gradient hooks out of it
+    with sdpa_kernel(SDPBackend.MATH):
+        loss_sum, _ = loss_fn(accelerator.unwrap_model(model), to_device(batch, accelerator.device))
+        hessian = hutchinson_hessian(loss_sum / batch["num_items"], params)
+    return accelerator.reduce(hessian, "mean") if accelerator.num_processes > 1 else hessian
 
 
 @torch.no_grad()

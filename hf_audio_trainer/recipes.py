@@ -184,6 +184,11 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         lengths=train_set["num_frames"] if c.group_by_length else None,
     )
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+    if cfg.optim.warmup_steps >= max_steps:
+        raise ValueError(
+            f"warmup_steps={cfg.optim.warmup_steps} is not shorter than the {max_steps} steps of "
+            f"{t.num_train_epochs} epoch(s): lower --warmup_steps or use --warmup_ratio"
+        )
     max_frames = max(max(train_set["num_frames"]), max(val_set["num_frames"]))
     model = build_model(
         cfg.model.model_name_or_path,
@@ -209,6 +214,7 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         lr=lr,
         betas=(o.adam_beta1, o.adam_beta2),
         eps=o.adam_epsilon,
+        **({"rho": o.sophia_rho, "hessian_update_period": o.hessian_update_period} if o.optim == "sophia" else {}),
     )
     warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
     scheduler = build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
