@@ -1,0 +1,225 @@
+"""Preference pairs for alignment: degradations, a seeded synthetic preference set, and checks on real ones.
+
+A preference row holds a ``prompt`` and two continuations of it, ``chosen`` (preferred) and ``rejected``. The
+synthetic set cuts each clean clip of the synthetic music data into a prompt and its continuation; the clean
+continuation is chosen and a degraded copy of it is rejected, so the preference is known by construction.
+
+Every degradation keeps the input's length and peak level, so loudness or duration alone never gives the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import soxr
+from datasets.table import InMemoryTable
+
+from hf_audio_trainer.data.audio import _undecoded
+from hf_audio_trainer.data.synthetic import _float32_lists, make_clip
+
+# Bump when the generated pairs change, so fingerprints (and map() caches keyed on them) change too.
+PREFERENCES_VERSION = 1
+SAMPLE_RATE = 16000
+# Ranges drawn from at strength 1 (see degrade for how strength scales each).
+NOISE_SNR_DB = (5.0, 10.0)
+DETUNE_CENTS = (30.0, 80.0)
+CLIP_FRACTION = (0.2, 0.4)
+# The continuation after the prompt lasts this long (seconds); shorter ones say little about which is better.
+CONTINUATION_SECONDS = (0.5, 2.0)
+FADE_SECONDS = 0.005
+
+AUDIO = {"array": datasets.List(datasets.Value("float32")), "sampling_rate": datasets.Value("int32")}
+FEATURES = datasets.Features(
+    {
+        "prompt": AUDIO,
+        "chosen": AUDIO,
+        "rejected": AUDIO,
+        "description": datasets.Value("string"),
+        "degradation": datasets.Value("string"),
+        "clip_id": datasets.Value("int32"),
+    }
+)
+
+
+def _add_noise(audio: np.ndarray, sample_rate: int, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """White Gaussian noise at an SNR drawn from NOISE_SNR_DB, its amplitude multiplied by strength."""
+    snr_db = rng.uniform(*NOISE_SNR_DB)
+    # A silent input still gets (quiet) noise, so the pair differs.
+    rms = max(float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))), 1e-4)
+    noise = rng.standard_normal(len(audio), dtype=np.float32) * np.float32(strength * rms / 10 ** (snr_db / 20))
+    return audio + noise
+
+
+def _detune(audio: np.ndarray, sample_rate: int, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Shift the pitch up or down by DETUNE_CENTS times strength, by resampling and playing at the old rate."""
+    cents = rng.uniform(*DETUNE_CENTS) * strength * rng.choice([-1, 1])
+    factor = 2 ** (cents / 1200)
+    # Read as if recorded at sample_rate * factor and written at sample_rate: factor > 1 is shorter and higher.
+    shifted = soxr.resample(audio, sample_rate * factor, sample_rate)[: len(audio)]
+    if len(shifted) < len(audio):
+        # A sharpened clip ends early: fade out its last 5 ms instead of cutting to silence with a click.
+        fade = min(len(shifted), int(FADE_SECONDS * sample_rate))
+        shifted[len(shifted) - fade :] *= np.linspace(1, 0, fade, dtype=np.float32)
+        shifted = np.pad(shifted, (0, len(audio) - len(shifted)))
+    return shifted
+
+
+def _hard_clip(audio: np.ndarray, sample_rate: int, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Clip at a fraction of the peak, CLIP_FRACTION raised to the power strength (the caller restores the peak)."""
+    threshold = np.float32(rng.uniform(*CLIP_FRACTION) ** strength * np.abs(audio).max(initial=0.0))
+    return np.clip(audio, -threshold, threshold)
+
+
+DEGRADATIONS = {"noise": _add_noise, "detune": _detune, "clip": _hard_clip}
+
+
+def degrade(
+    audio: np.ndarray, sample_rate: int, kind: str, rng: np.random.Generator, strength: float = 1.0
+) -> np.ndarray:
+    """A degraded copy of mono ``audio``: float32, same length and same peak level (at most 1).
+
+    ``kind`` is one of ``DEGRADATIONS``:
+
+    - ``noise``: white noise at 5-10 dB SNR; strength multiplies its amplitude.
+    - ``detune``: pitch shifted 30-80 cents up or down, times strength; a sharpened copy is shorter, so it ends in
+      up to 5% silence after a 5 ms fade.
+    - ``clip``: hard-clipped at 0.2-0.4 of the peak, raised to the power strength, then scaled back to the peak.
+    """
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; choose one of {list(DEGRADATIONS)}")
+    if not strength > 0:
+        raise ValueError(f"strength must be > 0, got {strength}")
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"degrade takes mono audio (a 1-D array), got shape {audio.shape}")
+    if len(audio) == 0:
+        return audio.copy()
+    out = DEGRADATIONS[kind](audio, sample_rate, rng, strength)
+    peak, out_peak = min(float(np.abs(audio).max()), 1.0), float(np.abs(out).max())
+    # Keeping the peak means the model cannot tell the degraded copy by its level (and clipping needs the gain back).
+    if peak > 0 and out_peak > 0:
+        out = out * np.float32(peak / out_peak)
+    return np.clip(out, -1, 1).astype(np.float32, copy=False)
+
+
+def _audio_column(arrays: list[np.ndarray]) -> pa.StructArray:
+    sample_rates = pa.array([SAMPLE_RATE] * len(arrays), pa.int32())
+    return pa.StructArray.from_arrays([_float32_lists(arrays), sample_rates], names=["array", "sampling_rate"])
+
+
+def _split(rows: list[dict], fingerprint: str, chunk: int = 512) -> datasets.Dataset:
+    """An in-memory Dataset built from Arrow arrays (from_dict would walk every sample in Python)."""
+    batches = []
+    # Chunks keep each Arrow list's int32 offsets far below 2**31 samples.
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        columns = {name: _audio_column([r[name] for r in part]) for name in ("prompt", "chosen", "rejected")}
+        for name in ("description", "degradation"):
+            columns[name] = pa.array([r[name] for r in part], pa.string())
+        columns["clip_id"] = pa.array([r["clip_id"] for r in part], pa.int32())
+        batches.append(pa.RecordBatch.from_pydict(columns, schema=FEATURES.arrow_schema))
+    table = pa.Table.from_batches(batches, schema=FEATURES.arrow_schema)
+    info = datasets.DatasetInfo(features=FEATURES)
+    return datasets.Dataset(InMemoryTable(table), info=info, fingerprint=fingerprint)
+
+
+def _fingerprint(key: str, split: str) -> str:
+    return hashlib.sha256(f"hf-audio-trainer-preferences-{key}-{split}".encode()).hexdigest()[:16]
+
+
+def make_synthetic_preferences(
+    num_pairs: int = 500, seed: int = 0, prompt_seconds: float = 1.0, validation_fraction: float = 0.1
+) -> datasets.DatasetDict:
+    """Seeded preference pairs (clean continuation chosen, degraded copy rejected) with train/validation splits.
+
+    Clips come from the synthetic music generator, each lasting ``prompt_seconds`` plus CONTINUATION_SECONDS;
+    clips of "degraded" quality are skipped (about a third), and each clean clip gives one pair, so the splits
+    never share a source clip. Degradations cycle through ``DEGRADATIONS`` in clip order.
+    """
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    if not prompt_seconds > 0:
+        raise ValueError(f"prompt_seconds must be > 0, got {prompt_seconds}")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    cut = round(prompt_seconds * SAMPLE_RATE)
+    shortest, longest = (prompt_seconds + seconds for seconds in CONTINUATION_SECONDS)
+    kinds = list(DEGRADATIONS)
+    rows = []
+    # Clip i depends only on (seed, i), so pair k is the same whatever num_pairs is.
+    for index in range(10 * num_pairs + 100):
+        clip = make_clip(index, SAMPLE_RATE, shortest, longest, seed)
+        if clip.quality != "clean":
+            continue
+        kind = kinds[len(rows) % len(kinds)]
+        # A stream of its own, apart from the one make_clip rendered the clip with.
+        rng = np.random.default_rng([seed, index, 1])
+        continuation = clip.array[cut:]
+        rows.append(
+            {
+                "prompt": clip.array[:cut],
+                "chosen": continuation,
+                "rejected": degrade(continuation, SAMPLE_RATE, kind, rng),
+                "description": clip.description,
+                "degradation": kind,
+                "clip_id": index,
+            }
+        )
+        if len(rows) == num_pairs:
+            break
+    else:
+        raise RuntimeError(f"only {len(rows)} of the first {index + 1} synthetic clips are clean")
+    num_val = min(max(round(num_pairs * validation_fraction), 1 if validation_fraction else 0), num_pairs - 1)
+    val_rows = set(np.random.default_rng(seed).permutation(num_pairs)[:num_val].tolist())
+    key = f"{PREFERENCES_VERSION}-{num_pairs}-{seed}-{prompt_seconds}-{validation_fraction}"
+    splits = {
+        "train": [r for i, r in enumerate(rows) if i not in val_rows],
+        "validation": [r for i, r in enumerate(rows) if i in val_rows],
+    }
+    return datasets.DatasetDict(
+        {split: _split(split_rows, _fingerprint(key, split)) for split, split_rows in splits.items()}
+    )
+
+
+def check_preference_columns(dataset: datasets.Dataset | datasets.DatasetDict, require_prompt: bool = False) -> None:
+    """Raise a ValueError naming the columns found when ``chosen``/``rejected`` (or ``prompt``) are missing."""
+    needed = ("prompt", "chosen", "rejected") if require_prompt else ("chosen", "rejected")
+    splits = dataset.items() if isinstance(dataset, datasets.DatasetDict) else [(None, dataset)]
+    for split, ds in splits:
+        if any(name not in ds.column_names for name in needed):
+            names = ", ".join(repr(n) for n in needed[:-1]) + f" and {needed[-1]!r}"
+            where = f" (split {split!r})" if split else ""
+            raise ValueError(f"the preference dataset{where} needs {names} columns; found {ds.column_names}")
+
+
+def _as_bytes(value) -> bytes:
+    """One chosen/rejected value as bytes that are equal exactly when the values are: samples, codes or a file."""
+    if isinstance(value, dict):
+        if value.get("array") is None:  # an undecoded audio file
+            return value.get("bytes") or str(value.get("path")).encode()
+        value = value["array"]
+    array = np.asarray(value)
+    # Compare values, not storage: float64 audio equal to float32 audio, int16 codes equal to int64 ones.
+    array = array.astype(np.float32 if array.dtype.kind == "f" else np.int64, copy=False)
+    return str(array.shape).encode() + np.ascontiguousarray(array).tobytes()
+
+
+def drop_identical_pairs(dataset: datasets.Dataset) -> tuple[datasets.Dataset, int]:
+    """Remove rows whose chosen and rejected are identical (they carry no preference); returns (kept, dropped).
+
+    Compares ``chosen_codes``/``rejected_codes`` when the dataset has them (identical codes give the model nothing
+    to learn even if the audio differed), else ``chosen``/``rejected``: their samples, or for ``datasets.Audio``
+    columns the encoded file bytes, so nothing is decoded.
+    """
+    if {"chosen_codes", "rejected_codes"} <= set(dataset.column_names):
+        chosen, rejected = "chosen_codes", "rejected_codes"
+    else:
+        check_preference_columns(dataset)
+        chosen, rejected = "chosen", "rejected"
+    view = _undecoded(_undecoded(dataset.select_columns([chosen, rejected]), chosen), rejected)
+    keep = [i for i, row in enumerate(view.with_format("numpy")) if _as_bytes(row[chosen]) != _as_bytes(row[rejected])]
+    dropped = len(dataset) - len(keep)
+    return (dataset.select(keep) if dropped else dataset), dropped
