@@ -11,9 +11,9 @@ import dataclasses
 import difflib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from transformers import HfArgumentParser
@@ -150,7 +150,8 @@ class OptimConfig:
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.01, metadata={"help": "Decoupled weight decay (not on biases/norms)."})
     adam_beta1: float | None = field(
-        default=None, metadata={"help": "beta1 (Adam, Lion, Sophia, LAMB; LARS momentum); default: the optimizer's own."}
+        default=None,
+        metadata={"help": "beta1 (Adam, Lion, Sophia, LAMB; LARS momentum); default: the optimizer's own."},
     )
     adam_beta2: float | None = field(
         default=None, metadata={"help": "beta2; default: the optimizer's own (0.999 Adam-style, 0.99 Lion/Sophia)."}
@@ -300,17 +301,32 @@ class CheckpointConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs."""
+class HubConfig:
+    """Pushing the run to the Hugging Face Hub (uploads run in the background)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the model (and model card) to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "The repo to push to, e.g. you/my-model."})
+    hub_strategy: str = field(
+        default="every_save",
+        metadata={"help": "end (final model), every_save (model at every save) or checkpoint (also last-checkpoint/)."},
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    hub_token: str | None = field(
+        default=None, repr=False, metadata={"help": "Hub token; unset: the logged-in one (never printed or saved)."}
+    )
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.hub import check_hub_args
+
+        check_hub_args(self.push_to_hub, self.hub_model_id, self.hub_strategy)
+
+
+@dataclass
+class StageConfig:
+    """What every stage's config shares: stage defaults, cross-section checks, a flat view for logs."""
+
+    # flag -> value defaults of this stage that differ from the sections' own (subclasses override)
+    stage_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         steps, warmup = self.training.max_steps, self.optim.warmup_steps
@@ -321,13 +337,170 @@ class PretrainConfig:
         )
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """All fields as one flat dict (flag name -> value), e.g. for tracker hyperparameters."""
-        return {k: v for section in sections(type(self)) for k, v in dataclasses.asdict(getattr(self, section)).items()}
+        """All fields as one flat dict (flag name -> value), e.g. for tracker hyperparameters; never the token."""
+        flat = {k: v for section in sections(type(self)) for k, v in dataclasses.asdict(getattr(self, section)).items()}
+        flat.pop("hub_token", None)
+        return flat
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    """Everything a pretraining run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+@dataclass
+class FinetuneOptions:
+    """What a fine-tune changes about the pretrained model: frozen modules, or LoRA adapters through peft."""
+
+    freeze_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated parameter-name patterns to freeze (fnmatch, e.g. 'model.decoder.layers.0.*')."
+        },
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,out_proj,fc1,fc2",
+        metadata={"help": "Comma-separated module names that get LoRA adapters."},
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.lora_r >= 1, f"lora_r={self.lora_r}: must be >= 1")
+        _check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}: must be > 0")
+        _check(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        _check(bool(self.lora_target_modules.strip()), "lora_target_modules must name at least one module")
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    """A fine-tune: a pretrained model (folder or Hub id) on the high-quality rows, gentler optimisation."""
+
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "output_dir": "outputs/finetune",
+        "high_quality_only": True,
+        "learning_rate": 3e-4,
+        "warmup_steps": 10,
+        "label_smoothing": 0.1,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.model.model_name_or_path is not None,
+            "finetune starts from a pretrained model: pass --model_name_or_path (a pretrain output folder or Hub id)",
+        )
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Preference pairs: `chosen` / `rejected` audio (or `*_codes`), optionally a `prompt` to continue."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A save_to_disk folder or Hub dataset id with chosen/rejected (and prompt) columns; "
+                  "unset: the embedded synthetic pairs (clean vs degraded continuations)."},
+    )  # fmt: skip
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percent of pairs held out when the dataset has no validation split."}
+    )
+    synthetic_num_pairs: int = field(default=400, metadata={"help": "Pairs in the embedded synthetic dataset."})
+    prompt_seconds: float = field(default=1.0, metadata={"help": "Prompt length of the synthetic pairs."})
+    max_duration_seconds: float = field(default=10.0, metadata={"help": "Longer prompts+responses are cut."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Audio tokenizer; unset: the policy's own (MODEL/tokenizer)."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 < self.validation_split_percentage <= 50.0,
+            f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
+        )
+        _check(self.synthetic_num_pairs >= 4, f"synthetic_num_pairs={self.synthetic_num_pairs}: must be >= 4")
+        _check(self.prompt_seconds >= 0, f"prompt_seconds={self.prompt_seconds}: must be >= 0")
+        _check(self.max_duration_seconds > 0, f"max_duration_seconds={self.max_duration_seconds}: must be > 0")
+
+
+@dataclass
+class DPOConfig:
+    """The preference objective (TRL's names)."""
+
+    beta: float = field(default=0.1, metadata={"help": "Strength of the KL tie to the reference model."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge or robust."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed label-noise rate for sigmoid (cDPO) and robust, in [0, 0.5)."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference's log-probs once before training, so one model sits in memory."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model; unset: a frozen copy of the starting policy."}
+    )
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.alignment import LOSS_TYPES
+
+        _check(self.beta > 0, f"beta={self.beta}: must be > 0")
+        _check(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: choose one of {list(LOSS_TYPES)}")
+        _check(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+        _check(
+            self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+            f"label_smoothing applies to the sigmoid and robust losses, not {self.loss_type}",
+        )
+
+
+@dataclass
+class AlignConfig(StageConfig):
+    """Preference optimisation (DPO family) of a fine-tuned model against a frozen reference."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "output_dir": "outputs/align",
+        "learning_rate": 1e-4,
+        "warmup_steps": 10,
+        "dropout": 0.0,  # TRL disables dropout for DPO: policy and reference log-probs must be comparable
+        "per_device_train_batch_size": 8,
+        "metric_for_best_model": "eval/rewards/accuracies",
+        "greater_is_better": True,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.model.model_name_or_path is not None,
+            "align starts from a fine-tuned model: pass --model_name_or_path (a finetune output folder or Hub id)",
+        )
 
 
 def sections(config_cls: type) -> dict[str, type]:
     """Section name -> section dataclass of a run config class."""
-    return {f.name: f.default_factory for f in dataclasses.fields(config_cls)}
+    return {f.name: f.default_factory for f in dataclasses.fields(config_cls) if f.default_factory is not MISSING}
 
 
 def _flatten(values: dict[str, Any], section_names: dict[str, type], source: str) -> dict[str, Any]:
@@ -350,7 +523,7 @@ def _flatten(values: dict[str, Any], section_names: dict[str, type], source: str
 def config_from_dict(values: dict[str, Any], config_cls: type = PretrainConfig, source: str = "overrides"):
     """Build a run config from a flat or sectioned dict, validating every section."""
     section_names = sections(config_cls)
-    flat = _flatten(values, section_names, source)
+    flat = {**config_cls.stage_defaults, **_flatten(values, section_names, source)}
     built = {}
     for name, cls in section_names.items():
         own = {f.name for f in dataclasses.fields(cls)}
@@ -381,6 +554,7 @@ def parse_config(argv: list[str] | None = None, config_cls: type = PretrainConfi
         del argv[i : i + 2]
     section_names = sections(config_cls)
     parser = HfArgumentParser(list(section_names.values()), allow_abbrev=False)  # no silent prefix matches
+    parser.set_defaults(**config_cls.stage_defaults)
     if yaml_path is not None:
         parser.set_defaults(**_flatten(load_yaml(yaml_path), section_names, str(yaml_path)))
     *parsed, unknown = parser.parse_args_into_dataclasses(

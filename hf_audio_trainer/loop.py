@@ -64,6 +64,7 @@ def train(
         accelerator.log(metrics, step=0)
     progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     window_loss = torch.zeros((), device=accelerator.device)  # loss sum since the last log, kept on device
+    window_extras: dict[str, torch.Tensor] = {}  # the loss function's other per-item sums (e.g. DPO rewards)
     window_items = samples = audio_seconds = difficulty = 0.0
     grad_norm = torch.zeros((), device=accelerator.device)
     skipped = consecutive = 0
@@ -78,11 +79,13 @@ def train(
             items = accelerator.reduce(torch.tensor(items, device=accelerator.device), "sum")
         for batch in micro_batches:
             with accelerator.accumulate(model):
-                loss_sum, _ = loss_fn(model, to_device(batch, accelerator.device))
+                loss_sum, extras = loss_fn(model, to_device(batch, accelerator.device))
                 # accelerator.backward divides by accum and DDP averages over ranks; undo both so the gradient
                 # is d(sum of losses) / (items of the whole step)
                 accelerator.backward(loss_sum * (accum * world) / items)
             window_loss += loss_sum.detach().float()
+            for name, value in extras.items():
+                window_extras[name] = window_extras.get(name, 0.0) + value.detach().float()
             window_items += batch["num_items"]
             samples += batch["num_samples"]
             audio_seconds += batch["audio_seconds"]
@@ -114,9 +117,11 @@ def train(
         if step % s.logging_steps == 0 or step == s.max_steps:
             host = [window_items, samples, audio_seconds, difficulty]
             host = torch.tensor(host, device=accelerator.device, dtype=torch.float64)
-            totals = accelerator.reduce(torch.cat([window_loss[None].double(), host]))
+            names = sorted(window_extras)  # the same order on every rank
+            extras_sums = [window_extras[n].reshape(1).double() for n in names]
+            totals = accelerator.reduce(torch.cat([window_loss[None].double(), host, *extras_sums]))
             elapsed = time.perf_counter() - tic
-            loss_sum_total, items_total, samples_total, audio_total, difficulty_total = totals.tolist()
+            loss_sum_total, items_total, samples_total, audio_total, difficulty_total, *extras_total = totals.tolist()
             logged = {
                 "train/loss": loss_sum_total / max(items_total, 1.0),
                 "train/learning_rate": scheduler.get_last_lr()[0],
@@ -127,6 +132,8 @@ def train(
             }
             if "difficulty_sum" in micro_batches[-1]:
                 logged["train/mean_difficulty"] = difficulty_total / max(samples_total, 1.0)
+            for name, total in zip(names, extras_total, strict=True):  # per item over the window, all ranks
+                logged[f"train/{name}"] = total / max(items_total, 1.0)
             logged["train/skipped_steps"] = skipped
             if accelerator.scaler is not None:
                 logged["train/loss_scale"] = accelerator.scaler.get_scale()
@@ -134,6 +141,7 @@ def train(
             metrics.update(logged)
             progress.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/learning_rate']:.2e}")
             window_loss.zero_()
+            window_extras.clear()
             window_items = samples = audio_seconds = difficulty = 0.0
             tic = time.perf_counter()
         if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
@@ -161,19 +169,29 @@ def estimate_hessian(
 
 
 @torch.no_grad()
+def evaluate_metrics(
+    accelerator: Accelerator, model: torch.nn.Module, batches: Callable[[], Iterator[dict]], loss_fn: LossFn
+) -> dict[str, float]:
+    """Item-weighted loss (`loss`) and the loss function's other per-item sums over all ranks' validation batches."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
+    items = 0.0
+    for batch in batches():
+        loss_sum, extras = loss_fn(model, to_device(batch, accelerator.device))
+        for name, value in {"loss": loss_sum, **extras}.items():
+            sums[name] = sums.get(name, 0.0) + value.float()
+        items += batch["num_items"]
+    model.train(was_training)
+    names = sorted(sums)
+    device = accelerator.device
+    totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), torch.tensor(items, device=device)]))
+    *totals, items = totals.tolist()
+    return {name: total / max(items, 1.0) for name, total in zip(names, totals, strict=True)}
+
+
 def evaluate_loss(
     accelerator: Accelerator, model: torch.nn.Module, batches: Callable[[], Iterator[dict]], loss_fn: LossFn
 ) -> float:
     """Item-weighted loss over all of this rank's validation batches, summed over ranks."""
-    was_training = model.training
-    model.eval()
-    loss_total, items = torch.zeros((), device=accelerator.device), 0.0
-    for batch in batches():
-        loss_sum, _ = loss_fn(model, to_device(batch, accelerator.device))
-        loss_total += loss_sum.float()
-        items += batch["num_items"]
-    model.train(was_training)
-    loss_sum, items = accelerator.reduce(
-        torch.stack([loss_total, torch.tensor(items, device=loss_total.device)])
-    ).tolist()
-    return loss_sum / max(items, 1.0)
+    return evaluate_metrics(accelerator, model, batches, loss_fn)["loss"]
