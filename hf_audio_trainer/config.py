@@ -331,9 +331,9 @@ class StageConfig:
     def __post_init__(self) -> None:
         steps, warmup = self.training.max_steps, self.optim.warmup_steps
         _check(
-            steps <= 0 or warmup < steps,
-            f"warmup_steps={warmup} is not shorter than max_steps={steps}: the learning rate would never leave "
-            "warm-up; lower --warmup_steps or use --warmup_ratio",
+            steps <= 0 or warmup <= steps,
+            f"warmup_steps={warmup} is longer than max_steps={steps}: the learning rate would never leave warm-up; "
+            "lower --warmup_steps or use --warmup_ratio",
         )
 
     def to_flat_dict(self) -> dict[str, Any]:

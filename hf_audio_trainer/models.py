@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import fnmatch
+
 import torch
 import torch.nn.functional as F
 from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
@@ -81,6 +84,45 @@ def freeze_cross_attention(model: MusicgenForCausalLM) -> MusicgenForCausalLM:
         if ".encoder_attn" in name:
             param.requires_grad_(False)
     return model
+
+
+def adapt_for_finetuning(
+    model: torch.nn.Module,
+    freeze_modules: str | None = None,
+    use_peft: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2",
+) -> torch.nn.Module:
+    """Freeze parameters by name pattern (fnmatch), and/or wrap the model with LoRA adapters through peft."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in [p.strip() for p in (freeze_modules or "").split(",") if p.strip()]:
+        matched = [n for n in names if fnmatch.fnmatch(n, pattern) or n.startswith(pattern + ".")]
+        if not matched:
+            raise ValueError(
+                f"--freeze_modules {pattern!r} matches no parameter; names look like {names[:3]} ... (fnmatch "
+                "patterns such as 'model.decoder.layers.0.*', or a module prefix such as 'model.decoder.embed_tokens')"
+            )
+        for name, param in model.named_parameters():
+            if name in matched:
+                param.requires_grad_(False)
+    if not use_peft:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ValueError(f"--lora_target_modules {missing} are not modules of this model; e.g. {sorted(present)[:12]}")
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain transformers model with the LoRA adapters merged in (the training model is left as it is)."""
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def check_model_fits_tokenizer(

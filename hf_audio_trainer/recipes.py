@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -12,27 +11,33 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.config import PretrainConfig, parse_config, resolve_config
+from hf_audio_trainer.config import FinetuneConfig, PretrainConfig, parse_config, resolve_config
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.audio import decode_audio, load_audio_dataset
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
 from hf_audio_trainer.difficulty import score_difficulty
-from hf_audio_trainer.ema import EMA
-from hf_audio_trainer.loop import LoopSettings, NonFiniteError, evaluate_loss, train
-from hf_audio_trainer.models import build_model, lm_loss
-from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
+from hf_audio_trainer.loop import evaluate_loss
+from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, merged_copy
+from hf_audio_trainer.run import (
+    Checkpointer,
+    build_ema,
+    build_optimization,
+    check_warmup,
+    finish,
+    loop_settings,
+    model_card_writer,
+    prepare_output_dir,
+    run_loop,
+    stage_accelerator,
+    start_pusher,
+)
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
-from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metrics, truncate_metrics
 
 logger = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
-EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
 FIT_CLIPS = 500  # clips a new mel k-means tokenizer is fitted on
 SAMPLE_RATE = 16000  # of a new mel k-means tokenizer
 
@@ -49,6 +54,8 @@ class RunResult:
 def prepare_tokenizer(cfg: PretrainConfig, accelerator: Accelerator, train_set: Dataset, resume: Path | None):
     """The checkpoint's tokenizer when resuming, a given one, or a mel k-means fitted on training clips."""
     source = resume / TOKENIZER_DIR if resume is not None else cfg.data.tokenizer
+    if source is None and cfg.model.model_name_or_path is not None:  # a model keeps its tokenizer beside it
+        source = model_tokenizer(cfg.model.model_name_or_path)
     if source is not None:
         if (Path(source) / TOKENIZER_DIR).is_dir():  # a run's output folder or checkpoint: its tokenizer inside
             source = Path(source) / TOKENIZER_DIR
@@ -69,6 +76,27 @@ def prepare_tokenizer(cfg: PretrainConfig, accelerator: Accelerator, train_set: 
         tokenizer.save_pretrained(fitted)
     accelerator.wait_for_everyone()
     return load_audio_tokenizer(str(fitted))
+
+
+def model_tokenizer(model_name_or_path: str) -> str:
+    """The tokenizer saved with a model: MODEL/tokenizer in a folder, or the `tokenizer/` files of a Hub repo."""
+    folder = Path(model_name_or_path)
+    if folder.is_dir():
+        if not (folder / TOKENIZER_DIR).is_dir():
+            raise ValueError(
+                f"{folder} has no {TOKENIZER_DIR}/ folder: pass the tokenizer the model was trained with (--tokenizer)"
+            )
+        return str(folder / TOKENIZER_DIR)
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(model_name_or_path, allow_patterns=[f"{TOKENIZER_DIR}/*"])
+    except Exception as err:
+        raise ValueError(
+            f"could not get the tokenizer of {model_name_or_path!r} (a folder or Hub id with a {TOKENIZER_DIR}/ "
+            f"subfolder): {err}; pass --tokenizer"
+        ) from None
+    return str(Path(local) / TOKENIZER_DIR)
 
 
 def select_training_rows(train: Dataset, cfg: PretrainConfig) -> Dataset:
@@ -135,39 +163,22 @@ def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | N
 def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
     """Pretrain an audio language model from scratch (or continue one); usable from a notebook."""
     cfg = resolve_config(config, PretrainConfig)
-    accelerator = Accelerator(
-        mixed_precision=cfg.training.mixed_precision,
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        log_with=[JSONLinesTracker(cfg.training.output_dir), *cfg.logging.trackers],
-        project_dir=cfg.training.output_dir,
-        # the schedule counts optimizer steps; accelerate would otherwise step it once per process
-        step_scheduler_with_optimizer=False,
-    )
-    try:
-        return _pretrain(cfg, accelerator)
-    finally:
-        accelerator.end_training()
-        # accelerate keeps its settings in process-wide singletons; clear them so a notebook can run the next
-        # stage with, say, another precision (the process group, in PartialState, is kept)
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    with stage_accelerator(cfg) as accelerator:
+        return _train_lm(cfg, accelerator, "pretrain")
 
 
-def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
+def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
+    """Fine-tune a pretrained model (folder or Hub id) on high-quality data, optionally with LoRA; notebook-ready."""
+    cfg = resolve_config(config, FinetuneConfig)
+    with stage_accelerator(cfg) as accelerator:
+        return _train_lm(cfg, accelerator, "finetune")
+
+
+def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunResult:
+    """Next-code prediction on audio tokens: the pretrain and finetune stages."""
     t, out = cfg.training, Path(cfg.training.output_dir)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
-        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
-    resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out)
-    ckpt.check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
-    if accelerator.is_main_process:
-        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
-            ckpt.remove_checkpoints(out)
-            (out / METRICS_FILE).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
-    set_seed(t.seed)
-
+    resume = prepare_output_dir(cfg, accelerator)
+    pusher = start_pusher(cfg, accelerator)
     tokenizer, train_set, val_set = prepare_data(cfg, accelerator, resume)
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     difficulties = train_set["difficulty"] if "difficulty" in train_set.column_names else [0.0] * len(train_set)
@@ -184,11 +195,7 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         lengths=train_set["num_frames"] if c.group_by_length else None,
     )
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    if cfg.optim.warmup_steps >= max_steps:
-        raise ValueError(
-            f"warmup_steps={cfg.optim.warmup_steps} is not shorter than the {max_steps} steps of "
-            f"{t.num_train_epochs} epoch(s): lower --warmup_steps or use --warmup_ratio"
-        )
+    check_warmup(cfg, max_steps)
     max_frames = max(max(train_set["num_frames"]), max(val_set["num_frames"]))
     model = build_model(
         cfg.model.model_name_or_path,
@@ -199,62 +206,41 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         max_positions=int(cfg.data.max_duration_seconds * tokenizer.frame_rate) + tokenizer.num_codebooks + 1,
         dropout=cfg.model.dropout,
     )
-    o = cfg.optim
-    lr = o.learning_rate
-    if o.scale_lr is not None:
-        lr = scale_lr(o.learning_rate, o.base_batch_size, global_batch, o.scale_lr)
-        accelerator.print(
-            f"--scale_lr {o.scale_lr}: learning rate {o.learning_rate:g} tuned for a batch of {o.base_batch_size} "
-            f"-> {lr:g} for the effective batch of {global_batch}"
+    if stage == "finetune":
+        f = cfg.finetune
+        model = adapt_for_finetuning(
+            model, f.freeze_modules, f.use_peft, f.lora_r, f.lora_alpha, f.lora_dropout, f.lora_target_modules
         )
-    optimizer = build_optimizer(
-        model,
-        o.optim,
-        weight_decay=o.weight_decay,
-        lr=lr,
-        betas=(o.adam_beta1, o.adam_beta2),
-        eps=o.adam_epsilon,
-        **({"rho": o.sophia_rho, "hessian_update_period": o.hessian_update_period} if o.optim == "sophia" else {}),
-    )
-    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
-    scheduler = build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
+    optimizer, scheduler = build_optimization(cfg, accelerator, model, global_batch, max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    e = cfg.ema
-    ema = None
-    if e.ema:
-        ema = EMA(
-            accelerator.unwrap_model(model),
-            decay=e.ema_decay,
-            update_every=e.ema_update_every,
-            start_step=e.ema_start_step,
-            warmup=e.ema_warmup,
-            device="cpu" if e.ema_offload else None,
-        )
+    ema = build_ema(cfg, accelerator.unwrap_model(model))
 
-    best_metric = cfg.checkpoint.metric_for_best_model or ("eval/loss_ema" if ema is not None else "eval/loss")
-    best: dict = {}  # {"step", "value"} of the best checkpoint so far
-    last_eval: dict = {}
-    start_step = 0
-    if resume is not None:
-        state = ckpt.load_checkpoint(accelerator, resume)
-        best = state.get("best", {})
-        if ema is not None:
-            if not (resume / EMA_FILE).is_file():
-                raise ValueError(f"{resume} has no {EMA_FILE}: it was trained without --ema; resume without it")
-            ema.load_state_dict(load_file(str(resume / EMA_FILE)))
-        if state["global_batch_size"] != global_batch:
-            raise ValueError(
-                f"{resume} was trained with a global batch of {state['global_batch_size']}, this run has "
-                f"{global_batch} (per-device batch x accumulation x processes); keep it the same to resume exactly"
-            )
-        start_step = state["global_step"]
-        if accelerator.is_main_process:
-            truncate_metrics(out, start_step)
-        accelerator.print(f"Resumed from {resume} at step {start_step}")
-    accelerator.init_trackers("pretrain", config=cfg.to_flat_dict())
+    def export(folder: Path, use_ema: bool) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        swap = ema.average_parameters(unwrapped) if use_ema else contextlib.nullcontext()
+        with swap:  # LoRA adapters are merged into a copy: the export is a plain from_pretrained model
+            final = merged_copy(unwrapped) if cfg_uses_peft(cfg) else model
+            ckpt.save_final_model(accelerator, final, folder, lambda f: tokenizer.save_pretrained(f / TOKENIZER_DIR))
+
+    checkpointer = Checkpointer(
+        cfg,
+        accelerator,
+        global_batch,
+        max_steps,
+        save_extras=lambda folder: tokenizer.save_pretrained(folder / TOKENIZER_DIR),
+        extra_state=lambda step: {"sampler": sampler.state_at_step(step)},
+        ema=ema,
+        pusher=pusher,
+        export=export,
+        card=model_card_writer(cfg, stage, cfg.model.model_name_or_path, [cfg.data.dataset_name or "synthetic"]),
+    )
+    start_step = checkpointer.resume(resume) if resume is not None else 0
+    accelerator.init_trackers(stage, config=cfg.to_flat_dict())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(
         f"{len(train_set)} train / {len(val_set)} validation clips, up to {max_frames} frames; "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; global batch {global_batch}; {max_steps} steps"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained); "
+        f"global batch {global_batch}; {max_steps} steps"
     )
 
     model_config = accelerator.unwrap_model(model).config
@@ -271,85 +257,29 @@ def _pretrain(cfg: PretrainConfig, accelerator: Accelerator) -> RunResult:
         if ema is not None:
             with ema.average_parameters(accelerator.unwrap_model(model)):
                 results["eval/loss_ema"] = evaluate_loss(accelerator, model, stream, lm_loss)
-        last_eval.clear()
-        last_eval.update(results, step=step)
+        checkpointer.record(step, results)
         return results
 
-    def save_extras(folder: Path) -> None:
-        tokenizer.save_pretrained(folder / TOKENIZER_DIR)
-        if ema is not None:
-            save_file(ema.state_dict(), str(folder / EMA_FILE))
-
-    def save(step: int) -> None:
-        # best is judged where a save follows an evaluation of the same step
-        value = last_eval.get(best_metric) if last_eval.get("step") == step else None
-        greater = cfg.checkpoint.greater_is_better
-        is_best = value is not None and (not best or (value > best["value"] if greater else value < best["value"]))
-        if is_best:
-            best.update(step=step, value=value)
-        state = {
-            "global_step": step,
-            "global_batch_size": global_batch,
-            "max_steps": max_steps,
-            "num_processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type),
-            "sampler": sampler.state_at_step(step),
-            "config": cfg.to_flat_dict(),
-            "best": {**best, "metric": best_metric},
-        }
-        saved = ckpt.save_checkpoint(
-            accelerator,
-            out,
-            step,
-            state,
-            save_extras,
-            cfg.checkpoint.save_total_limit,
-        )
-        if is_best:
-            ckpt.copy_to_best(accelerator, out, saved)
-
-    settings = LoopSettings(
-        max_steps=max_steps,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=o.max_grad_norm,
-        logging_steps=cfg.logging.logging_steps,
-        eval_steps=cfg.logging.eval_steps,
-        save_steps=cfg.checkpoint.save_steps,
-        eval_on_start=cfg.logging.eval_on_start,
-        max_consecutive_skips=t.max_consecutive_skips,
-    )
     # smoothing shapes the training targets only; validation reports the plain cross-entropy
-    train_loss = functools.partial(lm_loss, label_smoothing=o.label_smoothing)
-    try:
-        metrics = train(
-            accelerator, model, optimizer, scheduler, batches, train_loss, settings, start_step, evaluate, save, ema
-        )
-    except NonFiniteError as err:
-        good = ckpt.list_checkpoints(out)
-        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        raise NonFiniteError(
-            f"{err}: training diverged; {where}. Resume from it with a lower --learning_rate, a smaller "
-            "--max_grad_norm or --mixed_precision bf16 instead of fp16"
-        ) from err
-
-    def export(folder: Path, use_ema: bool) -> None:
-        swap = ema.average_parameters(accelerator.unwrap_model(model)) if use_ema else contextlib.nullcontext()
-        with swap:
-            ckpt.save_final_model(accelerator, model, folder, lambda f: tokenizer.save_pretrained(f / TOKENIZER_DIR))
-
-    if ema is not None:
-        export(out / "ema", use_ema=True)
-    export(out, use_ema=e.final_model == "ema")
-    evals = [(m["step"], m["eval/loss"]) for m in read_metrics(out) if "eval/loss" in m]
-    if len(evals) > 1:
-        (s0, first), (s1, last) = evals[0], evals[-1]
-        accelerator.print(
-            f"validation loss {first:.4f} at step {s0} -> {last:.4f} at step {s1} "
-            f"({100 * (last - first) / first:+.1f}%)"
-        )
+    train_loss = functools.partial(lm_loss, label_smoothing=cfg.optim.label_smoothing)
+    settings = loop_settings(cfg, max_steps)
+    metrics = run_loop(
+        accelerator, out, model, optimizer, scheduler, batches, train_loss, settings, start_step, evaluate,
+        checkpointer.save, ema,
+    )  # fmt: skip
+    finish(cfg, accelerator, checkpointer, metrics)
     return RunResult(output_dir=str(out), global_step=max_steps, metrics=metrics)
+
+
+def cfg_uses_peft(cfg: PretrainConfig) -> bool:
+    return isinstance(cfg, FinetuneConfig) and cfg.finetune.use_peft
 
 
 def pretrain_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
     """`accelerate launch recipes/pretrain.py [--config x.yaml] [--flag value ...]`; flags override the YAML."""
     return pretrain(parse_config(argv, PretrainConfig, default_yaml))
+
+
+def finetune_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
+    """`accelerate launch recipes/finetune.py [--config x.yaml] [--flag value ...]`."""
+    return finetune(parse_config(argv, FinetuneConfig, default_yaml))

@@ -37,7 +37,7 @@ def quick_run(tokenizer: Path, output_dir: Path, **overrides) -> dict:
         "eval_on_start": False,
         "save_steps": 1000,
         "learning_rate": 2e-3,
-        "warmup_steps": 2,
+        "warmup_steps": 2 if overrides.get("max_steps", -1) < 0 else min(2, overrides["max_steps"]),  # never longer
         "dropout": 0.0,
         **overrides,
     }

@@ -42,7 +42,7 @@ def test_dict_and_yaml_path_entry_points(tmp_path):
         ({"model_size": "huge"}, "model_size='huge'"),
         ({"ema_decay": 0.0}, r"ema_decay=0.0: must be in \(0, 1\)"),
         ({"ema_decay": 1.0}, r"ema_decay=1.0: must be in \(0, 1\)"),
-        ({"max_steps": 10, "warmup_steps": 10}, "warmup_steps=10 is not shorter than max_steps=10"),
+        ({"max_steps": 10, "warmup_steps": 11}, "warmup_steps=11 is longer than max_steps=10"),
         ({"adam_beta2": 1.0}, r"adam_beta2=1.0: must be in \[0, 1\)"),
         ({"hessian_update_period": 0}, "hessian_update_period=0: must be >= 1"),
     ],

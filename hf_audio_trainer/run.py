@@ -1,0 +1,287 @@
+"""What every stage does around its own model and data: the accelerator's lifetime, the output folder, optimizer
+and schedule, EMA, checkpoints with best tracking and resume, Hub pushes, and the final export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import load_file, save_file
+
+from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.config import StageConfig
+from hf_audio_trainer.ema import EMA
+from hf_audio_trainer.hub import HubPusher, write_model_card
+from hf_audio_trainer.loop import LoopSettings, NonFiniteError, train
+from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
+from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metrics, truncate_metrics
+
+EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
+
+
+@contextlib.contextmanager
+def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
+    """An Accelerator for one stage, torn down afterwards so a notebook can run the next stage in the same process."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.training.mixed_precision,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        log_with=[JSONLinesTracker(cfg.training.output_dir), *cfg.logging.trackers],
+        project_dir=cfg.training.output_dir,
+        # the schedule counts optimizer steps; accelerate would otherwise step it once per process
+        step_scheduler_with_optimizer=False,
+    )
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
+        # accelerate keeps its settings in process-wide singletons; clear them so the next stage can use, say,
+        # another precision (the process group, in PartialState, is kept)
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | None:
+    """Check the run can start here; returns the checkpoint to resume from, if any. Seeds everything."""
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
+        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out)
+    ckpt.check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
+    if accelerator.is_main_process:
+        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
+            ckpt.remove_checkpoints(out)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
+    set_seed(t.seed)
+    return resume
+
+
+def check_warmup(cfg: StageConfig, max_steps: int) -> None:
+    if cfg.optim.warmup_steps > max_steps:
+        raise ValueError(
+            f"warmup_steps={cfg.optim.warmup_steps} is longer than the {max_steps} steps of "
+            f"{cfg.training.num_train_epochs} epoch(s): lower --warmup_steps or use --warmup_ratio"
+        )
+
+
+def build_optimization(
+    cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, global_batch: int, max_steps: int
+):
+    """Optimizer (with the linear scaling rule if asked) and schedule, from the config's optim section."""
+    o = cfg.optim
+    lr = o.learning_rate
+    if o.scale_lr is not None:
+        lr = scale_lr(o.learning_rate, o.base_batch_size, global_batch, o.scale_lr)
+        accelerator.print(
+            f"--scale_lr {o.scale_lr}: learning rate {o.learning_rate:g} tuned for a batch of {o.base_batch_size} "
+            f"-> {lr:g} for the effective batch of {global_batch}"
+        )
+    optimizer = build_optimizer(
+        model,
+        o.optim,
+        weight_decay=o.weight_decay,
+        lr=lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+        **({"rho": o.sophia_rho, "hessian_update_period": o.hessian_update_period} if o.optim == "sophia" else {}),
+    )
+    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
+    return optimizer, build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
+
+
+def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
+    e = cfg.ema
+    if not e.ema:
+        return None
+    device = "cpu" if e.ema_offload else None
+    return EMA(model, e.ema_decay, e.ema_update_every, e.ema_start_step, e.ema_warmup, device=device)
+
+
+def start_pusher(cfg: StageConfig, accelerator: Accelerator) -> HubPusher | None:
+    """Create the Hub repo before any training (a bad token or id fails now, not hours later)."""
+    h = cfg.hub
+    if not h.push_to_hub or not accelerator.is_main_process:
+        return None
+    return HubPusher(h.hub_model_id, token=h.hub_token, private=h.hub_private_repo, strategy=h.hub_strategy)
+
+
+class Checkpointer:
+    """Saves every `save_steps` (atomic, last-K rotation), keeps `best/` by the chosen metric, resumes exactly."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        accelerator: Accelerator,
+        global_batch: int,
+        max_steps: int,
+        save_extras: Callable[[Path], None],
+        extra_state: Callable[[int], dict] = lambda step: {},
+        ema: EMA | None = None,
+        pusher: HubPusher | None = None,
+        export: Callable[[Path, bool], None] | None = None,
+        card: Callable[[Path, dict], None] | None = None,
+    ):
+        self.cfg, self.accelerator, self.ema, self.pusher = cfg, accelerator, ema, pusher
+        self.export, self.card = export, card  # export(folder, use_ema); card(folder, metrics)
+        self.out = Path(cfg.training.output_dir)
+        self.global_batch, self.max_steps = global_batch, max_steps
+        self.save_extras, self.extra_state = save_extras, extra_state
+        default = "eval/loss_ema" if ema is not None else "eval/loss"
+        self.metric = cfg.checkpoint.metric_for_best_model or default
+        self.best: dict = {}  # {"step", "value"} of the best checkpoint so far
+        self.last_eval: dict = {}
+
+    def resume(self, path: Path) -> int:
+        """Load a checkpoint into the prepared objects; returns its step."""
+        state = ckpt.load_checkpoint(self.accelerator, path)
+        self.best = state.get("best", {})
+        if self.ema is not None:
+            if not (path / EMA_FILE).is_file():
+                raise ValueError(f"{path} has no {EMA_FILE}: it was trained without --ema; resume without it")
+            self.ema.load_state_dict(load_file(str(path / EMA_FILE)))
+        if state["global_batch_size"] != self.global_batch:
+            raise ValueError(
+                f"{path} was trained with a global batch of {state['global_batch_size']}, this run has "
+                f"{self.global_batch} (per-device batch x accumulation x processes); keep it the same to resume exactly"
+            )
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.out, state["global_step"])
+        self.accelerator.print(f"Resumed from {path} at step {state['global_step']}")
+        return state["global_step"]
+
+    def record(self, step: int, results: dict[str, float]) -> None:
+        self.last_eval = {**results, "step": step}
+
+    def save(self, step: int) -> None:
+        # best is judged where a save follows an evaluation of the same step
+        value = self.last_eval.get(self.metric) if self.last_eval.get("step") == step else None
+        greater, best = self.cfg.checkpoint.greater_is_better, self.best
+        is_best = value is not None and (not best or (value > best["value"] if greater else value < best["value"]))
+        if is_best:
+            best.update(step=step, value=value)
+        state = {
+            "global_step": step,
+            "global_batch_size": self.global_batch,
+            "max_steps": self.max_steps,
+            "num_processes": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "config": self.cfg.to_flat_dict(),
+            "best": {**best, "metric": self.metric},
+            **self.extra_state(step),
+        }
+
+        def extras(folder: Path) -> None:
+            self.save_extras(folder)
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(folder / EMA_FILE))
+
+        saved = ckpt.save_checkpoint(
+            self.accelerator, self.out, step, state, extras, self.cfg.checkpoint.save_total_limit
+        )
+        if is_best:
+            ckpt.copy_to_best(self.accelerator, self.out, saved)
+        if self.cfg.hub.hub_strategy != "end":
+            self.push_model(f"Training in progress, step {step}", self.last_eval, checkpoint=Path(saved))
+
+    def push_model(self, message: str, metrics: dict, checkpoint: Path | None = None) -> None:
+        """Export the current model (and `ema/`) with a model card to a scratch folder and push that in the background.
+
+        With hub_strategy `checkpoint` the checkpoint goes to `last-checkpoint/` too, so a run can resume from the Hub.
+        """
+        if not self.cfg.hub.push_to_hub or self.export is None:
+            return
+        self.accelerator.wait_for_everyone()
+        scratch = (
+            Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-push-")) if self.accelerator.is_main_process else None
+        )
+        scratch = Path(broadcast_object(str(scratch)))
+        self.export(scratch, self.cfg.ema.final_model == "ema")  # a collective under sharding: every rank takes part
+        if self.ema is not None:
+            self.export(scratch / "ema", True)
+        if self.pusher is not None:
+            self.card(scratch, metrics)
+            self.pusher.push(scratch, message)  # it snapshots the folder first, so it can go at once
+            if checkpoint is not None and self.cfg.hub.hub_strategy == "checkpoint":
+                self.pusher.push(checkpoint, f"{message} (checkpoint)", path_in_repo="last-checkpoint")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def broadcast_object(value):
+    """The main process's value on every rank."""
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def run_loop(accelerator: Accelerator, out: Path, *args, **kwargs) -> dict[str, float]:
+    """`loop.train`, with a diverged run's error pointing at the last good checkpoint."""
+    try:
+        return train(accelerator, *args, **kwargs)
+    except NonFiniteError as err:
+        good = ckpt.list_checkpoints(out)
+        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"{err}: training diverged; {where}. Resume from it with a lower --learning_rate, a smaller "
+            "--max_grad_norm or --mixed_precision bf16 instead of fp16"
+        ) from err
+
+
+def loop_settings(cfg: StageConfig, max_steps: int) -> LoopSettings:
+    return LoopSettings(
+        max_steps=max_steps,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        logging_steps=cfg.logging.logging_steps,
+        eval_steps=cfg.logging.eval_steps,
+        save_steps=cfg.checkpoint.save_steps,
+        eval_on_start=cfg.logging.eval_on_start,
+        max_consecutive_skips=cfg.training.max_consecutive_skips,
+    )
+
+
+def finish(cfg: StageConfig, accelerator: Accelerator, checkpointer: Checkpointer, metrics: dict[str, float]) -> None:
+    """Export the final model (and `ema/`), report the validation change, push with a model card, wait for uploads."""
+    out, export = Path(cfg.training.output_dir), checkpointer.export
+    if checkpointer.ema is not None:
+        export(out / "ema", True)
+    export(out, cfg.ema.final_model == "ema")
+    evals = [(m["step"], m["eval/loss"]) for m in read_metrics(out) if "eval/loss" in m]
+    if len(evals) > 1:
+        (s0, first), (s1, last) = evals[0], evals[-1]
+        accelerator.print(
+            f"validation loss {first:.4f} at step {s0} -> {last:.4f} at step {s1} "
+            f"({100 * (last - first) / first:+.1f}%)"
+        )
+    checkpointer.push_model("End of training", metrics)
+    if checkpointer.pusher is not None:
+        for failure in checkpointer.pusher.wait():
+            accelerator.print(f"Hub upload failed (the local files are complete): {failure}")
+
+
+def model_card_writer(cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None):
+    """card(folder, metrics): the README.md model card pushed with every upload."""
+
+    def card(folder: Path, metrics: dict) -> None:
+        write_model_card(
+            folder,
+            repo_id=cfg.hub.hub_model_id,
+            stage=stage,
+            base_model=base_model,
+            datasets=datasets,
+            hyperparameters=cfg.to_flat_dict(),
+            metrics={k: v for k, v in metrics.items() if k != "step"},
+        )
+
+    return card
