@@ -3,20 +3,22 @@
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["PretrainConfig", "RunResult", "parse_config", "pretrain"]
+_CONFIGS = ("AlignConfig", "FinetuneConfig", "PretrainConfig", "parse_config")
+_RECIPES = ("RunResult", "align", "finetune", "pretrain")
+__all__ = [*_CONFIGS, *_RECIPES]
 
 if TYPE_CHECKING:
-    from hf_audio_trainer.config import PretrainConfig, parse_config
-    from hf_audio_trainer.recipes import RunResult, pretrain
+    from hf_audio_trainer.config import AlignConfig, FinetuneConfig, PretrainConfig, parse_config
+    from hf_audio_trainer.recipes import RunResult, align, finetune, pretrain
 
 
 def __getattr__(name: str):
     # lazy, so `import hf_audio_trainer.data.synthetic` does not pay for accelerate and transformers
-    if name in ("PretrainConfig", "parse_config"):
+    if name in _CONFIGS:
         from hf_audio_trainer import config
 
         return getattr(config, name)
-    if name in ("RunResult", "pretrain"):
+    if name in _RECIPES:
         from hf_audio_trainer import recipes
 
         return getattr(recipes, name)

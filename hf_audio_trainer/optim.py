@@ -154,6 +154,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def _muon(groups, lr, betas, eps, weight_decay, momentum: float = 0.95):
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"--optim muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if groups and not isinstance(groups[0], dict):  # a plain list of parameters
         groups = [{"params": groups}]
     marked = any("hidden_matrices" in g for g in groups)
