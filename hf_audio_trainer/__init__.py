@@ -3,9 +3,9 @@
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+__all__ = ["AlignConfig", "FinetuneConfig", "PretrainConfig", "RunResult", "align", "finetune", "parse_config", "pretrain"]
 _CONFIGS = ("AlignConfig", "FinetuneConfig", "PretrainConfig", "parse_config")
 _RECIPES = ("RunResult", "align", "finetune", "pretrain")
-__all__ = [*_CONFIGS, *_RECIPES]
 
 if TYPE_CHECKING:
     from hf_audio_trainer.config import AlignConfig, FinetuneConfig, PretrainConfig, parse_config

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hf_audio_trainer.data.audio import decode_audio
+from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
+
 
 def _sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     """DPO (Rafailov et al. 2023); label smoothing gives conservative DPO (cDPO), for labels flipped with rate eps."""
@@ -90,3 +93,133 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+# --- the model side: preference batches, sequence log-probabilities, the objective the loop minimises ---
+
+
+def tokenize_preferences(dataset, tokenizer, max_duration_seconds: float, num_proc: int | None = None, split="train"):
+    """`prompt_codes` (may be empty), `chosen_codes`, `rejected_codes` ([codebooks][frames]) from audio columns.
+
+    Pre-tokenized `*_codes` columns are kept as they are. Prompt and response are encoded separately, so the
+    response's codes do not depend on the prompt's last partial frame.
+    """
+    if {"chosen_codes", "rejected_codes"} <= set(dataset.column_names):
+        if "prompt_codes" not in dataset.column_names:
+            empty = [[] for _ in range(tokenizer.num_codebooks)]
+            dataset = dataset.add_column("prompt_codes", [empty] * len(dataset))
+        return dataset.select_columns(["prompt_codes", "chosen_codes", "rejected_codes"])
+    max_samples = int(max_duration_seconds * tokenizer.sample_rate)
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        one_thread_in_workers()
+        out = {}
+        for column in ("prompt", "chosen", "rejected"):
+            if column not in batch:  # no prompt: unconditional preference pairs
+                out["prompt_codes"] = [[[] for _ in range(tokenizer.num_codebooks)] for _ in indices]
+                continue
+            waves = [
+                decode_audio(value, tokenizer.sample_rate, where=f"{split} row {i} {column}")[:max_samples]
+                for value, i in zip(batch[column], indices, strict=True)
+            ]
+            codes = tokenizer.encode_batch(waves)
+            out[f"{column}_codes"] = [c.to(torch.int16).tolist() for c in codes]
+        return out
+
+    encoded = dataset.map(
+        encode,
+        batched=True,
+        batch_size=32,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Tokenizing {split} pairs",
+    )
+    for column in ("chosen_codes", "rejected_codes"):
+        if any(len(codes[0]) == 0 for codes in encoded[column]):
+            raise ValueError(f"some {split} '{column[:-6]}' clips are shorter than one tokenizer frame; remove them")
+    return encoded
+
+
+class PreferenceCollator:
+    """A batch of B pairs as 2B sequences prompt + response (chosen first), the prompt's targets masked.
+
+    `num_items` is the number of pairs, so the loop averages the DPO loss and its metrics per pair.
+    """
+
+    def __init__(self, codes_collator: CodesCollator):
+        self.codes = codes_collator
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sequences = []
+        for side in ("chosen", "rejected"):
+            for row in rows:
+                prompt = row["prompt_codes"]
+                codes = [list(p) + list(r) for p, r in zip(prompt, row[f"{side}_codes"], strict=True)]
+                sequences.append({"codes": codes, "prompt_frames": len(prompt[0])})
+        batch = self.codes(sequences)
+        batch["response_tokens"] = torch.tensor(
+            [(len(s["codes"][0]) - s["prompt_frames"]) * len(s["codes"]) for s in sequences], dtype=torch.float32
+        )
+        batch["num_items"] = batch["num_samples"] = len(rows)
+        for side in ("chosen", "rejected"):
+            if f"ref_{side}_logps" in rows[0]:
+                batch[f"ref_{side}_logps"] = torch.tensor([r[f"ref_{side}_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Sum of the log-probabilities of each sequence's unmasked targets (the response codes): shape (sequences,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"]
+    mask = labels != -100
+    token_logps = torch.gather(logits.log_softmax(-1), -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per_row = (token_logps * mask).sum(-1)  # rows are (sequence, codebook) pairs
+    return per_row.view(-1, batch["input_ids"].shape[0] // batch["attention_mask"].shape[0]).sum(-1)
+
+
+class DPOObjective:
+    """loss_fn(model, batch) for the loop: summed DPO losses, and TRL's metrics as per-pair sums."""
+
+    def __init__(self, beta: float, loss_type: str, label_smoothing: float, reference: torch.nn.Module | None):
+        self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
+
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:  # precomputed once before training
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with torch.no_grad():
+            return sequence_logps(self.reference, batch).chunk(2)
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = sequence_logps(model, batch).chunk(2)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        if self.loss_type == "ipo":  # IPO is defined on length-averaged log-probabilities
+            tokens_chosen, tokens_rejected = batch["response_tokens"].chunk(2)
+            chosen, rejected = chosen / tokens_chosen, rejected / tokens_rejected
+            ref_chosen, ref_rejected = ref_chosen / tokens_chosen, ref_rejected / tokens_rejected
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+        )
+        metrics = {
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": chosen.detach().sum(),
+            "logps/rejected": rejected.detach().sum(),
+        }
+        return losses.sum(), metrics
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference: torch.nn.Module, dataset, collate: PreferenceCollator, device, batch_size=16):
+    """Add `ref_chosen_logps` / `ref_rejected_logps` columns, so the reference need not stay in memory."""
+    reference.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate(dataset.select(range(start, min(start + batch_size, len(dataset)))).to_list())
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        c, r = sequence_logps(reference, batch).chunk(2)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)

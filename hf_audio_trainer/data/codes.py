@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ class CodesCollator:
     input_ids are the delayed codes shifted right behind a BOS token; labels are the delayed codes with the delay
     padding and the batch padding set to -100, so every clip contributes exactly num_codebooks x frames targets.
     `num_items` (the target-token count) is computed here on the host, so the loop can weight the loss without a
-    device sync.
+    device sync. An example's `prompt_frames` (if given) are context only: their targets are masked too.
     """
 
     def __init__(self, num_codebooks: int, pad_id: int, bos_id: int, frame_rate: float):
@@ -108,8 +108,10 @@ class CodesCollator:
             input_ids[i, :, 0] = self.bos_id
             input_ids[i, :, 1:n] = d[:, :-1]
             labels[i, :, :n] = np.where(d == self.pad_id, -100, d)
+            for kk in range(k):  # codebook kk of frame t sits at position kk + t
+                labels[i, kk, : kk + examples[i].get("prompt_frames", 0)] = -100
             attention_mask[i, :n] = 1
-        frames = sum(len(ex["codes"][0]) for ex in examples)
+        frames = sum(len(ex["codes"][0]) - ex.get("prompt_frames", 0) for ex in examples)
         batch = {
             # MusicGen takes codebooks folded into the batch: row b * K + k is codebook k of clip b
             "input_ids": torch.from_numpy(input_ids.reshape(-1, length)),
@@ -125,11 +127,16 @@ class CodesCollator:
 
 
 def batch_stream(
-    dataset: Dataset, sampler, micro_batch_size: int, collate: CodesCollator, start_step: int = 0
+    dataset: Dataset,
+    sampler,
+    micro_batch_size: int,
+    collate: Callable[[list[dict]], dict],
+    start_step: int = 0,
+    columns: list[str] | None = None,
 ) -> Iterator[dict]:
     """Endless micro-batches for this rank, starting right after optimizer step `start_step` (no replay)."""
     sampler.load_state_dict(sampler.state_at_step(start_step))
-    columns = [c for c in ("codes", "difficulty") if c in dataset.column_names]
+    columns = columns or [c for c in ("codes", "difficulty") if c in dataset.column_names]
     rows = dataset.select_columns(columns)
     while True:
         indices: list[int] = []
@@ -143,9 +150,16 @@ def batch_stream(
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def eval_batches(dataset: Dataset, batch_size: int, collate: CodesCollator, rank: int, world: int) -> Iterator[dict]:
-    """This rank's share (every world-th clip) of the validation set, in order."""
-    codes = dataset.select_columns(["codes"])
-    mine = list(range(rank, len(codes), world))
+def eval_batches(
+    dataset: Dataset,
+    batch_size: int,
+    collate: Callable[[list[dict]], dict],
+    rank: int,
+    world: int,
+    columns: list[str] | None = None,
+) -> Iterator[dict]:
+    """This rank's share (every world-th row) of the validation set, in order."""
+    rows = dataset.select_columns(columns or ["codes"])
+    mine = list(range(rank, len(rows), world))
     for start in range(0, len(mine), batch_size):
-        yield collate([{"codes": c} for c in codes[mine[start : start + batch_size]]["codes"]])
+        yield collate(rows.select(mine[start : start + batch_size]).to_list())

@@ -17,7 +17,7 @@ import pyarrow as pa
 import soxr
 from datasets.table import InMemoryTable
 
-from hf_audio_trainer.data.audio import _undecoded
+from hf_audio_trainer.data.audio import _load, _undecoded
 from hf_audio_trainer.data.synthetic import _float32_lists, make_clip
 
 # Bump when the generated pairs change, so fingerprints (and map() caches keyed on them) change too.
@@ -223,3 +223,28 @@ def drop_identical_pairs(dataset: datasets.Dataset) -> tuple[datasets.Dataset, i
     keep = [i for i, row in enumerate(view.with_format("numpy")) if _as_bytes(row[chosen]) != _as_bytes(row[rejected])]
     dropped = len(dataset) - len(keep)
     return (dataset.select(keep) if dropped else dataset), dropped
+
+
+def load_preference_dataset(
+    dataset_name: str, dataset_config_name: str | None = None, validation_split_percentage: float = 10.0, seed: int = 0
+) -> datasets.DatasetDict:
+    """Train and validation pairs from a save_to_disk folder or a Hub id (a validation split is made if missing)."""
+    loaded = _load(dataset_name, dataset_config_name, "chosen")
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"preference dataset {dataset_name} has no 'train' split (splits: {list(loaded)})")
+        train = loaded["train"]
+        validation = next((loaded[s] for s in ("validation", "test") if s in loaded and len(loaded[s]) > 0), None)
+    else:
+        train, validation = loaded, None
+    check_preference_columns(train)
+    if validation is None:
+        if len(train) < 2:
+            raise ValueError(f"preference dataset {dataset_name} has {len(train)} row(s); at least 2 are needed")
+        num_val = min(max(1, round(len(train) * validation_split_percentage / 100)), len(train) - 1)
+        split = train.train_test_split(test_size=num_val, seed=seed)
+        train, validation = split["train"], split["test"]
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in train.column_names]
+    for column in columns:  # decoded with soundfile later, never through datasets' torchcodec
+        train, validation = _undecoded(train, column), _undecoded(validation, column)
+    return datasets.DatasetDict({"train": train, "validation": validation})
