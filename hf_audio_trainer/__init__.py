@@ -3,7 +3,16 @@
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["AlignConfig", "FinetuneConfig", "PretrainConfig", "RunResult", "align", "finetune", "parse_config", "pretrain"]
+__all__ = [
+    "AlignConfig",
+    "FinetuneConfig",
+    "PretrainConfig",
+    "RunResult",
+    "align",
+    "finetune",
+    "parse_config",
+    "pretrain",
+]
 _CONFIGS = ("AlignConfig", "FinetuneConfig", "PretrainConfig", "parse_config")
 _RECIPES = ("RunResult", "align", "finetune", "pretrain")
 
