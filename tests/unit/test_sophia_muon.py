@@ -111,7 +111,7 @@ def test_the_loop_refreshes_sophias_hessian_every_k_steps_and_it_changes(acceler
         assert not torch.allclose(moments[step - 1], moments[step - 2]), step  # a new estimate came in
     assert moments[0].abs().min() > 0  # the first pass already gave every coordinate a curvature estimate
     weights = [w for w, _ in snapshots]
-    steps = [(b - a).abs().max().item() for a, b in zip(weights, weights[1:])]
+    steps = [(b - a).abs().max().item() for a, b in zip(weights[:-1], weights[1:], strict=True)]
     assert max(steps) <= 0.01 + 1e-7  # clipping: no coordinate moves more than lr per step
     adamw = [w for w, _ in run_loop(accelerator, "adamw")]
     assert (weights[-1] - adamw[-1]).abs().max() > 1e-3  # a different trajectory from AdamW's
@@ -163,9 +163,10 @@ def test_muon_with_adamw_equals_the_two_torch_optimizers_side_by_side():
                 opt.zero_grad()
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b), name
-    assert not torch.equal(model.state_dict()["model.decoder.layers.0.fc1.weight"], tiny_musicgen().state_dict()[
-        "model.decoder.layers.0.fc1.weight"
-    ])
+    assert not torch.equal(
+        model.state_dict()["model.decoder.layers.0.fc1.weight"],
+        tiny_musicgen().state_dict()["model.decoder.layers.0.fc1.weight"],
+    )
 
 
 def test_muon_state_round_trips_and_the_schedule_reaches_both_optimizers():
