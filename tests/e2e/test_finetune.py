@@ -52,9 +52,10 @@ def test_lora_trains_adapters_and_saves_a_merged_plain_model(pretrained, tmp_pat
     after = weights(tmp_path / "lora")
     before = weights(pretrained)
     assert after.keys() == before.keys()  # merged: no lora_A / lora_B, the pretrained model's own names
-    assert not (before["model.decoder.layers.0.self_attn.q_proj.weight"] == after[
-        "model.decoder.layers.0.self_attn.q_proj.weight"
-    ]).all()  # the adapters were merged into the targets
+    assert not (
+        before["model.decoder.layers.0.self_attn.q_proj.weight"]
+        == after["model.decoder.layers.0.self_attn.q_proj.weight"]
+    ).all()  # the adapters were merged into the targets
     assert (before["model.decoder.embed_tokens.0.weight"] == after["model.decoder.embed_tokens.0.weight"]).all()
     MusicgenForCausalLM.from_pretrained(tmp_path / "lora")  # a plain from_pretrained folder
 
