@@ -10,8 +10,12 @@ and returns one loss per example; the caller reduces (usually a mean over the ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
@@ -223,3 +227,108 @@ def precompute_reference_logps(reference: torch.nn.Module, dataset, collate: Pre
         chosen += c.tolist()
         rejected += r.tolist()
     return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+# --- on-policy pairs: sample continuations, rank them with a scorer (the RLHF-style loop for audio) ---
+
+
+def tonal_clarity(audio: np.ndarray, sample_rate: int) -> float:
+    """A preference score for clean, pitched audio: minus the mean spectral flatness of its frames.
+
+    Spectral flatness (geometric over arithmetic mean of the power spectrum) is ~1 for white noise and ~0 for a
+    tone, so noise, clipping distortion and smeared pitch all lower the score. Silent frames are ignored.
+    """
+    audio = np.asarray(audio, dtype=np.float64)
+    frame = max(256, int(0.032 * sample_rate))
+    if len(audio) < frame:
+        raise ValueError(f"tonal_clarity needs at least {frame} samples, got {len(audio)}")
+    frames = np.lib.stride_tricks.sliding_window_view(audio, frame)[:: frame // 2] * np.hanning(frame)
+    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2 + 1e-12
+    loud = power.sum(-1) > 1e-6 * power.sum(-1).max()
+    flatness = np.exp(np.log(power[loud]).mean(-1)) / power[loud].mean(-1)
+    return -float(flatness.mean())
+
+
+@torch.no_grad()
+def generate_continuations(
+    model, prompt_codes: torch.Tensor, num_frames: int, num_samples: int = 1, temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """Sample `num_samples` continuations of `num_frames` code frames after a prompt [codebooks, frames].
+
+    Uses MusicGen's own `generate` (which applies and reverts the delay pattern); returns new codes only.
+    """
+    from transformers import GenerationConfig
+
+    k, prompt_len = prompt_codes.shape
+    bos = model.config.bos_token_id
+    device = next(model.parameters()).device
+    rows = torch.cat([torch.full((k, 1), bos), prompt_codes.long().cpu()], -1)  # BOS, then the prompt
+    input_ids = rows.repeat(num_samples, 1).to(device)  # (samples * codebooks, 1 + prompt)
+    config = GenerationConfig(
+        max_new_tokens=num_frames + k - 1,  # the delay pattern needs k - 1 more steps to finish every codebook
+        do_sample=True,
+        temperature=temperature,
+        pad_token_id=bos,
+        bos_token_id=bos,
+        decoder_start_token_id=bos,
+        num_return_sequences=1,
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=input_ids, generation_config=config)  # (samples, codebooks, frames)
+    model.train(was_training)
+    return [sample[:, prompt_len : prompt_len + num_frames].cpu() for sample in out]
+
+
+def make_preference_pairs(
+    model,
+    prompts: list[np.ndarray],
+    scorer: Callable[[np.ndarray, int], float] = tonal_clarity,
+    num_samples: int = 4,
+    *,
+    tokenizer,
+    seconds: float = 1.0,
+    temperature: float = 1.0,
+) -> Dataset:
+    """On-policy preference pairs: for each prompt, sample `num_samples` continuations from the model, decode and
+    score them, and keep the best as `chosen` and the worst as `rejected` (pre-tokenized `*_codes` columns, ready
+    for `align`). Prompts whose samples all score the same give no preference and are left out.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples={num_samples}: need at least 2 continuations per prompt to rank")
+    num_frames = max(1, round(seconds * tokenizer.frame_rate))
+    rows = []
+    for prompt in prompts:
+        prompt_codes = tokenizer.encode(prompt)
+        samples = generate_continuations(model, prompt_codes, num_frames, num_samples, temperature)
+        scores = [
+            scorer(tokenizer.decode(torch.cat([prompt_codes, s], -1)).numpy(), tokenizer.sample_rate) for s in samples
+        ]
+        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+        if scores[best] == scores[worst]:
+            continue
+        rows.append(
+            {
+                "prompt_codes": prompt_codes.tolist(),
+                "chosen_codes": samples[best].tolist(),
+                "rejected_codes": samples[worst].tolist(),
+                "chosen_score": scores[best],
+                "rejected_score": scores[worst],
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def mean_generation_score(
+    model, tokenizer, prompts, scorer=tonal_clarity, seconds: float = 1.0, seed: int = 0
+) -> float:
+    """The scorer's mean over one sampled continuation per prompt (prompt + continuation decoded): how much a
+    model's own generations have the preferred quality. Seeded, so two models are compared on equal draws."""
+    torch.manual_seed(seed)
+    num_frames = max(1, round(seconds * tokenizer.frame_rate))
+    scores = []
+    for prompt in prompts:
+        prompt_codes = tokenizer.encode(prompt)
+        (sample,) = generate_continuations(model, prompt_codes, num_frames, 1)
+        scores.append(scorer(tokenizer.decode(torch.cat([prompt_codes, sample], -1)).numpy(), tokenizer.sample_rate))
+    return float(np.mean(scores))

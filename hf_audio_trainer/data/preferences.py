@@ -185,11 +185,14 @@ def make_synthetic_preferences(
 
 
 def check_preference_columns(dataset: datasets.Dataset | datasets.DatasetDict, require_prompt: bool = False) -> None:
-    """Raise a ValueError naming the columns found when ``chosen``/``rejected`` (or ``prompt``) are missing."""
+    """Raise a ValueError naming the columns found when ``chosen``/``rejected`` (or ``prompt``) are missing.
+
+    Pre-tokenized ``chosen_codes``/``rejected_codes`` (and ``prompt_codes``) columns count as present.
+    """
     needed = ("prompt", "chosen", "rejected") if require_prompt else ("chosen", "rejected")
     splits = dataset.items() if isinstance(dataset, datasets.DatasetDict) else [(None, dataset)]
     for split, ds in splits:
-        if any(name not in ds.column_names for name in needed):
+        if any(name not in ds.column_names and f"{name}_codes" not in ds.column_names for name in needed):
             names = ", ".join(repr(n) for n in needed[:-1]) + f" and {needed[-1]!r}"
             where = f" (split {split!r})" if split else ""
             raise ValueError(f"the preference dataset{where} needs {names} columns; found {ds.column_names}")

@@ -85,3 +85,22 @@ def test_a_reference_with_another_tokenizer_is_refused(policy, tmp_path):
     pretrain(quick_run(other_tokenizer, other, max_steps=1))
     with pytest.raises(ValueError, match="tokenizer .* differs from the policy's"):
         align(settings(policy, tmp_path / "al", max_steps=1, ref_model_name_or_path=str(other)))
+
+
+def test_on_policy_pairs_from_the_model_train_the_align_recipe(policy, tmp_path):
+    from transformers import MusicgenForCausalLM
+
+    from hf_audio_trainer.alignment import make_preference_pairs
+    from hf_audio_trainer.tokenizers import load_audio_tokenizer
+
+    model = MusicgenForCausalLM.from_pretrained(policy)
+    tokenizer = load_audio_tokenizer(policy / "tokenizer")
+    clips = make_synthetic_preferences(num_pairs=10, seed=1)["train"]
+    prompts = [row["array"] for row in clips["prompt"]]
+    pairs = make_preference_pairs(model, prompts, num_samples=3, tokenizer=tokenizer, seconds=0.5)
+    assert len(pairs) >= 6  # a prompt drops out only when all its samples tie
+    assert all(c >= r for c, r in zip(pairs["chosen_score"], pairs["rejected_score"], strict=True))
+    assert all(len(codes) == 2 and len(codes[0]) == 25 for codes in pairs["chosen_codes"])  # 0.5 s at 50 frames/s
+    pairs.save_to_disk(tmp_path / "pairs")  # pre-tokenized *_codes columns go straight into align
+    result = align(settings(policy, tmp_path / "al", max_steps=2, dataset_name=str(tmp_path / "pairs")))
+    assert result.global_step == 2 and 0.0 <= result.metrics["train/rewards/accuracies"] <= 1.0
