@@ -158,6 +158,11 @@ def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | N
             synthetic_num_clips=cfg.data.synthetic_num_clips,
         )
         raw["train"] = select_training_rows(raw["train"], cfg)
+        val = raw["validation"]
+        if cfg.curriculum.high_quality_only and "quality" in val.column_names:
+            # the stage aims at the high-quality distribution: measure it there (if any validation row is clean)
+            clean = val.filter(lambda q: q == "clean", input_columns="quality", desc="Keeping clean validation rows")
+            raw["validation"] = clean if len(clean) else val
     tokenizer = prepare_tokenizer(cfg, accelerator, raw["train"], resume)
     with accelerator.main_process_first():
         splits = {
