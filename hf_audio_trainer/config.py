@@ -264,10 +264,14 @@ class LoggingConfig:
     eval_steps: int = field(default=100, metadata={"help": "Validation loss every N steps; 0 disables."})
     eval_on_start: bool = field(default=True, metadata={"help": "Also measure validation loss before step 1."})
     report_to: str = field(default="tensorboard", metadata={"help": "Comma-separated accelerate trackers, or 'none'."})
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "One device's peak TFLOP/s for train/mfu; unset: a table of common GPUs."}
+    )
 
     def __post_init__(self) -> None:
         _check(self.logging_steps >= 1, f"logging_steps={self.logging_steps}: must be >= 1")
         _check(self.eval_steps >= 0, f"eval_steps={self.eval_steps}: must be >= 0 (0 disables)")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops}: must be > 0")
         for name in self.trackers:
             _check(name in REPORT_TO, f"report_to: unknown tracker {name!r}; choose from {REPORT_TO} or 'none'")
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.optim import Sophia, hutchinson_hessian
+from hf_audio_trainer.system import SystemMonitor
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -27,6 +28,8 @@ class LoopSettings:
     save_steps: int = 0
     eval_on_start: bool = False
     max_consecutive_skips: int = 10
+    flops_per_item: float = 0.0  # training FLOPs per loss item (token), for MFU
+    peak_flops: float = 0.0  # one device's peak FLOP/s; 0: MFU is not logged
 
 
 class NonFiniteError(RuntimeError):
@@ -65,7 +68,9 @@ def train(
     progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     window_loss = torch.zeros((), device=accelerator.device)  # loss sum since the last log, kept on device
     window_extras: dict[str, torch.Tensor] = {}  # the loss function's other per-item sums (e.g. DPO rewards)
-    window_items = samples = audio_seconds = difficulty = 0.0
+    window_items = samples = audio_seconds = difficulty = data_wait = 0.0
+    window_steps = 0
+    monitor = SystemMonitor(accelerator.device)
     grad_norm = torch.zeros((), device=accelerator.device)
     skipped = consecutive = 0
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
@@ -73,7 +78,10 @@ def train(
     tic = time.perf_counter()
     model.train()
     while step < s.max_steps:
+        waiting = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accum)]
+        data_wait += time.perf_counter() - waiting  # a loader that cannot keep up shows here
+        window_steps += 1
         items = float(sum(b["num_items"] for b in micro_batches))  # counted on the host by the collator
         if world > 1:  # one collective per step; it stays on the device, nothing waits for it on the host
             items = accelerator.reduce(torch.tensor(items, device=accelerator.device), "sum")
@@ -129,7 +137,12 @@ def train(
                 "train/samples_per_second": samples_total / elapsed,
                 "train/tokens_per_second": items_total / elapsed,
                 "train/audio_seconds_per_second": audio_total / elapsed,
+                "train/step_time": elapsed / window_steps,
+                "train/data_wait_fraction": data_wait / elapsed,
+                **monitor.read(),
             }
+            if s.flops_per_item and s.peak_flops:  # model FLOPs utilisation of all the processes' devices
+                logged["train/mfu"] = s.flops_per_item * items_total / elapsed / (s.peak_flops * world)
             if "difficulty_sum" in micro_batches[-1]:
                 logged["train/mean_difficulty"] = difficulty_total / max(samples_total, 1.0)
             for name, total in zip(names, extras_total, strict=True):  # per item over the window, all ranks
@@ -142,16 +155,17 @@ def train(
             progress.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/learning_rate']:.2e}")
             window_loss.zero_()
             window_extras.clear()
-            window_items = samples = audio_seconds = difficulty = 0.0
+            window_items = samples = audio_seconds = difficulty = data_wait = 0.0
+            window_steps = 0
             tic = time.perf_counter()
+        paused = time.perf_counter()  # evaluation and saving are not training time: the throughput window skips them
         if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
             evaluated = evaluate(step)
             accelerator.log(evaluated, step=step)
             metrics.update(evaluated)
-            tic = time.perf_counter()
         if save is not None and s.save_steps and step % s.save_steps == 0:
             save(step)
-            tic = time.perf_counter()
+        tic += time.perf_counter() - paused
     progress.close()
     return metrics
 

@@ -48,6 +48,7 @@ from hf_audio_trainer.run import (
     stage_accelerator,
     start_pusher,
 )
+from hf_audio_trainer.system import training_flops_per_token
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -281,7 +282,8 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
 
     # smoothing shapes the training targets only; validation reports the plain cross-entropy
     train_loss = functools.partial(lm_loss, label_smoothing=cfg.optim.label_smoothing)
-    settings = loop_settings(cfg, max_steps)
+    flops = training_flops_per_token(sum(p.numel() for p in model.parameters()), tokenizer.num_codebooks)
+    settings = loop_settings(cfg, accelerator, max_steps, flops_per_item=flops)
     metrics = run_loop(
         accelerator, out, model, optimizer, scheduler, batches, train_loss, settings, start_step, evaluate,
         checkpointer.save, ema,
@@ -432,9 +434,10 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
         checkpointer.record(step, results)
         return results
 
+    settings = loop_settings(cfg, accelerator, max_steps)
     metrics = run_loop(
-        accelerator, out, model, optimizer, scheduler, batches, loss_fn, loop_settings(cfg, max_steps), start_step,
-        evaluate, checkpointer.save, ema,
+        accelerator, out, model, optimizer, scheduler, batches, loss_fn, settings, start_step, evaluate,
+        checkpointer.save, ema,
     )  # fmt: skip
     finish(cfg, accelerator, checkpointer, metrics)
     return RunResult(output_dir=str(out), global_step=max_steps, metrics=metrics)

@@ -23,6 +23,7 @@ from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.hub import HubPusher, write_model_card
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, train
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
+from hf_audio_trainer.system import peak_flops
 from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metrics, truncate_metrics
 
 EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
@@ -238,7 +239,8 @@ def run_loop(accelerator: Accelerator, out: Path, *args, **kwargs) -> dict[str, 
         ) from err
 
 
-def loop_settings(cfg: StageConfig, max_steps: int) -> LoopSettings:
+def loop_settings(cfg: StageConfig, accelerator: Accelerator, max_steps: int, flops_per_item: float = 0.0):
+    """The loop's settings from the config; MFU is logged when the FLOPs per item and the device's peak are known."""
     return LoopSettings(
         max_steps=max_steps,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
@@ -248,6 +250,8 @@ def loop_settings(cfg: StageConfig, max_steps: int) -> LoopSettings:
         save_steps=cfg.checkpoint.save_steps,
         eval_on_start=cfg.logging.eval_on_start,
         max_consecutive_skips=cfg.training.max_consecutive_skips,
+        flops_per_item=flops_per_item,
+        peak_flops=peak_flops(accelerator.device, cfg.logging.peak_tflops),
     )
 
 
