@@ -97,7 +97,7 @@ def _spans_decades(lines: list[Series]) -> bool:
 
 def panels(records: list[dict]) -> dict[str, Panel]:
     """What to draw, by PNG name (without .png): only metrics present in `records`, fixed panels first."""
-    keys = sorted({k for r in records for k in r if k.startswith(("train/", "eval/"))})
+    keys = sorted({k for r in records for k in r if k.startswith(("train/", "eval/", "system/"))})
     present = {k: s for k in keys if (s := series(records, k)).steps}
     out: dict[str, Panel] = {}
 
@@ -116,6 +116,9 @@ def panels(records: list[dict]) -> dict[str, Panel]:
         out["throughput"] = Panel("throughput", throughput)
     if fad := take([k for k in present if k == "eval/fad" or k.startswith("eval/fad_")]):
         out["fad"] = Panel("Frechet audio distance", [Subplot("FAD", fad)])
+    # memory in GB, utilisation in %: one subplot each
+    if system := take([k for k in present if k.startswith("system/")]):
+        out["system"] = Panel("system", [Subplot(s.key.removeprefix("system/"), [s]) for s in system])
 
     # Everything else, grouped by the name after train/ or eval/: train/rewards/margins and eval/rewards/margins
     # share the "rewards" PNG and, with eval/rewards/margins_ema, the "rewards/margins" subplot.
@@ -150,7 +153,7 @@ def draw(panel: Panel, run_name: str = "") -> Figure:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
     axes[-1].set_xlabel("step")
-    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     fig.suptitle(f"{run_name}: {panel.title}" if run_name else panel.title)
     return fig
 
