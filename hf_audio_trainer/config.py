@@ -161,7 +161,6 @@ class OptimConfig:
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers SchedulerType name."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of max_steps."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the training cross-entropy."})
     sophia_rho: float = field(
         default=0.04, metadata={"help": "Sophia's clipping rho: updates are lr * clip(m / (rho * h), 1)."}
     )
@@ -193,12 +192,21 @@ class OptimConfig:
         _check(self.lr_scheduler_type in names, f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {names}")
         _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
         _check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        _check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: must be in [0, 1)")
         _check(
             self.scale_lr is None or self.scale_lr in ("linear", "sqrt"),
             f"scale_lr={self.scale_lr!r}: choose linear or sqrt",
         )
         _check(self.base_batch_size >= 1, f"base_batch_size={self.base_batch_size}: must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """The language-model loss (align has its own objective, with TRL's `label_smoothing` for noisy preferences)."""
+
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the training cross-entropy."})
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: must be in [0, 1)")
 
 
 @dataclass
@@ -355,6 +363,7 @@ class PretrainConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

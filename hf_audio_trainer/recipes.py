@@ -281,7 +281,7 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
         return results
 
     # smoothing shapes the training targets only; validation reports the plain cross-entropy
-    train_loss = functools.partial(lm_loss, label_smoothing=cfg.optim.label_smoothing)
+    train_loss = functools.partial(lm_loss, label_smoothing=cfg.loss.label_smoothing)
     flops = training_flops_per_token(sum(p.numel() for p in model.parameters()), tokenizer.num_codebooks)
     settings = loop_settings(cfg, accelerator, max_steps, flops_per_item=flops)
     metrics = run_loop(
