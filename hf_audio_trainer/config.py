@@ -275,11 +275,29 @@ class LoggingConfig:
     peak_tflops: float | None = field(
         default=None, metadata={"help": "One device's peak TFLOP/s for train/mfu; unset: a table of common GPUs."}
     )
+    fad_embedder: str | None = field(
+        default=None,
+        metadata={"help": "Sample clips at every evaluation and log FAD vs validation: crepe, mel, encodec, clap."},
+    )
+    fad_embedder_model: str | None = field(
+        default=None, metadata={"help": "The embedder's weights: a folder or Hub id (encodec, clap); crepe: tiny/full."}
+    )
+    num_eval_samples: int = field(default=16, metadata={"help": "Clips sampled (over all processes) for FAD."})
+    eval_sample_seconds: float = field(default=2.0, metadata={"help": "Length of each sampled clip."})
 
     def __post_init__(self) -> None:
         _check(self.logging_steps >= 1, f"logging_steps={self.logging_steps}: must be >= 1")
         _check(self.eval_steps >= 0, f"eval_steps={self.eval_steps}: must be >= 0 (0 disables)")
         _check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops}: must be > 0")
+        if self.fad_embedder is not None:
+            from hf_audio_trainer.metrics.embedders import EMBEDDERS
+
+            _check(
+                self.fad_embedder in EMBEDDERS,
+                f"fad_embedder={self.fad_embedder!r}: choose one of {sorted(EMBEDDERS)}",
+            )
+        _check(self.num_eval_samples >= 2, f"num_eval_samples={self.num_eval_samples}: FAD needs at least 2")
+        _check(self.eval_sample_seconds > 0, f"eval_sample_seconds={self.eval_sample_seconds}: must be > 0")
         for name in self.trackers:
             _check(name in REPORT_TO, f"report_to: unknown tracker {name!r}; choose from {REPORT_TO} or 'none'")
 

@@ -48,6 +48,7 @@ from hf_audio_trainer.run import (
     stage_accelerator,
     start_pusher,
 )
+from hf_audio_trainer.samples import SampleEvaluator
 from hf_audio_trainer.system import training_flops_per_token
 from hf_audio_trainer.tokenizers import MelKMeansTokenizer, load_audio_tokenizer
 
@@ -269,6 +270,14 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
     )
     batches = batch_stream(train_set, sampler, t.per_device_train_batch_size, collate, start_step)
 
+    lg = cfg.logging
+    sampler_eval = None
+    if lg.fad_embedder is not None:
+        sampler_eval = SampleEvaluator(
+            accelerator, tokenizer, val_set, lg.fad_embedder, lg.fad_embedder_model, lg.num_eval_samples,
+            lg.eval_sample_seconds, out, seed=t.seed,
+        )  # fmt: skip
+
     def evaluate(step: int) -> dict[str, float]:
         stream = lambda: eval_batches(  # noqa: E731
             val_set, t.per_device_eval_batch_size, collate, accelerator.process_index, accelerator.num_processes
@@ -277,6 +286,10 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
         if ema is not None:
             with ema.average_parameters(accelerator.unwrap_model(model)):
                 results["eval/loss_ema"] = evaluate_loss(accelerator, model, stream, lm_loss)
+                if sampler_eval is not None:  # generation uses the EMA weights when there are some
+                    results.update(sampler_eval(model, step))
+        elif sampler_eval is not None:
+            results.update(sampler_eval(model, step))
         checkpointer.record(step, results)
         return results
 

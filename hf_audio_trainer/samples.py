@@ -1,0 +1,95 @@
+"""Listening to the model while it trains: sample clips at every evaluation, decode them, measure FAD against the
+validation set, and keep a few as wav files (and as audio in TensorBoard)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+
+from hf_audio_trainer.alignment import generate_continuations
+from hf_audio_trainer.metrics.embedders import load_embedder
+from hf_audio_trainer.metrics.fad import embedding_statistics, frechet_distance, reference_statistics
+
+SAMPLES_DIR = "samples"
+
+
+def fad_cache_dir() -> Path:
+    """Where reference statistics are cached: $HF_AUDIO_TRAINER_CACHE/fad, by default ~/.cache/hf_audio_trainer/fad."""
+    root = os.environ.get("HF_AUDIO_TRAINER_CACHE") or Path.home() / ".cache" / "hf_audio_trainer"
+    return Path(root) / "fad"
+
+
+class SampleEvaluator:
+    """`evaluator(model, step)` -> {"eval/fad", "eval/fad_num_samples"}, with clips saved under OUTPUT_DIR/samples.
+
+    The reference is the validation set decoded by the same tokenizer as the samples, so FAD measures the language
+    model, not the codec's artifacts; its statistics are computed once per (validation fingerprint, embedder) and
+    cached. Each process samples its share from the unconditional model (BOS only) with its own seed inside a
+    forked RNG, so training's random streams are untouched; the embeddings are gathered from all processes.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        tokenizer,
+        val_set: Dataset,
+        embedder: str,
+        embedder_model: str | None = None,
+        num_samples: int = 16,
+        seconds: float = 2.0,
+        output_dir: str | os.PathLike = ".",
+        num_saved: int = 4,
+        seed: int = 0,
+    ):
+        self.accelerator, self.tokenizer = accelerator, tokenizer
+        self.embedder = load_embedder(embedder, embedder_model, device=str(accelerator.device))
+        self.per_process = math.ceil(num_samples / accelerator.num_processes)
+        self.num_frames = max(1, round(seconds * tokenizer.frame_rate))
+        self.output_dir, self.num_saved, self.seed = Path(output_dir), num_saved, seed
+        key = f"{val_set._fingerprint}|{self.embedder.name}|{tokenizer.sample_rate}|{type(tokenizer).__name__}"
+
+        def reference_embeddings() -> np.ndarray:
+            waves = [tokenizer.decode(torch.tensor(codes)).numpy() for codes in val_set["codes"]]
+            return self.embedder.embed(waves, tokenizer.sample_rate)
+
+        with accelerator.main_process_first():  # the main process computes and caches, the others read the cache
+            self.reference = reference_statistics(key, reference_embeddings, fad_cache_dir())
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        acc = self.accelerator
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + 1_000_003 * step + acc.process_index)
+            k = self.tokenizer.num_codebooks
+            empty = torch.zeros(k, 0, dtype=torch.long)  # no prompt: the model's own unconditional samples
+            codes = generate_continuations(acc.unwrap_model(model), empty, self.num_frames, self.per_process)
+        codes = [c.clamp(max=self.tokenizer.codebook_size - 1) for c in codes]
+        waves = [self.tokenizer.decode(c).numpy() for c in codes]
+        local = torch.from_numpy(self.embedder.embed(waves, self.tokenizer.sample_rate)).to(acc.device)
+        embeddings = acc.gather(local).double().cpu().numpy()
+        mu, sigma = embedding_statistics(embeddings)
+        if acc.is_main_process:
+            self.save(waves[: self.num_saved], step)
+        return {"eval/fad": frechet_distance(mu, sigma, *self.reference), "eval/fad_num_samples": len(embeddings)}
+
+    def save(self, waves: list[np.ndarray], step: int) -> None:
+        folder = self.output_dir / SAMPLES_DIR / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        sr = self.tokenizer.sample_rate
+        for i, wave in enumerate(waves):
+            peak = float(np.abs(wave).max()) or 1.0
+            sf.write(folder / f"sample-{i}.wav", (wave / max(peak, 1.0)).astype(np.float32), sr)
+        try:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        except (ValueError, KeyError):
+            return
+        if hasattr(writer, "add_audio"):
+            for i, wave in enumerate(waves):
+                writer.add_audio(f"samples/{i}", torch.from_numpy(wave).clamp(-1, 1)[None], step, sample_rate=sr)
