@@ -513,7 +513,7 @@ class AlignConfig(StageConfig):
 
     stage_defaults: ClassVar[dict[str, Any]] = {
         "output_dir": "outputs/align",
-        "learning_rate": 1e-4,
+        "learning_rate": 3e-4,
         "warmup_steps": 10,
         "dropout": 0.0,  # TRL disables dropout for DPO: policy and reference log-probs must be comparable
         "per_device_train_batch_size": 8,
