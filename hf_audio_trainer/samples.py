@@ -3,8 +3,10 @@ validation set, and keep a few as wav files (and as audio in TensorBoard)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,9 @@ class SampleEvaluator:
 
     The reference is the validation set decoded by the same tokenizer as the samples, so FAD measures the language
     model, not the codec's artifacts; its statistics are computed once per (validation fingerprint, embedder) and
-    cached. Each process samples its share from the unconditional model (BOS only) with its own seed inside a
-    forked RNG, so training's random streams are untouched; the embeddings are gathered from all processes.
+    cached. Everything here (building the embedder, which may draw initial weights; sampling, each process with its
+    own seed, from the unconditional model) runs in a forked RNG, so training's random streams are untouched; the
+    embeddings are gathered from all processes.
     """
 
     def __init__(
@@ -49,7 +52,8 @@ class SampleEvaluator:
         seed: int = 0,
     ):
         self.accelerator, self.tokenizer = accelerator, tokenizer
-        self.embedder = load_embedder(embedder, embedder_model, device=str(accelerator.device))
+        with self.own_rng(seed):  # building a network (crepe) draws initial weights: not from training's stream
+            self.embedder = load_embedder(embedder, embedder_model, device=str(accelerator.device))
         self.per_process = math.ceil(num_samples / accelerator.num_processes)
         self.num_frames = max(1, round(seconds * tokenizer.frame_rate))
         self.output_dir, self.num_saved, self.seed = Path(output_dir), num_saved, seed
@@ -59,20 +63,27 @@ class SampleEvaluator:
             waves = [tokenizer.decode(torch.tensor(codes)).numpy() for codes in val_set["codes"]]
             return self.embedder.embed(waves, tokenizer.sample_rate)
 
-        with accelerator.main_process_first():  # the main process computes and caches, the others read the cache
+        # the main process computes and caches, the others read the cache
+        with accelerator.main_process_first(), self.own_rng(seed):
             self.reference = reference_statistics(key, reference_embeddings, fad_cache_dir())
+
+    @contextlib.contextmanager
+    def own_rng(self, seed: int) -> Iterator[None]:
+        """A forked torch RNG seeded with `seed`: what happens inside leaves training's random streams as they were."""
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         acc = self.accelerator
-        devices = [acc.device] if acc.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed + 1_000_003 * step + acc.process_index)
+        with self.own_rng(self.seed + 1_000_003 * step + acc.process_index):
             k = self.tokenizer.num_codebooks
             empty = torch.zeros(k, 0, dtype=torch.long)  # no prompt: the model's own unconditional samples
             codes = generate_continuations(acc.unwrap_model(model), empty, self.num_frames, self.per_process)
-        codes = [c.clamp(max=self.tokenizer.codebook_size - 1) for c in codes]
-        waves = [self.tokenizer.decode(c).numpy() for c in codes]
-        local = torch.from_numpy(self.embedder.embed(waves, self.tokenizer.sample_rate)).to(acc.device)
+            codes = [c.clamp(max=self.tokenizer.codebook_size - 1) for c in codes]
+            waves = [self.tokenizer.decode(c).numpy() for c in codes]
+            local = torch.from_numpy(self.embedder.embed(waves, self.tokenizer.sample_rate)).to(acc.device)
         embeddings = acc.gather(local).double().cpu().numpy()
         mu, sigma = embedding_statistics(embeddings)
         if acc.is_main_process:
