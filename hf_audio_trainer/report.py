@@ -114,7 +114,8 @@ def panels(records: list[dict]) -> dict[str, Panel]:
     throughput = [Subplot(THROUGHPUT[s.key], [s], from_zero=True) for s in take(THROUGHPUT)]
     if throughput:
         out["throughput"] = Panel("throughput", throughput)
-    if fad := take([k for k in present if k == "eval/fad" or k.startswith("eval/fad_")]):
+    fad_keys = [k for k in present if k == "eval/fad" or (k.startswith("eval/fad_") and not k.endswith("_num_samples"))]
+    if fad := take(fad_keys):  # the sample count is not a distance: it goes with the other metrics
         out["fad"] = Panel("Frechet audio distance", [Subplot("FAD", fad)])
     # memory in GB, utilisation in %: one subplot each
     if system := take([k for k in present if k.startswith("system/")]):
