@@ -93,9 +93,11 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if extra_save is not None:
             extra_save(tmp)
+        # every file and its size, so a damaged checkpoint is named at load time instead of failing deep in torch
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         # the state file is written last: its presence marks the checkpoint complete
         with open(tmp / STATE_FILE, "w") as f:
-            json.dump(state, f, indent=2)
+            json.dump({**state, "files": files}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():
@@ -108,11 +110,29 @@ def save_checkpoint(
     return final
 
 
+def verify_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's JSON state, after checking every file it lists is there with its saved size."""
+    folder = Path(checkpoint)
+    with open(folder / STATE_FILE) as f:
+        state = json.load(f)
+    for name, size in state.get("files", {}).items():
+        path = folder / name
+        problem = "is missing" if not path.is_file() else None
+        if problem is None and path.stat().st_size != size:
+            problem = f"is truncated or altered ({path.stat().st_size} bytes, {size} when saved)"
+        if problem:
+            raise ValueError(
+                f"checkpoint {folder} is damaged: {path} {problem}; resume from an earlier checkpoint "
+                f"(pass its folder to --resume_from_checkpoint) or start again"
+            )
+    return state
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG states; return the saved JSON state."""
+    state = verify_checkpoint(checkpoint)
     accelerator.load_state(str(checkpoint))
-    with open(Path(checkpoint) / STATE_FILE) as f:
-        return json.load(f)
+    return state
 
 
 def save_final_model(accelerator: Accelerator, model, output_dir: str | os.PathLike, extra_save: Any = None) -> None:

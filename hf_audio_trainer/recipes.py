@@ -7,7 +7,6 @@ import functools
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +36,16 @@ from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, merged_copy
 from hf_audio_trainer.run import (
     Checkpointer,
+    RunResult,
     build_ema,
     build_optimization,
     check_warmup,
-    finish,
     loop_settings,
     model_card_writer,
     prepare_output_dir,
-    run_loop,
     stage_accelerator,
     start_pusher,
+    train_and_finish,
 )
 from hf_audio_trainer.samples import SampleEvaluator
 from hf_audio_trainer.system import training_flops_per_token
@@ -56,15 +55,6 @@ logger = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
 FIT_CLIPS = 500  # clips a new mel k-means tokenizer is fitted on
 SAMPLE_RATE = 16000  # of a new mel k-means tokenizer
-
-
-@dataclass
-class RunResult:
-    """What a stage produced."""
-
-    output_dir: str
-    global_step: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def prepare_tokenizer(cfg: PretrainConfig, accelerator: Accelerator, train_set: Dataset, resume: Path | None):
@@ -297,12 +287,10 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
     train_loss = functools.partial(lm_loss, label_smoothing=cfg.loss.label_smoothing)
     flops = training_flops_per_token(sum(p.numel() for p in model.parameters()), tokenizer.num_codebooks)
     settings = loop_settings(cfg, accelerator, max_steps, flops_per_item=flops)
-    metrics = run_loop(
-        accelerator, out, model, optimizer, scheduler, batches, train_loss, settings, start_step, evaluate,
-        checkpointer.save, ema,
+    return train_and_finish(
+        cfg, accelerator, checkpointer, settings, model, optimizer, scheduler, batches, train_loss, start_step,
+        evaluate, ema,
     )  # fmt: skip
-    finish(cfg, accelerator, checkpointer, metrics)
-    return RunResult(output_dir=str(out), global_step=max_steps, metrics=metrics)
 
 
 def cfg_uses_peft(cfg: PretrainConfig) -> bool:
@@ -363,7 +351,7 @@ def prepare_preferences(cfg: AlignConfig, accelerator: Accelerator, tokenizer):
 
 
 def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
-    t, out, dpo = cfg.training, Path(cfg.training.output_dir), cfg.dpo
+    t, dpo = cfg.training, cfg.dpo
     resume = prepare_output_dir(cfg, accelerator)
     pusher = start_pusher(cfg, accelerator)
     policy_tokenizer = cfg.data.tokenizer or model_tokenizer(cfg.model.model_name_or_path)
@@ -448,12 +436,10 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
         return results
 
     settings = loop_settings(cfg, accelerator, max_steps)
-    metrics = run_loop(
-        accelerator, out, model, optimizer, scheduler, batches, loss_fn, settings, start_step, evaluate,
-        checkpointer.save, ema,
+    return train_and_finish(
+        cfg, accelerator, checkpointer, settings, model, optimizer, scheduler, batches, loss_fn, start_step,
+        evaluate, ema,
     )  # fmt: skip
-    finish(cfg, accelerator, checkpointer, metrics)
-    return RunResult(output_dir=str(out), global_step=max_steps, metrics=metrics)
 
 
 def align_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:

@@ -9,6 +9,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.config import StageConfig
 from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.hub import HubPusher, write_model_card
-from hf_audio_trainer.loop import LoopSettings, NonFiniteError, train
+from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
 from hf_audio_trainer.system import peak_flops
 from hf_audio_trainer.trackers import METRICS_FILE, JSONLinesTracker, read_metrics, truncate_metrics
@@ -226,10 +227,41 @@ def broadcast_object(value):
     return box[0]
 
 
-def run_loop(accelerator: Accelerator, out: Path, *args, **kwargs) -> dict[str, float]:
-    """`loop.train`, with a diverged run's error pointing at the last good checkpoint."""
+@dataclass
+class RunResult:
+    """What a stage produced."""
+
+    output_dir: str
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after a checkpoint: resume with --resume_from_checkpoint latest
+
+
+def train_and_finish(
+    cfg: StageConfig,
+    accelerator: Accelerator,
+    checkpointer: Checkpointer,
+    settings: LoopSettings,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batches: Iterator[dict],
+    loss_fn: Callable,
+    start_step: int,
+    evaluate: Callable[[int], dict[str, float]],
+    ema: EMA | None,
+) -> RunResult:
+    """The training loop, then the final export (`finish`).
+
+    A diverged run's error points at the last good checkpoint; a run stopped by a signal returns after its
+    checkpoint (exit status 0), without exporting a final model.
+    """
+    out = Path(cfg.training.output_dir)
     try:
-        return train(accelerator, *args, **kwargs)
+        metrics = train(
+            accelerator, model, optimizer, scheduler, batches, loss_fn, settings, start_step, evaluate,
+            checkpointer.save, ema,
+        )  # fmt: skip
     except NonFiniteError as err:
         good = ckpt.list_checkpoints(out)
         where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
@@ -237,6 +269,14 @@ def run_loop(accelerator: Accelerator, out: Path, *args, **kwargs) -> dict[str, 
             f"{err}: training diverged; {where}. Resume from it with a lower --learning_rate, a smaller "
             "--max_grad_norm or --mixed_precision bf16 instead of fp16"
         ) from err
+    except Preempted as stop:
+        accelerator.print(
+            f"Stopped by a signal after step {stop.step}; its checkpoint is written. Continue with "
+            "--resume_from_checkpoint latest"
+        )
+        return RunResult(str(out), stop.step, stop.metrics, preempted=True)
+    finish(cfg, accelerator, checkpointer, metrics)
+    return RunResult(str(out), settings.max_steps, metrics)
 
 
 def loop_settings(cfg: StageConfig, accelerator: Accelerator, max_steps: int, flops_per_item: float = 0.0):
