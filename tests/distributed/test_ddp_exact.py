@@ -16,11 +16,9 @@ def test_two_processes_2x2_equal_one_process_8x1_with_a_curriculum(tmp_path):
     # processes still train on exactly what one process would
     common = dict(max_steps=4, save_steps=4, curriculum="root", curriculum_steps=3, group_by_length=True)
     ddp = quick_run(tokenizer, tmp_path / "ddp", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
-    # `--multi_gpu` with ACCELERATE_USE_CPU gives two gloo processes (`--cpu --num_processes 2` would start one)
-    done = launch(
-        ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29533", "recipes/pretrain.py", *as_flags(ddp)],
-        env={"ACCELERATE_USE_CPU": "true"},
-    )
+    # the shipped config with ACCELERATE_USE_CPU gives two gloo processes (`--cpu --num_processes 2` would start one)
+    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29533"]
+    done = launch([*config, "recipes/pretrain.py", *as_flags(ddp)], env={"ACCELERATE_USE_CPU": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
