@@ -30,3 +30,21 @@ def test_two_processes_2x2_equal_one_process_8x1_with_a_curriculum(tmp_path):
     pretrain(single)
     diff = max_abs_diff(weights(tmp_path / "ddp"), weights(tmp_path / "single"))
     assert diff < 1e-5, diff
+
+
+def test_two_process_resume_from_step_3_equals_6_straight(tmp_path):
+    tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
+    common = dict(max_steps=6, save_steps=3, dropout=0.1, per_device_train_batch_size=2)  # dropout: RNG per rank
+    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29535"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+    straight = quick_run(tokenizer, tmp_path / "straight", **common)
+    done = launch([*config, "recipes/pretrain.py", *as_flags(straight)], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the second run restarts from the first's step-3 checkpoint (model, optimizer, schedule, both ranks' RNG)
+    middle = str(tmp_path / "straight" / "checkpoint-3")
+    second = quick_run(tokenizer, tmp_path / "resumed", resume_from_checkpoint=middle, **common)
+    done = launch([*config, "recipes/pretrain.py", *as_flags(second)], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "resumed" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert max_abs_diff(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
