@@ -161,6 +161,30 @@ def _load(name: str, dataset_config_name: str | None, audio_column: str):
         ) from err
 
 
+def split_train_and_validation(loaded, name: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The train split and, if the dataset has one with rows, its validation (or test) split."""
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded, None
+    if "train" in loaded:
+        train = loaded["train"]
+    elif len(loaded) == 1:
+        train = next(iter(loaded.values()))
+    else:
+        raise ValueError(f"{name} has no 'train' split (splits: {list(loaded)})")
+    return train, next((loaded[s] for s in ("validation", "test") if s in loaded and len(loaded[s]) > 0), None)
+
+
+def split_off_validation(
+    train: datasets.Dataset, percentage: float, seed: int, name: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Hold out `percentage` percent of the rows (at least one, leaving at least one) as a seeded validation split."""
+    if len(train) < 2:
+        raise ValueError(f"{name} has {len(train)} row(s); at least 2 are needed to split off a validation set")
+    num_val = min(max(1, round(len(train) * percentage / 100)), len(train) - 1)
+    split = train.train_test_split(test_size=num_val, seed=seed)
+    return split["train"], split["test"]
+
+
 def load_audio_dataset(
     dataset_name: str | None,
     audio_column: str = "audio",
@@ -181,16 +205,7 @@ def load_audio_dataset(
         name = dataset_name
         loaded = _load(dataset_name, dataset_config_name, audio_column)
 
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" in loaded:
-            train = loaded["train"]
-        elif len(loaded) == 1:
-            train = next(iter(loaded.values()))
-        else:
-            raise ValueError(f"dataset {name} has no 'train' split (splits: {list(loaded)})")
-        validation = next((loaded[s] for s in ("validation", "test") if s in loaded and len(loaded[s]) > 0), None)
-    else:
-        train, validation = loaded, None
+    train, validation = split_train_and_validation(loaded, f"dataset {name}")
     if len(train) == 0:
         raise ValueError(f"dataset {name} has no rows in its train split; pass a dataset with audio in it")
     if audio_column not in train.column_names:
@@ -199,11 +214,7 @@ def load_audio_dataset(
             "name the right one with --audio_column"
         )
     if validation is None:
-        if len(train) < 2:
-            raise ValueError(f"dataset {name} has 1 row; at least 2 are needed to split off a validation set")
-        num_val = min(max(1, round(len(train) * validation_split_percentage / 100)), len(train) - 1)
-        split = train.train_test_split(test_size=num_val, seed=seed)
-        train, validation = split["train"], split["test"]
+        train, validation = split_off_validation(train, validation_split_percentage, seed, f"dataset {name}")
     return datasets.DatasetDict(
         {"train": _undecoded(train, audio_column), "validation": _undecoded(validation, audio_column)}
     )

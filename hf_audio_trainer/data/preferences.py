@@ -17,7 +17,7 @@ import pyarrow as pa
 import soxr
 from datasets.table import InMemoryTable
 
-from hf_audio_trainer.data.audio import _load, _undecoded
+from hf_audio_trainer.data.audio import _load, _undecoded, split_off_validation, split_train_and_validation
 from hf_audio_trainer.data.synthetic import _float32_lists, make_clip
 
 # Bump when the generated pairs change, so fingerprints (and map() caches keyed on them) change too.
@@ -233,20 +233,11 @@ def load_preference_dataset(
 ) -> datasets.DatasetDict:
     """Train and validation pairs from a save_to_disk folder or a Hub id (a validation split is made if missing)."""
     loaded = _load(dataset_name, dataset_config_name, "chosen")
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise ValueError(f"preference dataset {dataset_name} has no 'train' split (splits: {list(loaded)})")
-        train = loaded["train"]
-        validation = next((loaded[s] for s in ("validation", "test") if s in loaded and len(loaded[s]) > 0), None)
-    else:
-        train, validation = loaded, None
+    name = f"preference dataset {dataset_name}"
+    train, validation = split_train_and_validation(loaded, name)
     check_preference_columns(train)
     if validation is None:
-        if len(train) < 2:
-            raise ValueError(f"preference dataset {dataset_name} has {len(train)} row(s); at least 2 are needed")
-        num_val = min(max(1, round(len(train) * validation_split_percentage / 100)), len(train) - 1)
-        split = train.train_test_split(test_size=num_val, seed=seed)
-        train, validation = split["train"], split["test"]
+        train, validation = split_off_validation(train, validation_split_percentage, seed, name)
     columns = [c for c in ("prompt", "chosen", "rejected") if c in train.column_names]
     for column in columns:  # decoded with soundfile later, never through datasets' torchcodec
         train, validation = _undecoded(train, column), _undecoded(validation, column)

@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from hf_audio_trainer.loop import LoopSettings, train
 from hf_audio_trainer.models import build_model, lm_loss
@@ -16,14 +14,6 @@ from hf_audio_trainer.optim import (
     hutchinson_hessian,
     parameter_groups,
 )
-
-
-@pytest.fixture
-def accelerator():
-    acc = Accelerator(step_scheduler_with_optimizer=False)
-    yield acc
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():

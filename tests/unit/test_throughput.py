@@ -4,21 +4,11 @@ import time
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from hf_audio_trainer.loop import LoopSettings, train
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
 
 STEPS = 20
-
-
-@pytest.fixture
-def accelerator():
-    acc = Accelerator(step_scheduler_with_optimizer=False)
-    yield acc
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def batches(delay):
