@@ -52,8 +52,13 @@ def test_quickstart_notebook_runs_the_three_stages(tmp_path, monkeypatch):
         assert (out / stage / "model.safetensors").is_file(), stage
         assert (out / stage / "tokenizer").is_dir(), stage
 
+    # stdout only: progress bars go to stderr, and without a newline they would run into the printed lines
     printed = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream" and o.get("name") == "stdout"
     )
     accuracy = re.search(r"align: reward accuracy (\S+)", printed)
     assert accuracy, printed[-2000:]
