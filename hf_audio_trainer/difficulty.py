@@ -40,7 +40,7 @@ from datasets.fingerprint import Hasher
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
 from hf_audio_trainer.models import check_model_fits_tokenizer
-from hf_audio_trainer.tokenizers import AudioTokenizer, load_audio_tokenizer
+from hf_audio_trainer.tokenizers import AudioTokenizer, load_audio_tokenizer, mel_filters
 
 # Bump when the features change: datasets' fingerprint of the map function sees neither these constants nor the code
 # it calls, so cached features would otherwise outlive the code that made them.
@@ -222,18 +222,7 @@ def _window(n_fft: int) -> torch.Tensor:
 
 @functools.cache
 def _mel_filters() -> torch.Tensor:
-    from transformers.audio_utils import mel_filter_bank
-
-    filters = mel_filter_bank(
-        num_frequency_bins=FINE_FFT // 2 + 1,
-        num_mel_filters=ONSET_MELS,
-        min_frequency=40.0,
-        max_frequency=SAMPLE_RATE / 2,
-        sampling_rate=SAMPLE_RATE,
-        norm="slaney",
-        mel_scale="slaney",
-    )
-    return torch.from_numpy(filters).float()
+    return mel_filters(SAMPLE_RATE, FINE_FFT, ONSET_MELS, min_frequency=40.0)
 
 
 def _masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:

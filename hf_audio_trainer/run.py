@@ -194,12 +194,13 @@ class Checkpointer:
         if is_best:
             ckpt.copy_to_best(self.accelerator, self.out, saved)
         if self.cfg.hub.hub_strategy != "end":
-            self.push_model(f"Training in progress, step {step}", self.last_eval, checkpoint=Path(saved))
+            self.push_model(self.last_eval, checkpoint=Path(saved), step=step)
 
-    def push_model(self, message: str, metrics: dict, checkpoint: Path | None = None) -> None:
+    def push_model(self, metrics: dict, checkpoint: Path | None = None, step: int | None = None) -> None:
         """Export the current model (and `ema/`) with a model card to a scratch folder and push that in the background.
 
-        With hub_strategy `checkpoint` the checkpoint goes to `last-checkpoint/` too, so a run can resume from the Hub.
+        After a save (`step` given) the pusher's strategy decides what goes (`checkpoint` also sends the checkpoint
+        to `last-checkpoint/`, so a run can resume from the Hub); without one, this is the end-of-training push.
         """
         if not self.cfg.hub.push_to_hub or self.export is None:
             return
@@ -213,9 +214,11 @@ class Checkpointer:
             self.export(scratch / "ema", True)
         if self.pusher is not None:
             self.card(scratch, metrics)
-            self.pusher.push(scratch, message)  # it snapshots the folder first, so it can go at once
-            if checkpoint is not None and self.cfg.hub.hub_strategy == "checkpoint":
-                self.pusher.push(checkpoint, f"{message} (checkpoint)", path_in_repo="last-checkpoint")
+            # the pusher snapshots the folders first, so the scratch folder can go at once
+            if step is None:
+                self.pusher.push(scratch, "End of training")
+            else:
+                self.pusher.push_save(scratch, checkpoint, step)
         if self.accelerator.is_main_process:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -308,7 +311,7 @@ def finish(cfg: StageConfig, accelerator: Accelerator, checkpointer: Checkpointe
             f"validation loss {first:.4f} at step {s0} -> {last:.4f} at step {s1} "
             f"({100 * (last - first) / first:+.1f}%)"
         )
-    checkpointer.push_model("End of training", metrics)
+    checkpointer.push_model(metrics)
     if checkpointer.pusher is not None:
         for failure in checkpointer.pusher.wait():
             accelerator.print(f"Hub upload failed (the local files are complete): {failure}")

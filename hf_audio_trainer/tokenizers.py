@@ -238,7 +238,7 @@ class MelKMeansTokenizer(AudioTokenizer):
         self.griffin_lim_iters = griffin_lim_iters
         self.fit_info = fit_info or {}  # how it was fitted (frames, clips, k-means settings), saved for provenance
         self.window = torch.hann_window(n_fft)
-        self.mel_fb = _mel_filters(sample_rate, n_fft, self.n_mels)  # [n_fft // 2 + 1, n_mels]
+        self.mel_fb = mel_filters(sample_rate, n_fft, self.n_mels)  # [n_fft // 2 + 1, n_mels]
         # A least-squares inverse of the filter bank, clamped at decode time because power cannot be negative.
         self.mel_inverse = torch.linalg.pinv(self.mel_fb)  # [n_mels, n_fft // 2 + 1]
 
@@ -432,13 +432,14 @@ class MelKMeansTokenizer(AudioTokenizer):
         return torch.istft(magnitude * angles, length=length, **stft_args)
 
 
-def _mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int, min_frequency: float = 0.0) -> torch.Tensor:
+    """Slaney mel filters [n_fft // 2 + 1, n_mels] up to Nyquist (transformers' filter bank, as a float tensor)."""
     from transformers.audio_utils import mel_filter_bank
 
     filters = mel_filter_bank(
         num_frequency_bins=n_fft // 2 + 1,
         num_mel_filters=n_mels,
-        min_frequency=0.0,
+        min_frequency=min_frequency,
         max_frequency=sample_rate / 2,
         sampling_rate=sample_rate,
         norm="slaney",

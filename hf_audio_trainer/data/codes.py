@@ -162,4 +162,5 @@ def eval_batches(
     rows = dataset.select_columns(columns or ["codes"])
     mine = list(range(rank, len(rows), world))
     for start in range(0, len(mine), batch_size):
-        yield collate(rows.select(mine[start : start + batch_size]).to_list())
+        picked = rows[mine[start : start + batch_size]]  # one column-wise read per batch
+        yield collate([dict(zip(picked, values, strict=True)) for values in zip(*picked.values(), strict=True)])

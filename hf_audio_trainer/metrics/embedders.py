@@ -107,22 +107,13 @@ class MelEmbedder(Embedder):
     def __init__(
         self, device: str = "cpu", sample_rate: int = 16000, n_mels: int = 64, n_fft: int = 512, hop_length: int = 160
     ) -> None:
-        from transformers.audio_utils import mel_filter_bank
+        from hf_audio_trainer.tokenizers import mel_filters
 
         self.device = torch.device(device)
         self.sample_rate, self.n_fft, self.hop_length = sample_rate, n_fft, hop_length
         self.dim = 2 * n_mels
         self.window = torch.hann_window(n_fft, device=self.device)
-        filters = mel_filter_bank(
-            num_frequency_bins=n_fft // 2 + 1,
-            num_mel_filters=n_mels,
-            min_frequency=0.0,
-            max_frequency=sample_rate / 2,
-            sampling_rate=sample_rate,
-            norm="slaney",
-            mel_scale="slaney",
-        )
-        self.mel_filters = torch.from_numpy(filters).float().to(self.device)
+        self.mel_filters = mel_filters(sample_rate, n_fft, n_mels).to(self.device)
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> MelEmbedder:
