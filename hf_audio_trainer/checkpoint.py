@@ -77,11 +77,13 @@ def save_checkpoint(
     state: dict[str, Any],
     extra_save: Any = None,
     save_total_limit: int | None = None,
+    rank_save: Any = None,
 ) -> Path:
     """Write checkpoint-{step} into a hidden folder, then rename it into place; rotate old ones.
 
     Holds everything for exact resumption: model, optimizer, scheduler, RNG states of every rank (accelerate's
-    save_state), plus `state` (step, data position ...) as JSON. `extra_save(folder)` adds files (the tokenizer).
+    save_state), plus `state` (step, data position ...) as JSON. `extra_save(folder)` adds files (the tokenizer)
+    from the main process, `rank_save(folder)` from every process (its own shards).
     """
     root = Path(output_dir)
     final, tmp = root / f"{PREFIX}{step}", root / f".tmp-{PREFIX}{step}"
@@ -90,6 +92,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if rank_save is not None:
+        rank_save(tmp)
+        accelerator.wait_for_everyone()  # every shard is written before the manifest lists the files
     if accelerator.is_main_process:
         if extra_save is not None:
             extra_save(tmp)
@@ -128,9 +133,9 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG states; return the saved JSON state."""
-    state = verify_checkpoint(checkpoint)
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike, state: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the saved JSON state (`state`: already verified)."""
+    state = verify_checkpoint(checkpoint) if state is None else state
     accelerator.load_state(str(checkpoint))
     return state
 

@@ -6,10 +6,36 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds and updates: all of it, or its own shard under FSDP2 / ZeRO-3."""
+    if hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank's flat partition (param.data is often empty)
+        return param.ds_tensor
+    if isinstance(param, DTensor):  # FSDP2: this rank's shard, the same storage
+        return param.to_local()
+    return param
+
+
+def refresh_gathered(params: list[torch.Tensor]) -> None:
+    """After writing ZeRO-3 partitions: drop stale gathered copies, re-gather the ones DeepSpeed keeps whole."""
+    gathered = [p for p in params if hasattr(p, "ds_tensor") and p.data.numel() > 0]
+    if gathered:
+        gathered[0].partition(gathered, has_been_updated=False)  # frees the full copies; partitions stay as written
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]  # small parameters live gathered
+    if persistent:
+        persistent[0].all_gather(persistent)
 
 
 class EMA:
     """`ema = d * ema + (1 - d) * param` for every trainable parameter, with foreach ops.
+
+    Under FSDP2 or DeepSpeed ZeRO-3 each process averages only its own shard of each parameter (no gather per
+    step, 1/N of the memory); `sharded` is then True and `state_dict` holds this rank's shards. Swapping the
+    average in (`copy_to`, `average_parameters`) writes the shards, so a consolidated export of the swapped-in
+    model (accelerate's `get_state_dict`) is the consolidated average.
 
     Args:
         decay: the seed's typical 0.999-0.9999.
@@ -40,13 +66,21 @@ class EMA:
         self.warmup = warmup
         self.device = device
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        self.shadow = [params[n].detach().to(device or params[n].device, copy=True).float() for n in self.names]
+        params = self._params(model)
+        self.sharded = any(hasattr(p, "ds_tensor") or isinstance(p, DTensor) for p in params)
+        self.shadow = [self._local(p).to(device or self._local(p).device, copy=True).float() for p in params]
         self.num_updates = 0
 
     def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        for module in model.modules():  # FSDP2 leaves some groups gathered after a forward: back to the shards
+            if isinstance(module, FSDPModule):
+                module.reshard()
         params = dict(model.named_parameters())
         return [params[n] for n in self.names]
+
+    @staticmethod
+    def _local(param: torch.Tensor) -> torch.Tensor:
+        return local_shard(param).detach()
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -59,7 +93,7 @@ class EMA:
         if step % self.update_every:
             return
         current = [
-            p.detach().to(s.device, dtype=s.dtype) for p, s in zip(self._params(model), self.shadow, strict=True)
+            self._local(p).to(s.device, dtype=s.dtype) for p, s in zip(self._params(model), self.shadow, strict=True)
         ]
         if step <= self.start_step:
             torch._foreach_copy_(self.shadow, current)
@@ -71,20 +105,24 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         """Write the averaged weights into the model."""
-        for param, average in zip(self._params(model), self.shadow, strict=True):
-            param.copy_(average.to(param.device, dtype=param.dtype))
+        params = self._params(model)
+        for param, average in zip(params, self.shadow, strict=True):
+            target = self._local(param)
+            target.copy_(average.to(target.device, dtype=target.dtype))
+        refresh_gathered(params)
 
     @contextlib.contextmanager
     def average_parameters(self, model: torch.nn.Module) -> Iterator[None]:
         """Swap the averaged weights in; restore the training weights on exit (even on error)."""
         params = self._params(model)
-        backup = [p.detach().clone() for p in params]
+        backup = [self._local(p).clone() for p in params]
         self.copy_to(model)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, backup)
+                torch._foreach_copy_([self._local(p) for p in params], backup)
+                refresh_gathered(params)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-ready): the averages by parameter name, and the update count."""

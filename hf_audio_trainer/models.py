@@ -160,3 +160,9 @@ def lm_loss(
         label_smoothing=label_smoothing,
     )
     return loss, {}
+
+
+def num_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameter count of the whole model, also under DeepSpeed ZeRO-3 (whose parameters look empty locally)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params)

@@ -33,7 +33,7 @@ from hf_audio_trainer.data.preferences import (
 )
 from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
-from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, merged_copy
+from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, merged_copy, num_parameters
 from hf_audio_trainer.run import (
     Checkpointer,
     RunResult,
@@ -42,6 +42,7 @@ from hf_audio_trainer.run import (
     check_warmup,
     loop_settings,
     model_card_writer,
+    prepare,
     prepare_output_dir,
     stage_accelerator,
     start_pusher,
@@ -223,7 +224,7 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
             model, f.freeze_modules, f.use_peft, f.lora_r, f.lora_alpha, f.lora_dropout, f.lora_target_modules
         )
     optimizer, scheduler = build_optimization(cfg, accelerator, model, global_batch, max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(cfg, accelerator, model, optimizer, scheduler)
     ema = build_ema(cfg, accelerator.unwrap_model(model))
 
     def export(folder: Path, use_ema: bool) -> None:
@@ -247,10 +248,10 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
     )
     start_step = checkpointer.resume(resume) if resume is not None else 0
     accelerator.init_trackers(stage, config=cfg.to_flat_dict())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = num_parameters(model, trainable_only=True)
     accelerator.print(
         f"{len(train_set)} train / {len(val_set)} validation clips, up to {max_frames} frames; "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained); "
+        f"{num_parameters(model):,} parameters ({trainable:,} trained); "
         f"global batch {global_batch}; {max_steps} steps"
     )
 
@@ -285,7 +286,7 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
 
     # smoothing shapes the training targets only; validation reports the plain cross-entropy
     train_loss = functools.partial(lm_loss, label_smoothing=cfg.loss.label_smoothing)
-    flops = training_flops_per_token(sum(p.numel() for p in model.parameters()), tokenizer.num_codebooks)
+    flops = training_flops_per_token(num_parameters(model), tokenizer.num_codebooks)
     settings = loop_settings(cfg, accelerator, max_steps, flops_per_item=flops)
     return train_and_finish(
         cfg, accelerator, checkpointer, settings, model, optimizer, scheduler, batches, train_loss, start_step,
@@ -391,7 +392,7 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
     check_warmup(cfg, max_steps)
     optimizer, scheduler = build_optimization(cfg, accelerator, model, global_batch, max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(cfg, accelerator, model, optimizer, scheduler)
     ema = build_ema(cfg, accelerator.unwrap_model(model))
 
     def export(folder: Path, use_ema: bool) -> None:

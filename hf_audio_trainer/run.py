@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 
 from hf_audio_trainer import checkpoint as ckpt
@@ -33,6 +34,11 @@ EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
 @contextlib.contextmanager
 def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
     """An Accelerator for one stage, torn down afterwards so a notebook can run the next stage in the same process."""
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+        # DeepSpeed without a GPU (trying a ZeRO config on a laptop, CI): its default backend is NCCL, so say gloo.
+        # The CPU flag must stay off: with it each rank believes it is alone and they race on the checkpoint.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
         mixed_precision=cfg.training.mixed_precision,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
@@ -40,6 +46,7 @@ def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
         project_dir=cfg.training.output_dir,
         # the schedule counts optimizer steps; accelerate would otherwise step it once per process
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
     )
     try:
         yield accelerator
@@ -102,6 +109,34 @@ def build_optimization(
     return optimizer, build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
 
 
+def prepare(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler):
+    """`accelerator.prepare` for whichever strategy the launch config chose (DDP, FSDP2, DeepSpeed ZeRO)."""
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        # DeepSpeed's engine clips and sizes its buffers from its own config: our flags are the source of truth (no
+        # dataloader goes through prepare, so accelerate cannot infer the micro-batch)
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.training.per_device_train_batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = cfg.optim.max_grad_norm
+    if not accelerator.is_fsdp2:
+        return accelerator.prepare(model, optimizer, scheduler)
+    # accelerate's FSDP2 wrapping gives the input embeddings and the output head groups of their own, assuming one
+    # module each; a multi-codebook model (MusicGen) has one per codebook in a ModuleList, which fully_shard refuses
+    # ("containers that do not implement forward"). Hidden during prepare, they are sharded with the root group.
+    base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    hidden = [
+        name
+        for name in ("get_input_embeddings", "get_output_embeddings")
+        if isinstance(getattr(base, name, lambda: None)(), torch.nn.ModuleList)
+    ]
+    for name in hidden:
+        setattr(base, name, lambda: None)
+    try:
+        return accelerator.prepare(model, optimizer, scheduler)
+    finally:
+        for name in hidden:
+            delattr(base, name)
+
+
 def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
     e = cfg.ema
     if not e.ema:
@@ -145,22 +180,39 @@ class Checkpointer:
         self.last_eval: dict = {}
 
     def resume(self, path: Path) -> int:
-        """Load a checkpoint into the prepared objects; returns its step."""
-        state = ckpt.load_checkpoint(self.accelerator, path)
-        self.best = state.get("best", {})
-        if self.ema is not None:
-            if not (path / EMA_FILE).is_file():
-                raise ValueError(f"{path} has no {EMA_FILE}: it was trained without --ema; resume without it")
-            self.ema.load_state_dict(load_file(str(path / EMA_FILE)))
+        """Load a checkpoint into the prepared objects; returns its step. Mismatches are refused before loading."""
+        state = ckpt.verify_checkpoint(path)
         if state["global_batch_size"] != self.global_batch:
             raise ValueError(
                 f"{path} was trained with a global batch of {state['global_batch_size']}, this run has "
                 f"{self.global_batch} (per-device batch x accumulation x processes); keep it the same to resume exactly"
             )
+        here = (str(self.accelerator.distributed_type), self.accelerator.num_processes)
+        there = (state.get("distributed_type", here[0]), state.get("num_processes", here[1]))
+        sharded = ("DistributedType.FSDP", "DistributedType.DEEPSPEED")
+        if there != here and (here[0] in sharded or there[0] in sharded):
+            raise ValueError(
+                f"{path} holds shards from {there[1]} processes under {there[0]}; this run is {here[1]} under "
+                f"{here[0]}. Resume with the same accelerate config and number of processes (or start a new run from "
+                f"its exported model with --model_name_or_path)"
+            )
+        ema_file = path / self.ema_file()
+        if self.ema is not None and not ema_file.is_file():
+            raise ValueError(f"{path} has no {ema_file.name}: it was trained without --ema; resume without it")
+        ckpt.load_checkpoint(self.accelerator, path, state)
+        self.best = state.get("best", {})
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(ema_file)))
         if self.accelerator.is_main_process:
             truncate_metrics(self.out, state["global_step"])
         self.accelerator.print(f"Resumed from {path} at step {state['global_step']}")
         return state["global_step"]
+
+    def ema_file(self) -> str:
+        """One file of averages, or one per process when each averages its own shard (FSDP2, ZeRO-3)."""
+        if self.ema is not None and self.ema.sharded:
+            return f"ema-rank{self.accelerator.process_index}-of-{self.accelerator.num_processes}.safetensors"
+        return EMA_FILE
 
     def record(self, step: int, results: dict[str, float]) -> None:
         self.last_eval = {**results, "step": step}
@@ -185,12 +237,17 @@ class Checkpointer:
 
         def extras(folder: Path) -> None:
             self.save_extras(folder)
-            if self.ema is not None:
+            if self.ema is not None and not self.ema.sharded:
                 save_file(self.ema.state_dict(), str(folder / EMA_FILE))
 
+        def shards(folder: Path) -> None:
+            save_file(self.ema.state_dict(), str(folder / self.ema_file()))
+
+        sharded_ema = self.ema is not None and self.ema.sharded
         saved = ckpt.save_checkpoint(
-            self.accelerator, self.out, step, state, extras, self.cfg.checkpoint.save_total_limit
-        )
+            self.accelerator, self.out, step, state, extras, self.cfg.checkpoint.save_total_limit,
+            rank_save=shards if sharded_ema else None,
+        )  # fmt: skip
         if is_best:
             ckpt.copy_to_best(self.accelerator, self.out, saved)
         if self.cfg.hub.hub_strategy != "end":

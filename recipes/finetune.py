@@ -6,10 +6,13 @@ dataset. LoRA: `--use_peft true --lora_r 16`. From a notebook: `from hf_audio_tr
 
 from pathlib import Path
 
+from accelerate import PartialState
+
 from hf_audio_trainer.recipes import finetune_cli
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune.yaml"
 
 if __name__ == "__main__":
     result = finetune_cli(default_yaml=str(DEFAULT_CONFIG))
-    print(f"done: {result.global_step} steps, model in {result.output_dir}, metrics {result.metrics}")
+    if PartialState().is_main_process:  # one line, not one per process
+        print(f"done: {result.global_step} steps, model in {result.output_dir}, metrics {result.metrics}")

@@ -1,0 +1,118 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 with two real CPU processes: the shipped configs train, checkpoint (sharded
+where the strategy shards, EMA too), resume exactly and export one plain `from_pretrained` model equal to a
+single-process run, raw and EMA.
+
+DeepSpeed runs on CPU with gloo (the recipe picks it when there is no GPU); its first run compiles a small
+shared-memory op (about a minute, cached in ~/.cache/torch_extensions). FSDP2 goes through the test-only harness
+`fsdp2_on_cpu.py`, because accelerate silently runs FSDP configs as DDP on CPU.
+"""
+
+import importlib.util
+import json
+
+import pytest
+from transformers import MusicgenForCausalLM
+
+from hf_audio_trainer import pretrain
+from tests.helpers import as_flags, fit_small_tokenizer, launch, max_abs_diff, quick_run, weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+
+# strategy: (launch arguments before the script, accelerate's distributed type, files each checkpoint must have)
+STRATEGIES = {
+    "zero2": (
+        ["--config_file", "accelerate_configs/deepspeed_zero2.yaml"],
+        "DistributedType.DEEPSPEED",
+        [f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)],  # optimizer states sharded
+    ),
+    "zero3": (
+        ["--config_file", "accelerate_configs/deepspeed_zero3.yaml"],
+        "DistributedType.DEEPSPEED",
+        [f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]  # parameters sharded too
+        + [f"ema-rank{r}-of-2.safetensors" for r in (0, 1)],  # each rank's average of its own shard
+    ),
+    "fsdp2": (
+        ["--config_file", "accelerate_configs/fsdp2.yaml"],
+        "DistributedType.FSDP",
+        [f"pytorch_model_fsdp_0/__{r}_0.distcp" for r in (0, 1)] + [f"ema-rank{r}-of-2.safetensors" for r in (0, 1)],
+    ),
+}
+PORTS = {"zero2": 29541, "zero3": 29543, "fsdp2": 29545}
+COMMON = dict(max_steps=4, save_steps=2, eval_steps=2, ema=True, ema_decay=0.5)
+
+
+def launch_strategy(strategy: str, settings: dict, port_offset: int = 0):
+    config, _, _ = STRATEGIES[strategy]
+    args = [*config, "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(PORTS[strategy])]
+    args[-1] = str(PORTS[strategy] + port_offset)
+    script = ["tests/distributed/fsdp2_on_cpu.py"] if strategy == "fsdp2" else []
+    done = launch([*args, *script, "recipes/pretrain.py", *as_flags(settings)], timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One tokenizer and the single-process reference run (per-device batch 4 = 2 processes x 2)."""
+    root = tmp_path_factory.mktemp("sharded")
+    tokenizer = fit_small_tokenizer(root / "tokenizer")
+    single = quick_run(tokenizer, root / "single", per_device_train_batch_size=4, **COMMON)
+    pretrain(single)
+    return root, tokenizer
+
+
+def strategy_param(name: str):
+    marks = [needs_deepspeed] if name.startswith("zero") else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("strategy", [strategy_param(s) for s in STRATEGIES])
+def test_two_processes_train_checkpoint_resume_and_export_like_one(shared, strategy):
+    root, tokenizer = shared
+    _, distributed_type, shard_files = STRATEGIES[strategy]
+    straight = quick_run(tokenizer, root / strategy, per_device_train_batch_size=2, **COMMON)
+    launch_strategy(strategy, straight)
+
+    checkpoint = root / strategy / "checkpoint-2"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["distributed_type"] == distributed_type
+    for name in shard_files:
+        assert name in state["files"] and (checkpoint / name).is_file(), name
+
+    # the export is one consolidated from_pretrained folder, raw and EMA, equal to the single-process run's
+    single, this = root / "single", root / strategy
+    assert max_abs_diff(weights(this), weights(single)) < 1e-5
+    assert max_abs_diff(weights(this / "ema"), weights(single / "ema")) < 1e-5
+    assert max_abs_diff(weights(single / "ema"), weights(single)) > 1e-4  # the EMA really differs from the raw weights
+    MusicgenForCausalLM.from_pretrained(this / "ema")
+
+    # restart from the step-2 checkpoint (sharded model, optimizer, EMA shards, both ranks' RNG): same end point
+    resumed = quick_run(
+        tokenizer, root / f"{strategy}-resumed", per_device_train_batch_size=2, resume_from_checkpoint=str(checkpoint),
+        **COMMON,
+    )  # fmt: skip
+    launch_strategy(strategy, resumed, port_offset=1)
+    assert max_abs_diff(weights(root / f"{strategy}-resumed"), weights(this)) < 1e-6
+    assert max_abs_diff(weights(root / f"{strategy}-resumed" / "ema"), weights(this / "ema")) < 1e-6
+
+
+def test_fsdp2_harness_refuses_a_single_process(tmp_path):
+    """The harness is only for real multi-process runs: one process would silently test nothing."""
+    done = launch(["--num_processes", "1", "--cpu", "tests/distributed/fsdp2_on_cpu.py", "recipes/pretrain.py"])
+    assert done.returncode != 0
+    assert "expected >= 2 CPU processes" in done.stdout + done.stderr
+
+
+def test_resume_with_another_process_count_is_refused_before_loading(shared):
+    root, tokenizer = shared
+    checkpoint = root / "fsdp2" / "checkpoint-2"
+    if not checkpoint.is_dir():
+        pytest.skip("needs the fsdp2 run above")
+    one = quick_run(
+        tokenizer, root / "fsdp2-one", per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint), **COMMON
+    )
+    with pytest.raises(ValueError, match="holds shards from 2 processes under DistributedType.FSDP; this run is 1"):
+        pretrain(one)
+    assert not (root / "fsdp2-one" / "model.safetensors").exists()
