@@ -43,6 +43,7 @@ from hf_audio_trainer.run import (
     loop_settings,
     model_card_writer,
     prepare,
+    prepare_frozen,
     prepare_output_dir,
     stage_accelerator,
     start_pusher,
@@ -375,7 +376,7 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
         max_positions=max(lengths) + k + 1, dropout=cfg.model.dropout,
     )  # fmt: skip
     model = build(cfg.model.model_name_or_path)
-    reference = build(ref_source).requires_grad_(False).eval().to(accelerator.device)
+    reference = prepare_frozen(cfg, accelerator, build(ref_source))
     collate = PreferenceCollator(
         CodesCollator(k, model.config.pad_token_id, model.config.bos_token_id, tokenizer.frame_rate)
     )

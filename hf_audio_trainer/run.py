@@ -137,6 +137,34 @@ def prepare(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, 
             delattr(base, name)
 
 
+def prepare_frozen(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model (DPO's reference) placed for the strategy, without optimizer state or gradient sync.
+
+    Under ZeRO-3 the weights were partitioned as they loaded (zero.Init), so the model needs a DeepSpeed engine of its
+    own to gather them in forward (as TRL does); elsewhere it is a plain copy on each process's device.
+    """
+    model = model.requires_grad_(False).eval()
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    def concrete(value):  # accelerate's "auto" placeholders are only filled for the model it prepares
+        if isinstance(value, dict):
+            return {k: concrete(v) for k, v in value.items() if v != "auto"}
+        return value
+
+    config = concrete(plugin.deepspeed_config)
+    config.pop("optimizer", None), config.pop("scheduler", None)
+    micro, accumulation = cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro * accumulation * accelerator.num_processes
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeed's eval() returns None
+    return engine
+
+
 def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
     e = cfg.ema
     if not e.ema:
