@@ -48,22 +48,29 @@ class Preempted(Exception):  # noqa: N818 (a stop, not an error)
         self.step, self.metrics = step, metrics
 
 
+SIGNAL_ECHO = 2.0  # seconds
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[dict]:
     """While training: the first SIGTERM/SIGINT asks the loop to stop after its step; a second one exits at once.
 
-    Spot instances and SLURM send SIGTERM before they kill; Ctrl-C sends SIGINT. Handlers can only be set in the
-    main thread; elsewhere (a notebook's worker thread) signals keep their default behaviour.
+    Spot instances and SLURM send SIGTERM before they kill; Ctrl-C sends SIGINT. A repeat within `SIGNAL_ECHO`
+    seconds is the same request arriving twice, not a second one: torchrun (`accelerate launch`) forwards the
+    SIGTERM or Ctrl-C it received to workers that SLURM or the terminal already signalled. Handlers can only be set
+    in the main thread; elsewhere (a notebook's worker thread) signals keep their default behaviour.
     """
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    first = {}
 
     def handle(signum, frame):
-        if flag["stop"]:
-            raise SystemExit(128 + signum)  # the second signal: no more waiting
+        if flag["stop"] and time.monotonic() - first["time"] > SIGNAL_ECHO:
+            raise SystemExit(128 + signum)  # a second request: no more waiting
         flag["stop"] = True
+        first.setdefault("time", time.monotonic())
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
