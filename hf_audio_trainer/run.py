@@ -109,8 +109,23 @@ def build_optimization(
     return optimizer, build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
 
 
+def check_tensor_parallel(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Tensor parallelism (`--parallelism_config_tp_size N`) needs a model with a transformers `tp_plan`."""
+    parallel = accelerator.parallelism_config
+    if parallel is None or parallel.tp_size <= 1:
+        return
+    base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    if not getattr(base, "_tp_plan", None) and not getattr(base.config, "base_model_tp_plan", None):
+        raise ValueError(
+            f"tensor parallelism (tp_size={parallel.tp_size}) needs a model with a tensor-parallel plan, and "
+            f"transformers has none for {type(base).__name__}: shard it with FSDP2 or ZeRO-3 instead "
+            f"(accelerate_configs/fsdp2.yaml, deepspeed_zero3.yaml) and drop --parallelism_config_tp_size"
+        )
+
+
 def prepare(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler):
     """`accelerator.prepare` for whichever strategy the launch config chose (DDP, FSDP2, DeepSpeed ZeRO)."""
+    check_tensor_parallel(accelerator, model)
     deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None:
         # DeepSpeed's engine clips and sizes its buffers from its own config: our flags are the source of truth (no

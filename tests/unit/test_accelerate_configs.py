@@ -42,3 +42,23 @@ def test_sharding_configs_shard_and_export_loadable_models():
     zero3 = load("deepspeed_zero3.yaml").deepspeed_config
     assert zero3["zero_stage"] == 3 and zero3["zero3_save_16bit_model"] is True
     assert load("cpu_ddp.yaml").use_cpu is False  # use_cpu would start one process; ACCELERATE_USE_CPU=true instead
+
+
+def test_tensor_parallel_on_a_model_without_a_tp_plan_is_refused_before_prepare():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_audio_trainer.models import build_model
+    from hf_audio_trainer.run import check_tensor_parallel
+
+    tp2 = SimpleNamespace(parallelism_config=SimpleNamespace(tp_size=2))
+    musicgen = build_model(None, "micro", 2, 16, max_positions=32)
+    with pytest.raises(
+        ValueError, match="transformers has none for MusicgenForCausalLM: shard it with FSDP2 or ZeRO-3"
+    ):
+        check_tensor_parallel(tp2, musicgen)
+    check_tensor_parallel(SimpleNamespace(parallelism_config=SimpleNamespace(tp_size=1)), musicgen)  # no TP: fine
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    llama = LlamaForCausalLM(LlamaConfig(**tiny))
+    check_tensor_parallel(tp2, llama)  # a model transformers can split passes
