@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameter)? Looked up only if loaded: importing the module costs ~1 s."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2 leaves some groups gathered after a forward (the root's): make every parameter its shard again."""
+    module = sys.modules.get("torch.distributed.fsdp")  # loaded by accelerate whenever FSDP is in use
+    if module is None:
+        return
+    for part in model.modules():
+        if isinstance(part, module.FSDPModule):
+            part.reshard()
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this process holds and updates: all of it, or its own shard under FSDP2 / ZeRO-3."""
     if hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank's flat partition (param.data is often empty)
         return param.ds_tensor
-    if isinstance(param, DTensor):  # FSDP2: this rank's shard, the same storage
+    if is_dtensor(param):  # FSDP2: this rank's shard, the same storage
         return param.to_local()
     return param
 
@@ -67,14 +82,12 @@ class EMA:
         self.device = device
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = self._params(model)
-        self.sharded = any(hasattr(p, "ds_tensor") or isinstance(p, DTensor) for p in params)
+        self.sharded = any(hasattr(p, "ds_tensor") or is_dtensor(p) for p in params)
         self.shadow = [self._local(p).to(device or self._local(p).device, copy=True).float() for p in params]
         self.num_updates = 0
 
     def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        for module in model.modules():  # FSDP2 leaves some groups gathered after a forward: back to the shards
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        reshard(model)
         params = dict(model.named_parameters())
         return [params[n] for n in self.names]
 

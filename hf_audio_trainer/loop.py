@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from hf_audio_trainer.ema import EMA
+from hf_audio_trainer.ema import EMA, is_dtensor
 from hf_audio_trainer.optim import Sophia, hutchinson_hessian
 from hf_audio_trainer.system import SystemMonitor
 
@@ -184,7 +183,7 @@ def train(
                 window.add(batch, loss_sum, extras)
             # the pre-clip norm is what tells you about stability; inf max norm measures without clipping
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm or float("inf"))
-            if isinstance(grad_norm, DTensor):  # FSDP2 reports a replicated DTensor
+            if is_dtensor(grad_norm):  # FSDP2 reports a replicated DTensor
                 grad_norm = grad_norm.full_tensor()
             grad_norm = torch.as_tensor(grad_norm, device=accelerator.device)  # DeepSpeed's engine reports a float
             # A non-finite loss makes a non-finite norm: skip the update (parameters, optimizer state and schedule
