@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 __all__ = [
     "AlignConfig",
+    "CodecConfig",
     "FinetuneConfig",
     "PretrainConfig",
     "RunResult",
@@ -12,13 +13,14 @@ __all__ = [
     "finetune",
     "parse_config",
     "pretrain",
+    "train_codec",
 ]
-_CONFIGS = ("AlignConfig", "FinetuneConfig", "PretrainConfig", "parse_config")
-_RECIPES = ("RunResult", "align", "finetune", "pretrain")
+_CONFIGS = ("AlignConfig", "CodecConfig", "FinetuneConfig", "PretrainConfig", "parse_config")
+_RECIPES = ("RunResult", "align", "finetune", "pretrain", "train_codec")
 
 if TYPE_CHECKING:
-    from hf_audio_trainer.config import AlignConfig, FinetuneConfig, PretrainConfig, parse_config
-    from hf_audio_trainer.recipes import RunResult, align, finetune, pretrain
+    from hf_audio_trainer.config import AlignConfig, CodecConfig, FinetuneConfig, PretrainConfig, parse_config
+    from hf_audio_trainer.recipes import RunResult, align, finetune, pretrain, train_codec
 
 
 def __getattr__(name: str):

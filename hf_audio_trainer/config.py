@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 from dataclasses import MISSING, dataclass, field
@@ -610,3 +611,236 @@ def resolve_config(config, config_cls: type = PretrainConfig):
     if isinstance(config, dict):
         return config_from_dict(config, config_cls)
     raise TypeError(f"config must be a {config_cls.__name__}, a dict of overrides or a YAML path, not {type(config)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The codec stage: an EnCodec model trained with discriminators (recipes/codec.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _int_list(value: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected comma-separated integers, e.g. 512,256,128") from None
+    _check(bool(values) and all(v > 0 for v in values), f"{name}={value!r}: expected positive integers")
+    return values
+
+
+@dataclass
+class CodecModelConfig:
+    """The codec: a new EnCodec model of --codec_size, or an EncodecModel folder / Hub id to continue."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An EncodecModel folder or Hub id to continue training; unset: a new codec."}
+    )
+    codec_size: str = field(default="tiny", metadata={"help": "Size of a new codec (see codec.CODEC_SIZES)."})
+    codec_sample_rate: int | None = field(
+        default=None,
+        metadata={"help": "Sample rate (Hz); unset: the loaded model's, 16000 for a new one. Audio is resampled."},
+    )
+    num_codebooks: int = field(default=4, metadata={"help": "Residual quantizers (codebooks) of a new codec."})
+    codebook_size: int = field(default=256, metadata={"help": "Entries per codebook of a new codec (a power of 2)."})
+    codebook_decay: float = field(
+        default=0.99, metadata={"help": "EMA decay of the codebook updates (EnCodec's 0.99)."}
+    )
+    dead_code_threshold: float = field(
+        default=0.1, metadata={"help": "Entries whose EMA assignment count falls below this restart at a frame."}
+    )
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.codec import CODEC_SIZES
+
+        _check(self.codec_size in CODEC_SIZES, f"codec_size={self.codec_size!r}: choose one of {sorted(CODEC_SIZES)}")
+        _check(
+            self.codec_sample_rate is None or self.codec_sample_rate >= 1000,
+            f"codec_sample_rate={self.codec_sample_rate}: must be >= 1000 Hz",
+        )
+        _check(self.num_codebooks >= 1, f"num_codebooks={self.num_codebooks}: must be >= 1")
+        _check(
+            self.codebook_size >= 2 and not self.codebook_size & (self.codebook_size - 1),
+            f"codebook_size={self.codebook_size}: must be a power of 2 (EnCodec stores codes in log2(size) bits)",
+        )
+        _check(0 < self.codebook_decay < 1, f"codebook_decay={self.codebook_decay}: must be in (0, 1)")
+        _check(self.dead_code_threshold >= 0, f"dead_code_threshold={self.dead_code_threshold}: must be >= 0")
+
+
+@dataclass
+class CodecDataConfig:
+    """The audio a codec trains on, cut into fixed-length segments."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A folder of audio files, a save_to_disk folder or a Hub dataset id; unset: synthetic."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    audio_column: str = field(default="audio", metadata={"help": "Column holding the audio."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of train held out when the dataset has no validation split."}
+    )
+    synthetic_num_clips: int = field(default=2000, metadata={"help": "Clips in the embedded synthetic dataset."})
+    segment_seconds: float = field(
+        default=0.5, metadata={"help": "Training segment length (rounded down to whole codec frames)."}
+    )
+    max_eval_seconds: float = field(default=10.0, metadata={"help": "Validation clips are cut to this length."})
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 < self.validation_split_percentage <= 50.0,
+            f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
+        )
+        _check(self.synthetic_num_clips >= 2, f"synthetic_num_clips={self.synthetic_num_clips}: must be >= 2")
+        _check(self.segment_seconds > 0, f"segment_seconds={self.segment_seconds}: must be > 0")
+        _check(self.max_eval_seconds > 0, f"max_eval_seconds={self.max_eval_seconds}: must be > 0")
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The discriminators and their optimizer settings (the rest is shared with the generator's --optim flags)."""
+
+    discriminators: str = field(
+        default="msstft", metadata={"help": "Comma-separated: msstft (multi-scale STFT), mpd (multi-period)."}
+    )
+    stft_discriminator_n_ffts: str = field(
+        default="512,256,128", metadata={"help": "FFT sizes of the multi-scale STFT discriminator's heads."}
+    )
+    mpd_periods: str = field(default="2,3,5,7,11", metadata={"help": "Periods of the multi-period discriminator."})
+    discriminator_channels: int = field(default=8, metadata={"help": "Conv channels of each discriminator head."})
+    discriminator_learning_rate: float | None = field(
+        default=None, metadata={"help": "The discriminator's peak learning rate; unset: --learning_rate."}
+    )
+    discriminator_max_grad_norm: float | None = field(
+        default=None, metadata={"help": "The discriminator's gradient clipping; unset: --max_grad_norm; 0 disables."}
+    )
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.adversarial import DISCRIMINATORS
+
+        kinds = [k.strip() for k in self.discriminators.split(",") if k.strip()]
+        _check(bool(kinds), "discriminators: name at least one of " + ", ".join(sorted(DISCRIMINATORS)))
+        for kind in kinds:
+            _check(kind in DISCRIMINATORS, f"discriminators: unknown {kind!r}; choose from {sorted(DISCRIMINATORS)}")
+        _int_list(self.stft_discriminator_n_ffts, "stft_discriminator_n_ffts")
+        _int_list(self.mpd_periods, "mpd_periods")
+        _check(self.discriminator_channels >= 1, f"discriminator_channels={self.discriminator_channels}: must be >= 1")
+        lr = self.discriminator_learning_rate
+        _check(lr is None or lr > 0, f"discriminator_learning_rate={lr}: must be > 0")
+        norm = self.discriminator_max_grad_norm
+        _check(norm is None or norm >= 0, f"discriminator_max_grad_norm={norm}: must be >= 0 (0 disables clipping)")
+
+    @property
+    def heads(self) -> dict[str, list[int]]:
+        """Discriminator kind -> its sizes (FFT sizes or periods)."""
+        sizes = {"msstft": self.stft_discriminator_n_ffts, "mpd": self.mpd_periods}
+        kinds = [k.strip() for k in self.discriminators.split(",") if k.strip()]
+        return {kind: _int_list(sizes[kind], kind) for kind in kinds}
+
+
+@dataclass
+class AdversarialConfig:
+    """The game: adversarial loss, when the discriminator starts, and the generator's loss weights (DAC's)."""
+
+    adversarial_loss_type: str = field(
+        default="lsgan", metadata={"help": "lsgan (HiFi-GAN; the balanced one on the default run) or hinge (EnCodec)."}
+    )
+    discriminator_start_step: int = field(
+        default=0, metadata={"help": "Train only on reconstruction until this step, then add the discriminator."}
+    )
+    mel_loss_weight: float = field(default=15.0, metadata={"help": "Weight of the multi-scale log-mel L1."})
+    mel_loss_n_ffts: str = field(default="256,512,1024", metadata={"help": "STFT sizes of the mel loss."})
+    waveform_loss_weight: float = field(default=0.1, metadata={"help": "Weight of the waveform L1."})
+    adversarial_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the generator's GAN loss."})
+    feature_matching_loss_weight: float = field(default=2.0, metadata={"help": "Weight of feature matching."})
+    commitment_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the VQ commitment loss."})
+
+    def __post_init__(self) -> None:
+        from hf_audio_trainer.adversarial import ADVERSARIAL_LOSSES
+
+        _check(
+            self.adversarial_loss_type in ADVERSARIAL_LOSSES,
+            f"adversarial_loss_type={self.adversarial_loss_type!r}: choose one of {sorted(ADVERSARIAL_LOSSES)}",
+        )
+        _check(
+            self.discriminator_start_step >= 0,
+            f"discriminator_start_step={self.discriminator_start_step}: must be >= 0",
+        )
+        for name in (
+            "mel_loss_weight", "waveform_loss_weight", "adversarial_loss_weight", "feature_matching_loss_weight",
+            "commitment_loss_weight",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            _check(value >= 0, f"{name}={value}: loss weights must be >= 0 (0 switches the term off)")
+        _int_list(self.mel_loss_n_ffts, "mel_loss_n_ffts")
+
+    @property
+    def weights(self):
+        from hf_audio_trainer.codec import LossWeights
+
+        return LossWeights(
+            mel=self.mel_loss_weight,
+            waveform=self.waveform_loss_weight,
+            adversarial=self.adversarial_loss_weight,
+            feature_matching=self.feature_matching_loss_weight,
+            commitment=self.commitment_loss_weight,
+        )
+
+
+@dataclass
+class CodecConfig(StageConfig):
+    """Train an EnCodec-style codec with discriminators; its output folder is a tokenizer for pretrain."""
+
+    model: CodecModelConfig = field(default_factory=CodecModelConfig)
+    data: CodecDataConfig = field(default_factory=CodecDataConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "output_dir": "outputs/codec",
+        "learning_rate": 1e-3,
+        "adam_beta1": 0.8,  # optim.GAN_BETAS: a short memory keeps up with the opponent
+        "adam_beta2": 0.99,
+        "weight_decay": 0.0,
+        "lr_scheduler_type": "constant_with_warmup",
+        "per_device_train_batch_size": 8,
+        "fad_embedder": "mel",
+        "num_eval_samples": 100,
+        "metric_for_best_model": "eval/mel_distance",
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        steps, start = self.training.max_steps, self.adversarial.discriminator_start_step
+        _check(
+            steps <= 0 or start <= steps,
+            f"discriminator_start_step={start} is after max_steps={steps}: the discriminator would never train; "
+            "lower --discriminator_start_step or raise --max_steps (equal to max_steps: a reconstruction-only run)",
+        )
+        if self.model.model_name_or_path is None:  # the sample rate is known now; a loaded model is checked at start
+            from hf_audio_trainer.codec import CODEC_SIZES, DEFAULT_SAMPLE_RATE
+
+            hop = math.prod(CODEC_SIZES[self.model.codec_size]["upsampling_ratios"])
+            check_segment(self, self.model.codec_sample_rate or DEFAULT_SAMPLE_RATE, hop)
+
+
+def check_segment(cfg: CodecConfig, sample_rate: int, hop_length: int) -> None:
+    """Training segments must hold the largest STFT window of the discriminator and of the mel loss."""
+    from hf_audio_trainer.adversarial import min_audio_samples
+    from hf_audio_trainer.codec import segment_samples
+
+    samples = segment_samples(cfg.data.segment_seconds, sample_rate, hop_length)
+    windows = {
+        "the STFT discriminator's largest n_fft": min_audio_samples(cfg.discriminator.heads),
+        "the mel loss's largest n_fft": max(_int_list(cfg.adversarial.mel_loss_n_ffts, "mel_loss_n_ffts")),
+    }
+    for what, needed in windows.items():
+        _check(
+            samples >= needed,
+            f"segment_seconds={cfg.data.segment_seconds} gives {samples} samples at {sample_rate} Hz, shorter than "
+            f"{what} ({needed}); raise --segment_seconds to at least {needed / sample_rate:g} or use smaller FFT sizes",
+        )

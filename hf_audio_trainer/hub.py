@@ -204,17 +204,22 @@ def write_model_card(
     )
     origin = f" from `{base_model}`" if base_model else ""
     trained_on = f" on {', '.join(f'`{d}`' for d in datasets)}" if datasets else ""
+    kind, model_class = (
+        ("A neural audio codec", "EncodecModel")
+        if stage == "codec"
+        else ("An audio language model", "MusicgenForCausalLM")
+    )
     body = f"""
 # {repo_id.split("/")[-1]}
 
-An audio language model trained with hf-audio-trainer, stage **{stage}**{origin}{trained_on}.
+{kind} trained with hf-audio-trainer, stage **{stage}**{origin}{trained_on}.
 
 ## How to load
 
 ```python
-from transformers import MusicgenForCausalLM
+from transformers import {model_class}
 
-model = MusicgenForCausalLM.from_pretrained("{repo_id}")
+model = {model_class}.from_pretrained("{repo_id}")
 ```
 
 ## Hyperparameters

@@ -300,6 +300,13 @@ def test_model_card_holds_metadata_and_tables(tmp_path):
     assert "hub_token" not in card.content and TOKEN not in card.content
 
 
+def test_a_codec_card_says_codec_and_loads_an_encodec_model(tmp_path):
+    path = write_model_card(tmp_path, repo_id=REPO, stage="codec", hyperparameters={}, metrics={})
+    text = ModelCard.load(path).text
+    assert "A neural audio codec trained with hf-audio-trainer, stage **codec**" in text
+    assert f'EncodecModel.from_pretrained("{REPO}")' in text and "Musicgen" not in text
+
+
 @pytest.mark.skipif(
     not (os.environ.get("HF_TOKEN") and os.environ.get("HF_HUB_TEST_REPO")),
     reason="pushes to the real Hub: set HF_TOKEN and HF_HUB_TEST_REPO (a repo id it may create and delete)",

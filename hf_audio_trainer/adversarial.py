@@ -1,0 +1,428 @@
+"""Adversarial training: discriminators, GAN and feature-matching losses, discriminator accuracy, and the loop that
+alternates discriminator and generator steps.
+
+Every loss here is a per-clip value, summed over the clips of a micro-batch; the loop divides by the clips of the
+whole optimizer step (all micro-batches, all processes), so micro-batch x accumulation x processes gives the same
+update as one big batch, for both networks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.nn.utils.parametrizations import weight_norm
+from tqdm.auto import tqdm
+
+from hf_audio_trainer.ema import EMA
+from hf_audio_trainer.loop import NonFiniteError, Preempted, stop_on_signals, to_device
+
+LEAK = 0.1  # LeakyReLU slope of HiFi-GAN / EnCodec discriminators
+
+# --------------------------------------------------------------------------------------------------------------------
+# Discriminators: forward(audio [B, 1, T]) -> list of (logits [B, ...], features [list of [B, ...]]), one per head
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class STFTDiscriminator(torch.nn.Module):
+    """One scale of EnCodec's multi-scale STFT discriminator: 2-D convs over the complex spectrogram (real, imag)."""
+
+    def __init__(self, n_fft: int, channels: int = 16):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, n_fft // 4
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        dilations = (1, 2, 4)
+        self.convs = torch.nn.ModuleList(
+            [weight_norm(torch.nn.Conv2d(2, channels, (3, 9), padding=(1, 4)))]
+            + [
+                # dilated in time, strided in frequency (EnCodec's layout)
+                weight_norm(torch.nn.Conv2d(channels, channels, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)))
+                for d in dilations
+            ]
+            + [weight_norm(torch.nn.Conv2d(channels, channels, (3, 3), padding=(1, 1)))]
+        )
+        self.out = weight_norm(torch.nn.Conv2d(channels, 1, (3, 3), padding=(1, 1)))
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        spec = torch.stft(
+            audio.float().flatten(0, 1), self.n_fft, self.hop, window=self.window, center=True,
+            pad_mode="constant", return_complex=True,
+        )  # fmt: skip
+        x = torch.view_as_real(spec).permute(0, 3, 2, 1)  # [B, 2 (real, imag), frames, freq]
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LEAK)
+            features.append(x)
+        return self.out(x), features
+
+
+class PeriodDiscriminator(torch.nn.Module):
+    """One period of HiFi-GAN's multi-period discriminator: 2-D convs over the waveform folded into [T / p, p]."""
+
+    def __init__(self, period: int, channels: int = 16):
+        super().__init__()
+        self.period = period
+        sizes = [1, channels, channels * 2, channels * 4]
+        self.convs = torch.nn.ModuleList(
+            [
+                weight_norm(torch.nn.Conv2d(a, b, (5, 1), stride=(3, 1), padding=(2, 0)))
+                for a, b in zip(sizes, sizes[1:], strict=False)
+            ]
+            + [weight_norm(torch.nn.Conv2d(sizes[-1], sizes[-1], (5, 1), padding=(2, 0)))]
+        )
+        self.out = weight_norm(torch.nn.Conv2d(sizes[-1], 1, (3, 1), padding=(1, 0)))
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b, c, t = audio.shape
+        pad = -t % self.period
+        x = F.pad(audio, (0, pad), mode="reflect" if pad < t else "constant").view(b, c, -1, self.period)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LEAK)
+            features.append(x)
+        return self.out(x), features
+
+
+# name -> builder(sizes, channels): a head per STFT size (msstft) or per period (mpd)
+DISCRIMINATORS = {
+    "msstft": lambda sizes, channels: [STFTDiscriminator(n, channels) for n in sizes],
+    "mpd": lambda sizes, channels: [PeriodDiscriminator(p, channels) for p in sizes],
+}
+
+
+class Discriminators(torch.nn.Module):
+    """All heads as one module, so one optimizer, one DDP wrapper and one checkpoint entry hold them."""
+
+    def __init__(self, kinds: dict[str, Sequence[int]], channels: int = 16):
+        super().__init__()
+        for kind in kinds:
+            if kind not in DISCRIMINATORS:
+                raise ValueError(f"unknown discriminator {kind!r}; choose from {sorted(DISCRIMINATORS)}")
+        self.heads = torch.nn.ModuleList(
+            h for kind, sizes in kinds.items() for h in DISCRIMINATORS[kind](sizes, channels)
+        )
+
+    def forward(self, audio: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        return [head(audio) for head in self.heads]
+
+
+def min_audio_samples(kinds: dict[str, Sequence[int]]) -> int:
+    """The shortest input every head can take: the largest STFT window (the spectrogram must hold a full one)."""
+    return max([*kinds.get("msstft", []), 1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Losses and accuracy: each head's per-clip value (mean over its output map), averaged over heads (EnCodec's 1/K)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdversarialLoss:
+    """d(real, fake) and g(fake) per clip [B] from one head's logits [B, ...]; `threshold` splits real from fake."""
+
+    discriminator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    generator: Callable[[torch.Tensor], torch.Tensor]
+    threshold: float
+
+
+def _per_clip(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+ADVERSARIAL_LOSSES = {
+    # hinge (EnCodec): D pushes real logits above 1 and fake below -1; G's term is bounded too, relu(1 - D(fake))
+    "hinge": AdversarialLoss(
+        discriminator=lambda real, fake: _per_clip(F.relu(1 - real)) + _per_clip(F.relu(1 + fake)),
+        generator=lambda fake: _per_clip(F.relu(1 - fake)),
+        threshold=0.0,
+    ),
+    # least squares (HiFi-GAN): targets 1 for real, 0 for fake
+    "lsgan": AdversarialLoss(
+        discriminator=lambda real, fake: _per_clip((real - 1).pow(2)) + _per_clip(fake.pow(2)),
+        generator=lambda fake: _per_clip((fake - 1).pow(2)),
+        threshold=0.5,
+    ),
+}
+
+
+def discriminator_loss(real: list[torch.Tensor], fake: list[torch.Tensor], loss: AdversarialLoss) -> torch.Tensor:
+    """Per-clip discriminator loss [B], averaged over heads."""
+    return torch.stack([loss.discriminator(r, f) for r, f in zip(real, fake, strict=True)]).mean(0)
+
+
+def generator_adversarial_loss(fake: list[torch.Tensor], loss: AdversarialLoss) -> torch.Tensor:
+    """Per-clip generator adversarial loss [B], averaged over heads."""
+    return torch.stack([loss.generator(f) for f in fake]).mean(0)
+
+
+def feature_matching_loss(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per-clip mean |D_l(real) - D_l(fake)| [B], averaged over layers and heads (MelGAN / HiFi-GAN).
+
+    EnCodec divides by mean |D_l(real)| over the batch; that couples clips, so accumulation would no longer equal
+    one big batch. The plain per-clip L1 keeps it exact.
+    """
+    per_head = [
+        torch.stack([_per_clip((r.detach() - f).abs()) for r, f in zip(rs, fs, strict=True)]).mean(0)
+        for rs, fs in zip(real, fake, strict=True)
+    ]
+    return torch.stack(per_head).mean(0)
+
+
+@torch.no_grad()
+def discriminator_accuracy(
+    real: list[torch.Tensor], fake: list[torch.Tensor], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-clip accuracy on real and on generated audio [B] each: the fraction of heads whose mean logit calls the
+    clip real (> threshold) for real clips, and generated (<= threshold) for generated ones."""
+    on_real = torch.stack([(_per_clip(r.float()) > threshold).float() for r in real]).mean(0)
+    on_fake = torch.stack([(_per_clip(f.float()) <= threshold).float() for f in fake]).mean(0)
+    return on_real, on_fake
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """No gradients into `module`'s parameters (they still flow through it to its input)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+
+# loss_fn(batch) -> (sum over the batch's clips of the loss, {stat name: sum over clips})
+StepLossFn = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# generator stats that only adversarial steps produce: averaged over those steps' clips, like the `d_` stats
+ADVERSARIAL_TERMS = ("g_adv_loss", "feature_matching_loss")
+
+
+@dataclass
+class Player:
+    """One network of the game with its own optimizer, schedule, loss scaler (fp16 only) and clipping."""
+
+    name: str  # "g" or "d": the prefix of its logged metrics
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    max_grad_norm: float = 1.0
+    scaler: torch.amp.GradScaler | None = None
+    # state the step updates outside the optimizer (the codec's EMA codebooks), called with whether it stepped
+    after_step: Callable[[bool], None] | None = None
+
+
+@dataclass
+class AdversarialSettings:
+    max_steps: int
+    gradient_accumulation_steps: int = 1
+    discriminator_start_step: int = 0  # steps after this one train the discriminator and add the adversarial terms
+    logging_steps: int = 10
+    eval_steps: int = 0
+    save_steps: int = 0
+    eval_on_start: bool = False
+    max_consecutive_skips: int = 10
+
+
+def update(
+    accelerator: Accelerator, player: Player, micro_batches: list[dict], loss_fn: StepLossFn, items: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Accumulate one network's gradient over the step's micro-batches; returns (summed stats, loss sum, grad norm).
+
+    accelerate's `accumulate` and `sync_gradients` follow one model (accelerate #1414, diffusers #4046), so with two
+    networks the accumulation is spelled out: DDP's all-reduce is skipped on every micro-batch but the last, and the
+    loss is divided by the clips of the whole step here, not by a count of micro-batches.
+    """
+    world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    stats: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(player.model):
+            loss_sum, extras = loss_fn(to_device(batch, accelerator.device))
+            # DDP averages over processes, so scale by world to get d(sum of losses) / (clips of the whole step)
+            loss = loss_sum * world / items
+            if player.scaler is not None:  # this network's own loss scale (accelerate keeps one for all models)
+                player.scaler.scale(loss).backward()
+            else:
+                accelerator.backward(loss * accum)  # accelerate divides by its accumulation count: undo it
+        total += loss_sum.detach().float()
+        for name, value in extras.items():
+            stats[name] = stats.get(name, 0.0) + value.detach().float()
+    params = [p for p in player.model.parameters() if p.requires_grad]
+    if player.scaler is not None:
+        player.scaler.unscale_(player.optimizer)  # clip the true gradient, with this network's scale
+        norm = torch.nn.utils.clip_grad_norm_(params, player.max_grad_norm or float("inf"))
+    else:
+        norm = accelerator.clip_grad_norm_(params, player.max_grad_norm or float("inf"))
+    return norm, stats, total
+
+
+def step_player(player: Player, grad_norm_finite: bool) -> bool:
+    """Apply the accumulated gradient; returns whether the update happened (a non-finite step is skipped whole:
+    parameters, optimizer state and schedule untouched)."""
+    stepped = grad_norm_finite
+    if player.scaler is not None:  # the scaler skips overflowing steps itself and lowers its scale when it does
+        before = player.scaler.get_scale()
+        player.scaler.step(player.optimizer)
+        player.scaler.update()
+        stepped = player.scaler.get_scale() >= before
+    elif stepped:
+        player.optimizer.step()
+    if stepped:
+        player.scheduler.step()
+    if player.after_step is not None:
+        player.after_step(stepped)
+    player.optimizer.zero_grad(set_to_none=True)
+    return stepped
+
+
+class Window:
+    """Sums since the last log line, on the device (no host sync per micro-batch)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.clips = {"g": 0.0, "d": 0.0}
+        self.audio_seconds, self.steps = 0.0, 0
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def add(self, prefix: str, total: torch.Tensor, stats: dict[str, torch.Tensor], clips: float) -> None:
+        for name, value in {f"{prefix}_loss": total, **stats}.items():
+            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value
+        self.clips[prefix] += clips
+
+    def metrics(self, accelerator: Accelerator) -> dict[str, float]:
+        """Per-clip means over the window and all processes (one reduce); the discriminator's stats (`d_...`) and
+        the adversarial terms over the clips of the steps that had them."""
+        names = sorted(self.sums)
+        host = torch.tensor([self.clips["g"], self.clips["d"], self.audio_seconds], dtype=torch.float64)
+        packed = torch.cat([host.to(self.device), *(self.sums[n].reshape(1).double() for n in names)])
+        g_clips, d_clips, audio, *values = accelerator.reduce(packed).tolist()
+        elapsed = time.perf_counter() - self.start - self.paused
+        logged = {"train/audio_seconds_per_second": audio / elapsed, "train/step_time": elapsed / max(self.steps, 1)}
+        for name, value in zip(names, values, strict=True):
+            clips = d_clips if name.startswith("d_") or name in ADVERSARIAL_TERMS else g_clips
+            if clips:
+                logged[f"train/{name}"] = value / clips
+        if d_clips:
+            logged["train/d_acc"] = (logged["train/d_acc_real"] + logged["train/d_acc_fake"]) / 2
+            # how the two sides of the game compare: near 1 when neither dominates (hinge: both ~1 at balance)
+            logged["train/d_g_loss_ratio"] = logged["train/d_loss"] / max(logged.get("train/g_adv_loss", 0.0), 1e-8)
+        return logged
+
+
+def train_adversarial(
+    accelerator: Accelerator,
+    generator: Player,
+    discriminator: Player,
+    batches: Iterator[dict],
+    generator_loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    discriminator_loss_fn: StepLossFn,
+    settings: AdversarialSettings,
+    start_step: int = 0,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    save: Callable[[int], None] | None = None,
+    ema: EMA | None = None,
+) -> dict[str, float]:
+    """Run steps start_step+1 .. max_steps, each a discriminator update then a generator update on the same batch.
+
+    From `discriminator_start_step` on, a step first trains the discriminator on real segments against the
+    generator's current reconstructions (computed without a graph), then trains the generator against the updated
+    discriminator (`generator_loss(batch, adversarial=True)`); before it, only the generator's reconstruction
+    losses train. Each network accumulates, clips, skips non-finite steps and steps on its own.
+    """
+    s, world = settings, accelerator.num_processes
+    metrics: dict[str, float] = {}
+    step = start_step
+    if evaluate is not None and s.eval_on_start and step == 0:
+        metrics.update(evaluate(0))
+        accelerator.log(metrics, step=0)
+    progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    window = Window(accelerator.device)
+    skipped = {"g": 0, "d": 0}
+    consecutive = 0
+    generator.model.train()
+    discriminator.model.train()
+    with stop_on_signals() as signals:
+        while step < s.max_steps:
+            micro_batches = [next(batches) for _ in range(s.gradient_accumulation_steps)]
+            # every process has the same per-device batch, so the step's clips are known without a collective
+            items = float(sum(b["num_items"] for b in micro_batches)) * world
+            adversarial = step >= s.discriminator_start_step
+            stop = torch.tensor(float(signals["stop"]), device=accelerator.device)
+            if world > 1:  # a signal may reach only some processes: they agree through the reduce
+                stop = accelerator.reduce(stop, "sum")
+            d_norm = None
+            if adversarial:
+                d_norm, d_stats, d_total = update(
+                    accelerator, discriminator, micro_batches, discriminator_loss_fn, items
+                )
+                # one host sync: the generator must train against the discriminator as updated (or not) here
+                d_stepped = step_player(discriminator, bool(torch.isfinite(d_norm)))
+                window.add("d", d_total, d_stats, items / world)
+                skipped["d"] += not d_stepped
+            g_loss = functools.partial(generator_loss, adversarial=adversarial)
+            g_norm, g_stats, g_total = update(accelerator, generator, micro_batches, g_loss, items)
+            checks = torch.stack([torch.isfinite(g_norm).float(), (stop > 0).float()]).tolist()
+            g_stepped = step_player(generator, bool(checks[0]))
+            stop_requested = bool(checks[1])
+            window.add("g", g_total, g_stats, items / world)
+            window.audio_seconds += sum(b["audio_seconds"] for b in micro_batches)
+            skipped["g"] += not g_stepped
+            step += 1
+            window.steps += 1
+            consecutive = 0 if g_stepped else consecutive + 1
+            if consecutive > s.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{consecutive} generator steps in a row (up to step {step}) had a non-finite loss or gradient norm"
+                )
+            if ema is not None and g_stepped:
+                ema.update(accelerator.unwrap_model(generator.model), step)
+            progress.update(1)
+
+            if step % s.logging_steps == 0 or step == s.max_steps:
+                logged = window.metrics(accelerator)
+                logged["train/g_grad_norm"] = g_norm.item()
+                logged["train/g_learning_rate"] = generator.scheduler.get_last_lr()[0]
+                logged["train/g_skipped_steps"] = skipped["g"]
+                if d_norm is not None:
+                    logged["train/d_grad_norm"] = d_norm.item()
+                    logged["train/d_learning_rate"] = discriminator.scheduler.get_last_lr()[0]
+                    logged["train/d_skipped_steps"] = skipped["d"]
+                for player in (generator, discriminator):
+                    if player.scaler is not None:
+                        logged[f"train/{player.name}_loss_scale"] = player.scaler.get_scale()
+                accelerator.log(logged, step=step)
+                metrics.update(logged)
+                postfix = {"mel": f"{logged.get('train/mel_distance', float('nan')):.3f}"}
+                if "train/d_acc" in logged:
+                    postfix["d_acc"] = f"{logged['train/d_acc']:.2f}"
+                progress.set_postfix(postfix)
+                window.reset()
+            paused = time.perf_counter()
+            if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
+                evaluated = evaluate(step)
+                accelerator.log(evaluated, step=step)
+                metrics.update(evaluated)
+            if save is not None and ((s.save_steps and step % s.save_steps == 0) or stop_requested):
+                save(step)  # SIGTERM/SIGINT: this step is saved, then the run stops
+            window.paused += time.perf_counter() - paused
+            if stop_requested:
+                progress.close()
+                raise Preempted(step, metrics)
+    progress.close()
+    return metrics
