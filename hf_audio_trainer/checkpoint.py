@@ -11,6 +11,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from hf_audio_trainer.models import merged_model
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
@@ -94,7 +96,9 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     if rank_save is not None:
         rank_save(tmp)
-        accelerator.wait_for_everyone()  # every shard is written before the manifest lists the files
+    # every process has written its own files (RNG state, shards) before the manifest lists them and the folder
+    # moves: save_state has no barrier at its end, and a fast main process renamed the folder under a slow rank
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra_save is not None:
             extra_save(tmp)
@@ -140,14 +144,22 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike, sta
     return state
 
 
-def save_final_model(accelerator: Accelerator, model, output_dir: str | os.PathLike, extra_save: Any = None) -> None:
-    """Write a `from_pretrained` folder (safetensors) into output_dir, file by file via a hidden folder."""
+def save_final_model(
+    accelerator: Accelerator, model, output_dir: str | os.PathLike, extra_save: Any = None, merge_lora: bool = False
+) -> None:
+    """Write a `from_pretrained` folder (safetensors) into output_dir, file by file via a hidden folder.
+
+    `merge_lora`: the model carries peft LoRA adapters; the folder gets a plain model with them merged in.
+    """
     root = Path(output_dir)
     tmp = root / ".tmp-final"
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank calls it
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        target = accelerator.unwrap_model(model)
+        if merge_lora:
+            target, state_dict = merged_model(target, state_dict), None
+        target.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if extra_save is not None:
             extra_save(tmp)
         for item in tmp.iterdir():

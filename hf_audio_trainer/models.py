@@ -120,9 +120,16 @@ def adapt_for_finetuning(
     return get_peft_model(model, config)
 
 
-def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain transformers model with the LoRA adapters merged in (the training model is left as it is)."""
-    return copy.deepcopy(model).merge_and_unload()
+def merged_model(peft_model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain transformers model with the LoRA adapters merged in, rebuilt on the CPU from the full state dict
+    (`accelerator.get_state_dict`), so it works whatever wraps or shards the training model (FSDP2 forbids deepcopy;
+    ZeRO-3 holds partitions). The training model is left as it is."""
+    from peft import get_peft_model
+
+    base = peft_model.get_base_model()
+    fresh = get_peft_model(type(base)(base.config), copy.deepcopy(peft_model.peft_config["default"]))
+    fresh.load_state_dict({name: value.to("cpu") for name, value in state_dict.items()})
+    return fresh.merge_and_unload()
 
 
 def check_model_fits_tokenizer(

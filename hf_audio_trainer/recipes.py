@@ -61,7 +61,7 @@ from hf_audio_trainer.data.preferences import (
 )
 from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.loop import NonFiniteError, Preempted, evaluate_loss, evaluate_metrics
-from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, merged_copy, num_parameters
+from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, num_parameters
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
 from hf_audio_trainer.run import (
     Checkpointer,
@@ -263,8 +263,8 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
         unwrapped = accelerator.unwrap_model(model)
         swap = ema.average_parameters(unwrapped) if use_ema else contextlib.nullcontext()
         with swap:  # LoRA adapters are merged into a copy: the export is a plain from_pretrained model
-            final = merged_copy(unwrapped) if cfg_uses_peft(cfg) else model
-            ckpt.save_final_model(accelerator, final, folder, lambda f: tokenizer.save_pretrained(f / TOKENIZER_DIR))
+            save_tokenizer = lambda f: tokenizer.save_pretrained(f / TOKENIZER_DIR)  # noqa: E731
+            ckpt.save_final_model(accelerator, model, folder, save_tokenizer, merge_lora=cfg_uses_peft(cfg))
 
     checkpointer = Checkpointer(
         cfg,

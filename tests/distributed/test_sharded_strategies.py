@@ -13,7 +13,7 @@ import json
 import pytest
 from transformers import MusicgenForCausalLM
 
-from hf_audio_trainer import align, pretrain
+from hf_audio_trainer import align, finetune, pretrain
 from tests.helpers import as_flags, fit_small_tokenizer, launch, max_abs_diff, quick_run, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -43,12 +43,12 @@ PORTS = {"zero2": 29541, "zero3": 29543, "fsdp2": 29545}
 COMMON = dict(max_steps=4, save_steps=2, eval_steps=2, ema=True, ema_decay=0.5)
 
 
-def launch_strategy(strategy: str, settings: dict, port_offset: int = 0):
+def launch_strategy(strategy: str, settings: dict, port_offset: int = 0, recipe: str | None = None):
     config, _, _ = STRATEGIES[strategy]
     args = [*config, "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(PORTS[strategy])]
     args[-1] = str(PORTS[strategy] + port_offset)
     script = ["tests/distributed/fsdp2_on_cpu.py"] if strategy == "fsdp2" else []
-    recipe = "recipes/align.py" if "synthetic_num_pairs" in settings else "recipes/pretrain.py"
+    recipe = recipe or ("recipes/align.py" if "synthetic_num_pairs" in settings else "recipes/pretrain.py")
     done = launch([*args, *script, recipe, *as_flags(settings)], timeout=400)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done
@@ -118,6 +118,21 @@ def test_align_under_zero3_equals_one_process(shared):
     single = align(settings(root / "align-single", per_device_train_batch_size=4))
     assert max_abs_diff(weights(root / "align-zero3"), weights(root / "align-single")) < 2e-5
     assert single.metrics["train/rewards/margins"] != 0.0  # the reference really scored: margins moved off zero
+
+
+def test_lora_finetune_under_fsdp2_exports_the_merged_model_of_one_process(shared):
+    """FSDP2 forbids deepcopy: the merged LoRA export is rebuilt from the gathered state dict instead."""
+    root, tokenizer = shared
+    lora = dict(model_name_or_path=str(root / "single"), max_steps=3, save_steps=3, use_peft=True, lora_dropout=0.0)
+    launch_strategy("fsdp2", quick_run(tokenizer, root / "lora-fsdp2", per_device_train_batch_size=2, **lora),
+                    port_offset=2, recipe="recipes/finetune.py")  # fmt: skip
+    state = json.loads((root / "lora-fsdp2" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["distributed_type"] == "DistributedType.FSDP"
+    finetune(quick_run(tokenizer, root / "lora-single", per_device_train_batch_size=4, **lora))
+    merged = weights(root / "lora-fsdp2")
+    assert not any("lora" in name for name in merged)  # a plain model, adapters merged in
+    assert max_abs_diff(merged, weights(root / "lora-single")) < 1e-6
+    assert max_abs_diff(merged, weights(root / "single")) > 1e-5  # the adapters changed the weights
 
 
 def test_fsdp2_harness_refuses_a_single_process(tmp_path):
