@@ -30,6 +30,7 @@ from hf_audio_trainer.adversarial import (
 )
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.tokenizers import mel_filters
+from hf_audio_trainer.trackers import log_audio
 
 # New codecs by size: SEANet channels, latent size and depth. Hop 320 (8*5*4*2) gives 50 frames/s at 16 kHz, the
 # frame rate of the default mel k-means tokenizer, so a pretrain run sees sequences of the same length.
@@ -506,11 +507,4 @@ class ReconstructionEvaluator:
         for i, (wave, original) in enumerate(zip(waves, self.originals, strict=False)):
             sf.write(folder / f"reconstruction{suffix}-{i}.wav", np.clip(wave, -1, 1), self.sample_rate)
             sf.write(folder / f"original-{i}.wav", np.clip(original, -1, 1), self.sample_rate)
-        try:
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        except (ValueError, KeyError):
-            return
-        if hasattr(writer, "add_audio"):
-            for i, wave in enumerate(waves):
-                clip = torch.from_numpy(np.clip(wave, -1, 1))[None]
-                writer.add_audio(f"reconstructions{suffix}/{i}", clip, step, sample_rate=self.sample_rate)
+        log_audio(self.accelerator, f"reconstructions{suffix}", waves, step, self.sample_rate)

@@ -60,7 +60,7 @@ from hf_audio_trainer.data.preferences import (
     make_synthetic_preferences,
 )
 from hf_audio_trainer.difficulty import score_difficulty
-from hf_audio_trainer.loop import NonFiniteError, Preempted, evaluate_loss, evaluate_metrics
+from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, num_parameters
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
 from hf_audio_trainer.run import (
@@ -69,12 +69,13 @@ from hf_audio_trainer.run import (
     build_ema,
     build_optimization,
     check_warmup,
-    finish,
     loop_settings,
     model_card_writer,
     prepare,
     prepare_frozen,
     prepare_output_dir,
+    run_and_finish,
+    shuffled_sampler,
     stage_accelerator,
     start_pusher,
     train_and_finish,
@@ -416,13 +417,7 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
             train_set = precompute_reference_logps(reference, train_set, collate, accelerator.device)
             val_set = precompute_reference_logps(reference, val_set, collate, accelerator.device)
         reference = None
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    sampler = CurriculumSampler(
-        [0.0] * len(train_set), global_batch, num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index, seed=t.seed,
-    )  # fmt: skip
-    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    check_warmup(cfg, max_steps)
+    global_batch, sampler, max_steps = shuffled_sampler(cfg, accelerator, len(train_set))
     optimizer, scheduler = build_optimization(cfg, accelerator, model, global_batch, max_steps)
     model, optimizer, scheduler = prepare(cfg, accelerator, model, optimizer, scheduler)
     ema = build_ema(cfg, accelerator.unwrap_model(model))
@@ -541,13 +536,7 @@ def _train_codec(cfg: CodecConfig, accelerator: Accelerator) -> RunResult:
             seed=t.seed, dataset_config_name=d.dataset_config_name, synthetic_num_clips=d.synthetic_num_clips,
         )  # fmt: skip
     train_set, val_set = raw["train"], raw["validation"]
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    sampler = CurriculumSampler(
-        [0.0] * len(train_set), global_batch, num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index, seed=t.seed,
-    )  # fmt: skip
-    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    check_warmup(cfg, max_steps)
+    global_batch, sampler, max_steps = shuffled_sampler(cfg, accelerator, len(train_set))
     start_d = cfg.adversarial.discriminator_start_step
     if start_d > max_steps:
         raise ValueError(f"discriminator_start_step={start_d} is after the run's {max_steps} steps; lower it")
@@ -659,24 +648,19 @@ def _train_codec(cfg: CodecConfig, accelerator: Accelerator) -> RunResult:
         Player("g", generator, g_optimizer, g_scheduler, o.max_grad_norm, scalers[0], update_codebooks),
         Player("d", discriminator, d_optimizer, d_scheduler, d_norm, scalers[1]),
     )
-    try:
-        metrics = train_adversarial(
+
+    def run_loop() -> dict[str, float]:
+        return train_adversarial(
             accelerator, *players, batches, objective.generator_loss, objective.discriminator_loss, settings,
             start_step, evaluate, checkpointer.save, ema,
         )  # fmt: skip
-    except NonFiniteError as err:
-        good = ckpt.list_checkpoints(out)
-        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        raise NonFiniteError(
-            f"{err}: training diverged; {where}. Resume from it with a lower --learning_rate or "
-            "--discriminator_learning_rate, or a smaller --max_grad_norm"
-        ) from err
-    except Preempted as stop:
-        accelerator.print(f"Stopped by a signal after step {stop.step}; continue with --resume_from_checkpoint latest")
-        return RunResult(str(out), stop.step, stop.metrics, preempted=True)
-    finish(cfg, accelerator, checkpointer, metrics)
+
+    advice = "a lower --learning_rate or --discriminator_learning_rate, or a smaller --max_grad_norm"
+    result = run_and_finish(cfg, accelerator, checkpointer, max_steps, run_loop, advice)
+    if result.preempted:
+        return result
     evals = [(m["step"], m["eval/mel_distance"]) for m in read_metrics(out) if "eval/mel_distance" in m]
     if len(evals) > 1:
         (s0, first), (s1, last) = evals[0], evals[-1]
         accelerator.print(f"validation mel distance {first:.4f} at step {s0} -> {last:.4f} at step {s1}")
-    return RunResult(str(out), max_steps, metrics)
+    return result

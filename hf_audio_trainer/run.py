@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.config import StageConfig
+from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.hub import HubPusher, write_model_card
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
@@ -82,6 +83,20 @@ def check_warmup(cfg: StageConfig, max_steps: int) -> None:
             f"warmup_steps={cfg.optim.warmup_steps} is longer than the {max_steps} steps of "
             f"{cfg.training.num_train_epochs} epoch(s): lower --warmup_steps or use --warmup_ratio"
         )
+
+
+def shuffled_sampler(cfg: StageConfig, accelerator: Accelerator, num_rows: int) -> tuple[int, CurriculumSampler, int]:
+    """A seeded shuffle of all rows, one global order split by rank (no curriculum): the global batch, the sampler
+    and the run's step count (from --max_steps, or --num_train_epochs), with the warm-up checked against it."""
+    t = cfg.training
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    sampler = CurriculumSampler(
+        [0.0] * num_rows, global_batch, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        seed=t.seed,
+    )  # fmt: skip
+    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+    check_warmup(cfg, max_steps)
+    return global_batch, sampler, max_steps
 
 
 def build_optimization(
@@ -354,24 +369,38 @@ def train_and_finish(
     evaluate: Callable[[int], dict[str, float]],
     ema: EMA | None,
 ) -> RunResult:
-    """The training loop, then the final export (`finish`).
+    """The training loop, then the final export (`finish`)."""
 
-    A diverged run's error points at the last good checkpoint; a run stopped by a signal returns after its
-    checkpoint (exit status 0), without exporting a final model.
-    """
-    out = Path(cfg.training.output_dir)
-    try:
-        metrics = train(
+    def run_loop() -> dict[str, float]:
+        return train(
             accelerator, model, optimizer, scheduler, batches, loss_fn, settings, start_step, evaluate,
             checkpointer.save, ema,
         )  # fmt: skip
+
+    advice = "a lower --learning_rate, a smaller --max_grad_norm or --mixed_precision bf16 instead of fp16"
+    return run_and_finish(cfg, accelerator, checkpointer, settings.max_steps, run_loop, advice)
+
+
+def run_and_finish(
+    cfg: StageConfig,
+    accelerator: Accelerator,
+    checkpointer: Checkpointer,
+    max_steps: int,
+    run_loop: Callable[[], dict[str, float]],
+    advice: str,
+) -> RunResult:
+    """Run a training loop, then the final export (`finish`).
+
+    A diverged run's error points at the last good checkpoint and says what to change (`advice`); a run stopped by a
+    signal returns after its checkpoint (exit status 0), without exporting a final model.
+    """
+    out = Path(cfg.training.output_dir)
+    try:
+        metrics = run_loop()
     except NonFiniteError as err:
         good = ckpt.list_checkpoints(out)
         where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        raise NonFiniteError(
-            f"{err}: training diverged; {where}. Resume from it with a lower --learning_rate, a smaller "
-            "--max_grad_norm or --mixed_precision bf16 instead of fp16"
-        ) from err
+        raise NonFiniteError(f"{err}: training diverged; {where}. Resume from it with {advice}") from err
     except Preempted as stop:
         accelerator.print(
             f"Stopped by a signal after step {stop.step}; its checkpoint is written. Continue with "
@@ -379,7 +408,7 @@ def train_and_finish(
         )
         return RunResult(str(out), stop.step, stop.metrics, preempted=True)
     finish(cfg, accelerator, checkpointer, metrics)
-    return RunResult(str(out), settings.max_steps, metrics)
+    return RunResult(str(out), max_steps, metrics)
 
 
 def loop_settings(cfg: StageConfig, accelerator: Accelerator, max_steps: int, flops_per_item: float = 0.0):

@@ -18,6 +18,7 @@ from datasets import Dataset
 from hf_audio_trainer.alignment import generate_continuations
 from hf_audio_trainer.metrics.embedders import load_embedder
 from hf_audio_trainer.metrics.fad import embedding_statistics, frechet_distance, reference_statistics
+from hf_audio_trainer.trackers import log_audio
 
 SAMPLES_DIR = "samples"
 
@@ -97,10 +98,4 @@ class SampleEvaluator:
         for i, wave in enumerate(waves):
             peak = float(np.abs(wave).max()) or 1.0
             sf.write(folder / f"sample-{i}.wav", (wave / max(peak, 1.0)).astype(np.float32), sr)
-        try:
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        except (ValueError, KeyError):
-            return
-        if hasattr(writer, "add_audio"):
-            for i, wave in enumerate(waves):
-                writer.add_audio(f"samples/{i}", torch.from_numpy(wave).clamp(-1, 1)[None], step, sample_rate=sr)
+        log_audio(self.accelerator, "samples", waves, step, sr)

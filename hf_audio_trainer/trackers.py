@@ -7,6 +7,9 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,3 +60,14 @@ def truncate_metrics(output_dir: str | os.PathLike, step: int) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def log_audio(accelerator: Accelerator, tag: str, waves: list[np.ndarray], step: int, sample_rate: int) -> None:
+    """Clips to TensorBoard's audio tab as `tag/i`, when a TensorBoard tracker is on (other trackers take no audio)."""
+    try:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    except (ValueError, KeyError):
+        return
+    if hasattr(writer, "add_audio"):
+        for i, wave in enumerate(waves):
+            writer.add_audio(f"{tag}/{i}", torch.from_numpy(np.clip(wave, -1, 1))[None], step, sample_rate=sample_rate)

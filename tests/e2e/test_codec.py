@@ -14,17 +14,7 @@ from hf_audio_trainer.tokenizers import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import ROOT, as_flags, launch, max_abs_diff, quick_run
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as `accelerate launch` gives a CPU run: these small ops lose more to thread synchronisation
-    than they gain, badly so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def codec_run(output_dir, **overrides) -> dict:

@@ -33,15 +33,7 @@ from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.tokenizers import EncodecTokenizer, load_audio_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as `accelerate launch` gives a CPU run: these small ops lose more to thread synchronisation
-    than they gain, badly so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def maps(*per_clip_means):
