@@ -26,15 +26,7 @@ from hf_audio_trainer.metrics.fad import fad
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SR = 16000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two intra-op threads stall whenever another process holds a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _tones(

@@ -20,6 +20,7 @@ from hf_audio_trainer.tokenizers import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SR = 16000
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 HOP = 320
 
 
@@ -52,15 +53,6 @@ def _tones() -> list[np.ndarray]:
         clips.append(level * np.sin(2 * np.pi * f * t))
         clips.append(level * sum(np.sin(2 * np.pi * k * f * t) / k for k in range(1, 5)) / 2)
     return [c.astype(np.float32) for c in clips]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two intra-op threads stall whenever another process holds a core (4x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
