@@ -357,7 +357,8 @@ def train_adversarial(
     consecutive = 0
     generator.model.train()
     discriminator.model.train()
-    with stop_on_signals() as signals:
+    # the bar is closed on any exit, so an error's message starts on a line of its own
+    with stop_on_signals() as signals, contextlib.closing(progress):
         while step < s.max_steps:
             micro_batches = [next(batches) for _ in range(s.gradient_accumulation_steps)]
             # every process has the same per-device batch, so the step's clips are known without a collective
@@ -422,7 +423,5 @@ def train_adversarial(
                 save(step)  # SIGTERM/SIGINT: this step is saved, then the run stops
             window.paused += time.perf_counter() - paused
             if stop_requested:
-                progress.close()
                 raise Preempted(step, metrics)
-    progress.close()
     return metrics

@@ -19,6 +19,7 @@ from datasets import Dataset
 
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
+from hf_audio_trainer.errors import ConfigError
 
 
 def _sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -141,7 +142,7 @@ def tokenize_preferences(dataset, tokenizer, max_duration_seconds: float, num_pr
     )
     for column in ("chosen_codes", "rejected_codes"):
         if any(len(codes[0]) == 0 for codes in encoded[column]):
-            raise ValueError(f"some {split} '{column[:-6]}' clips are shorter than one tokenizer frame; remove them")
+            raise ConfigError(f"some {split} '{column[:-6]}' clips are shorter than one tokenizer frame; remove them")
     return encoded
 
 
@@ -295,7 +296,7 @@ def make_preference_pairs(
     for `align`). Prompts whose samples all score the same give no preference and are left out.
     """
     if num_samples < 2:
-        raise ValueError(f"num_samples={num_samples}: need at least 2 continuations per prompt to rank")
+        raise ConfigError(f"num_samples={num_samples}: need at least 2 continuations per prompt to rank")
     num_frames = max(1, round(seconds * tokenizer.frame_rate))
     rows = []
     for prompt in prompts:

@@ -29,6 +29,7 @@ from hf_audio_trainer.adversarial import (
     generator_adversarial_loss,
 )
 from hf_audio_trainer.data.audio import decode_audio
+from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.tokenizers import mel_filters
 from hf_audio_trainer.trackers import log_audio
 
@@ -55,9 +56,9 @@ def bandwidth_for(config: EncodecConfig, num_codebooks: int) -> float:
 def new_codec_config(size: str, sample_rate: int, num_codebooks: int, codebook_size: int) -> EncodecConfig:
     """A mono, unnormalised, unchunked EncodecConfig of `size` whose only bandwidth uses `num_codebooks` codebooks."""
     if size not in CODEC_SIZES:
-        raise ValueError(f"codec_size={size!r}: choose one of {sorted(CODEC_SIZES)}")
+        raise ConfigError(f"codec_size={size!r}: choose one of {sorted(CODEC_SIZES)}")
     if codebook_size < 2 or codebook_size & (codebook_size - 1):
-        raise ValueError(f"codebook_size={codebook_size}: EnCodec needs a power of 2 (e.g. 256)")
+        raise ConfigError(f"codebook_size={codebook_size}: EnCodec needs a power of 2 (e.g. 256)")
     arch = CODEC_SIZES[size]
     config = EncodecConfig(
         sampling_rate=sample_rate,
@@ -77,11 +78,11 @@ def check_codec(model: EncodecModel) -> None:
     """The codec recipe trains what `EncodecTokenizer` can load: mono, unchunked, without loudness normalisation."""
     c = model.config
     if c.audio_channels != 1:
-        raise ValueError(f"the codec recipe trains mono codecs; this model has audio_channels={c.audio_channels}")
+        raise ConfigError(f"the codec recipe trains mono codecs; this model has audio_channels={c.audio_channels}")
     if c.chunk_length_s is not None:
-        raise ValueError(f"chunked EnCodec models (chunk_length_s={c.chunk_length_s}) cannot be used as tokenizers")
+        raise ConfigError(f"chunked EnCodec models (chunk_length_s={c.chunk_length_s}) cannot be used as tokenizers")
     if c.normalize:
-        raise ValueError(
+        raise ConfigError(
             "this EnCodec model normalises loudness per clip (normalize=True), a scale the codes do not carry; "
             "train a model with normalize=False"
         )
@@ -97,12 +98,12 @@ def build_codec(
         try:
             model = EncodecModel.from_pretrained(model_name_or_path)
         except OSError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"could not load an EncodecModel from {model_name_or_path!r}: pass a folder with config.json and "
                 f"model.safetensors or a cached Hub id ({err})"
             ) from err
         if sample_rate is not None and sample_rate != model.config.sampling_rate:
-            raise ValueError(
+            raise ConfigError(
                 f"codec_sample_rate={sample_rate} but {model_name_or_path} runs at {model.config.sampling_rate} Hz; "
                 "drop --codec_sample_rate (audio is resampled to the codec's rate) or pass the model's rate"
             )

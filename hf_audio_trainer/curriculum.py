@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from hf_audio_trainer.errors import ConfigError
+
 # Pacing name -> competence c(t) in [start, 1]: the fraction of the data, easiest first, open at progress t in [0, 1]
 # (t = step / curriculum_steps). Platanios et al. 2019 ("competence-based curriculum") for linear and root.
 PACING = {
@@ -65,15 +67,15 @@ class CurriculumSampler(Sampler[int]):
         lengths: Sequence[int] | None = None,
     ):
         if pacing not in PACING:
-            raise ValueError(f"unknown pacing {pacing!r}; choose one of {sorted(PACING)}")
+            raise ConfigError(f"unknown pacing {pacing!r}; choose one of {sorted(PACING)}")
         if not 0.0 < start_fraction <= 1.0:
-            raise ValueError(f"start_fraction={start_fraction}: must be in (0, 1]")
+            raise ConfigError(f"start_fraction={start_fraction}: must be in (0, 1]")
         if curriculum_steps < 1:
-            raise ValueError(f"curriculum_steps={curriculum_steps}: must be >= 1")
+            raise ConfigError(f"curriculum_steps={curriculum_steps}: must be >= 1")
         if global_batch_size % num_replicas:
-            raise ValueError(f"global batch {global_batch_size} does not split evenly over {num_replicas} processes")
+            raise ConfigError(f"global batch {global_batch_size} does not split evenly over {num_replicas} processes")
         if len(difficulties) < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {len(difficulties)} examples, fewer than one global batch of {global_batch_size} "
                 "(per-device batch x accumulation x processes); use a smaller batch or more data"
             )
@@ -85,7 +87,7 @@ class CurriculumSampler(Sampler[int]):
         if pacing != "none":
             bad = np.flatnonzero(~np.isfinite(scores))
             if len(bad):
-                raise ValueError(
+                raise ConfigError(
                     f"difficulty is NaN or infinite at rows {bad[:10].tolist()}; rescore the data or drop those rows"
                 )
             if np.ptp(scores) == 0:
@@ -212,7 +214,7 @@ class CurriculumSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}")
+            raise ConfigError(f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def state_at_step(self, step: int) -> dict[str, int]:

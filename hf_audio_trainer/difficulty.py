@@ -39,6 +39,7 @@ from datasets.fingerprint import Hasher
 
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
+from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.models import check_model_fits_tokenizer
 from hf_audio_trainer.tokenizers import AudioTokenizer, load_audio_tokenizer, mel_filters
 
@@ -71,9 +72,9 @@ def score_difficulty(
 ) -> datasets.Dataset:
     """The dataset with a float32 `difficulty` column in [0, 1] (0 = easiest) scored by `method`."""
     if method not in DIFFICULTY_METHODS:
-        raise ValueError(f"unknown difficulty method {method!r}; choose one of {sorted(DIFFICULTY_METHODS)}")
+        raise ConfigError(f"unknown difficulty method {method!r}; choose one of {sorted(DIFFICULTY_METHODS)}")
     if weights is not None and method != "acoustic":
-        raise ValueError(f"weights only apply to the 'acoustic' difficulty method, not {method!r}")
+        raise ConfigError(f"weights only apply to the 'acoustic' difficulty method, not {method!r}")
     raw = DIFFICULTY_METHODS[method](
         dataset,
         audio_column=audio_column,
@@ -103,7 +104,7 @@ def score_difficulty(
 def _check_finite(values: np.ndarray, what: str) -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
-        raise ValueError(
+        raise ConfigError(
             f"{what} is NaN or infinite at {len(bad)} row(s), e.g. rows {bad[:5].tolist()}; "
             "re-encode or remove those clips (or fix those values)"
         )
@@ -112,7 +113,7 @@ def _check_finite(values: np.ndarray, what: str) -> None:
 def _audio_dataset(dataset: datasets.Dataset, audio_column: str) -> datasets.Dataset:
     """The dataset with its audio column left undecoded (datasets decodes Audio only through torchcodec)."""
     if audio_column not in dataset.column_names:
-        raise ValueError(f"no audio column {audio_column!r} in {dataset.column_names}; name it with --audio_column")
+        raise ConfigError(f"no audio column {audio_column!r} in {dataset.column_names}; name it with --audio_column")
     feature = dataset.features[audio_column]
     if isinstance(feature, datasets.Audio) and feature.decode:
         return dataset.cast_column(audio_column, datasets.Audio(decode=False))
@@ -133,14 +134,14 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
 
 def _column_scores(dataset: datasets.Dataset, *, column: str, **_) -> np.ndarray:
     if column not in dataset.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"the dataset has no difficulty column {column!r} (columns: {dataset.column_names}); name an existing "
             "numeric column, or score the clips from their audio with --difficulty_method acoustic"
         )
     try:
         return np.asarray(dataset[column], dtype=np.float64)  # None (a missing value) becomes NaN
     except (TypeError, ValueError) as err:
-        raise ValueError(f"difficulty column {column!r} is not numeric ({dataset.features[column]})") from err
+        raise ConfigError(f"difficulty column {column!r} is not numeric ({dataset.features[column]})") from err
 
 
 def _acoustic_scores(
@@ -155,7 +156,7 @@ def _acoustic_scores(
     weights = {**ACOUSTIC_WEIGHTS, **(weights or {})}
     unknown = sorted(set(weights) - set(ACOUSTIC_WEIGHTS))
     if unknown or not all(np.isfinite(w) for w in weights.values()) or not any(weights.values()):
-        raise ValueError(
+        raise ConfigError(
             f"acoustic weights {weights}: need finite weights, not all zero, for features {list(ACOUSTIC_WEIGHTS)}"
             + (f" (unknown: {unknown})" if unknown else "")
         )
@@ -326,13 +327,13 @@ def _model_loss_scores(
     from transformers import MusicgenForCausalLM
 
     if model_name_or_path is None:
-        raise ValueError(
+        raise ConfigError(
             "difficulty method 'model_loss' needs model_name_or_path: the output folder of a run "
             f"(a saved model with its {TOKENIZER_DIR}/ folder)"
         )
     folder = Path(model_name_or_path)
     if not (folder / TOKENIZER_DIR).is_dir():
-        raise ValueError(
+        raise ConfigError(
             f"{model_name_or_path} has no {TOKENIZER_DIR}/ folder; pass the output folder of a run, "
             "which holds the model and the tokenizer it was trained with"
         )

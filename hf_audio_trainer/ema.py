@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import torch
 
+from hf_audio_trainer.errors import ConfigError
+
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """A DTensor (FSDP2's sharded parameter)? Looked up only if loaded: importing the module costs ~1 s."""
@@ -72,9 +74,9 @@ class EMA:
         device: str | torch.device | None = None,
     ):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay={decay}: must be in [0, 1)")
+            raise ConfigError(f"EMA decay={decay}: must be in [0, 1)")
         if update_every < 1:
-            raise ValueError(f"EMA update_every={update_every}: must be >= 1")
+            raise ConfigError(f"EMA update_every={update_every}: must be >= 1")
         self.decay = decay
         self.update_every = update_every
         self.start_step = start_step
@@ -146,7 +148,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.names if f"ema.{n}" not in state]
         if missing:
-            raise ValueError(f"the EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}: another model?")
+            raise ConfigError(f"the EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}: another model?")
         with torch.no_grad():
             for name, average in zip(self.names, self.shadow, strict=True):
                 average.copy_(state[f"ema.{name}"])

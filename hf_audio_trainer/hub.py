@@ -16,6 +16,8 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import validate_repo_id
 
+from hf_audio_trainer.errors import ConfigError, RemoteError
+
 logger = logging.getLogger(__name__)
 
 # Same meanings as transformers' TrainingArguments.hub_strategy.
@@ -31,15 +33,15 @@ _STAGING_PREFIX = ".tmp-hub-push-"
 def check_hub_args(push_to_hub: bool, hub_model_id: str | None, hub_strategy: str) -> None:
     """Fail before training when the Hub flags cannot work, naming the flag and the fix."""
     if hub_strategy not in HUB_STRATEGIES:
-        raise ValueError(f"--hub_strategy {hub_strategy!r} is unknown; valid strategies: {', '.join(HUB_STRATEGIES)}")
+        raise ConfigError(f"--hub_strategy {hub_strategy!r} is unknown; valid strategies: {', '.join(HUB_STRATEGIES)}")
     if not push_to_hub:
         return
     if not hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. --hub_model_id your-name/my-audio-model)")
+        raise ConfigError("--push_to_hub needs --hub_model_id (e.g. --hub_model_id your-name/my-audio-model)")
     try:
         validate_repo_id(hub_model_id)
     except ValueError as err:
-        raise ValueError(
+        raise ConfigError(
             f"--hub_model_id {hub_model_id!r} is not a valid repo id (your-name/model-name): {err}"
         ) from None
 
@@ -76,7 +78,7 @@ class HubPusher:
             self.url = str(self._api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
         except Exception as err:
             # `from None`: the upstream exception carries the request, whose headers hold the token
-            raise RuntimeError(
+            raise RemoteError(
                 f"cannot create or reach the Hub repo {repo_id!r} ({self._redact(f'{type(err).__name__}: {err}')}). "
                 "Log in with `hf auth login` or pass --hub_token, and check that the token has write access to "
                 f"the namespace of {repo_id!r}."

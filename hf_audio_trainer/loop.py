@@ -165,7 +165,8 @@ def train(
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     sophia = inner if isinstance(inner, Sophia) else None
     model.train()
-    with stop_on_signals() as signals:
+    # the bar is closed on any exit, so an error's message starts on a line of its own
+    with stop_on_signals() as signals, contextlib.closing(progress):
         while step < s.max_steps:
             waiting = time.perf_counter()
             micro_batches = [next(batches) for _ in range(accum)]
@@ -234,9 +235,7 @@ def train(
                 save(step)
             window.paused += time.perf_counter() - paused
             if stop_requested:
-                progress.close()
                 raise Preempted(step, metrics)
-    progress.close()
     return metrics
 
 

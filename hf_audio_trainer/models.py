@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
+from hf_audio_trainer.errors import ConfigError
+
 # Sizes of a new model. "tiny" trains in a few minutes on two CPU cores.
 MODEL_SIZES = {
     "micro": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64),  # tests, benchmarks
@@ -23,7 +25,7 @@ def new_model_config(
 ) -> MusicgenDecoderConfig:
     """A decoder config for a tokenizer's codebooks; the pad/BOS id is one past the last code."""
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
     config = MusicgenDecoderConfig(
         vocab_size=codebook_size,
         num_codebooks=num_codebooks,
@@ -66,7 +68,7 @@ def build_model(
     try:
         model = MusicgenForCausalLM.from_pretrained(model_name_or_path, **overrides)
     except OSError as err:
-        raise ValueError(
+        raise ConfigError(
             f"could not load a MusicgenForCausalLM from {model_name_or_path!r}: pass a folder written by "
             f"save_pretrained (config.json + model.safetensors) or a Hub id that is cached locally ({err})"
         ) from err
@@ -100,7 +102,7 @@ def adapt_for_finetuning(
     for pattern in [p.strip() for p in (freeze_modules or "").split(",") if p.strip()]:
         matched = [n for n in names if fnmatch.fnmatch(n, pattern) or n.startswith(pattern + ".")]
         if not matched:
-            raise ValueError(
+            raise ConfigError(
                 f"--freeze_modules {pattern!r} matches no parameter; names look like {names[:3]} ... (fnmatch "
                 "patterns such as 'model.decoder.layers.0.*', or a module prefix such as 'model.decoder.embed_tokens')"
             )
@@ -115,7 +117,7 @@ def adapt_for_finetuning(
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
     if missing:
-        raise ValueError(f"--lora_target_modules {missing} are not modules of this model; e.g. {sorted(present)[:12]}")
+        raise ConfigError(f"--lora_target_modules {missing} are not modules of this model; e.g. {sorted(present)[:12]}")
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
     return get_peft_model(model, config)
 
@@ -137,17 +139,17 @@ def check_model_fits_tokenizer(
 ) -> None:
     """Fail early when a loaded model cannot read the tokenizer's codes."""
     if config.num_codebooks != num_codebooks:
-        raise ValueError(
+        raise ConfigError(
             f"the model predicts {config.num_codebooks} codebooks but the tokenizer makes {num_codebooks}; "
             "use the tokenizer the model was trained with (--tokenizer)"
         )
     if config.vocab_size < codebook_size:
-        raise ValueError(
+        raise ConfigError(
             f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's codebook_size "
             f"{codebook_size}; use the tokenizer the model was trained with (--tokenizer)"
         )
     if config.max_position_embeddings < max_positions:
-        raise ValueError(
+        raise ConfigError(
             f"the model handles {config.max_position_embeddings} positions but clips need {max_positions}; "
             "lower --max_duration_seconds"
         )

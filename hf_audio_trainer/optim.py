@@ -8,6 +8,8 @@ import pytorch_optimizer
 import torch
 from transformers import get_scheduler
 
+from hf_audio_trainer.errors import ConfigError
+
 # Adam-style betas when --adam_beta1/--adam_beta2 are not given: each optimizer's paper default. GAN_BETAS are the
 # usual ones for adversarial training (HiFi-GAN, EnCodec, DAC), where a short memory keeps up with the opponent.
 DEFAULT_BETAS = {"lion": (0.9, 0.99), "sophia": (0.965, 0.99)}
@@ -48,9 +50,9 @@ class Sophia(pytorch_optimizer.SophiaH):
 
     def __init__(self, params, lr, betas, weight_decay, rho: float = 0.04, hessian_update_period: int = 10):
         if rho <= 0:
-            raise ValueError(f"sophia rho={rho}: must be > 0")
+            raise ConfigError(f"sophia rho={rho}: must be > 0")
         if hessian_update_period < 1:
-            raise ValueError(f"hessian_update_period={hessian_update_period}: must be >= 1")
+            raise ConfigError(f"hessian_update_period={hessian_update_period}: must be >= 1")
         # SophiaH's own refresh would only trigger on its step 1, where `next_hessian` is always set
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, p=rho, update_period=2**62)
         self.hessian_update_period = hessian_update_period
@@ -89,11 +91,11 @@ def hutchinson_hessian(
     Needs the graph of `loss` (it differentiates twice); parameters that do not affect the loss get zeros.
     """
     if not loss.requires_grad:
-        raise ValueError("Sophia needs a differentiable loss: the loss does not require grad")
+        raise ConfigError("Sophia needs a differentiable loss: the loss does not require grad")
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not used:
-        raise ValueError(
+        raise ConfigError(
             "Sophia needs a twice-differentiable loss: its gradient does not depend on the parameters "
             "(a piecewise-linear loss or a detached computation); use another --optim"
         )
@@ -155,7 +157,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def _muon(groups, lr, betas, eps, weight_decay, momentum: float = 0.95):
     if not hasattr(torch.optim, "Muon"):
-        raise ValueError(f"--optim muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+        raise ConfigError(f"--optim muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if groups and not isinstance(groups[0], dict):  # a plain list of parameters
         groups = [{"params": groups}]
     marked = any("hidden_matrices" in g for g in groups)
@@ -169,7 +171,7 @@ def _muon(groups, lr, betas, eps, weight_decay, momentum: float = 0.95):
         muon_groups += [{**group, "params": matrices}] if matrices else []
         adamw_groups += [{**group, "params": others}] if others else []
     if not muon_groups:
-        raise ValueError("--optim muon found no 2-D hidden weight matrices to orthogonalise; use adamw for this model")
+        raise ConfigError("--optim muon found no 2-D hidden weight matrices to orthogonalise; use adamw for this model")
     return MuonWithAdamW(
         muon_groups, adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum
     )
@@ -240,7 +242,7 @@ def build_optimizer(
     (sophia: rho, hessian_update_period; muon: momentum).
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if isinstance(model_or_params, torch.nn.Module):
         params = parameter_groups(model_or_params, weight_decay)
     else:
@@ -271,7 +273,7 @@ LR_SCALING = {"linear": lambda ratio: ratio, "sqrt": math.sqrt}
 def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str = "linear") -> float:
     """The learning rate for `batch_size`, given one tuned for `base_batch_size` (the linear scaling rule)."""
     if rule not in LR_SCALING:
-        raise ValueError(f"unknown lr scaling rule {rule!r}; choose one of {sorted(LR_SCALING)}")
+        raise ConfigError(f"unknown lr scaling rule {rule!r}; choose one of {sorted(LR_SCALING)}")
     if base_batch_size < 1 or batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {base_batch_size} and {batch_size}")
+        raise ConfigError(f"batch sizes must be >= 1, got {base_batch_size} and {batch_size}")
     return base_lr * LR_SCALING[rule](batch_size / base_batch_size)

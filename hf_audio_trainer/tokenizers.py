@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_audio_trainer.errors import ConfigError, MissingError
+
 CONFIG_NAME = "tokenizer_config.json"
 MEL_KMEANS_WEIGHTS_NAME = "tokenizer.safetensors"
 
@@ -113,16 +115,16 @@ class EncodecTokenizer(AudioTokenizer):
     def __init__(self, model: torch.nn.Module, bandwidth: float | None = None) -> None:
         config = model.config
         if config.audio_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"only mono EnCodec models are supported, this one has audio_channels={config.audio_channels}"
             )
         if config.chunk_length_s is not None:
             # Chunked models (encodec_48khz) return codes per chunk, which breaks the [codebooks, frames] contract.
-            raise ValueError(f"chunked EnCodec models are not supported (chunk_length_s={config.chunk_length_s})")
+            raise ConfigError(f"chunked EnCodec models are not supported (chunk_length_s={config.chunk_length_s})")
         if bandwidth is None:
             bandwidth = config.target_bandwidths[0]  # the model's own default in EncodecModel.encode
         if bandwidth not in config.target_bandwidths:
-            raise ValueError(
+            raise ConfigError(
                 f"bandwidth {bandwidth} is not one of this model's target_bandwidths {config.target_bandwidths}"
             )
         self.model = model.eval()
@@ -258,11 +260,11 @@ class MelKMeansTokenizer(AudioTokenizer):
     ) -> MelKMeansTokenizer:
         """Fit per-bin normalisation and residual k-means codebooks on mono clips already at `sample_rate`."""
         if not 0 < hop_length <= n_fft:
-            raise ValueError(f"hop_length must be in (0, n_fft={n_fft}], got {hop_length}")
+            raise ConfigError(f"hop_length must be in (0, n_fft={n_fft}], got {hop_length}")
         if num_codebooks < 1 or codebook_size < 1:
-            raise ValueError(f"num_codebooks and codebook_size must be >= 1, got {num_codebooks} and {codebook_size}")
+            raise ConfigError(f"num_codebooks and codebook_size must be >= 1, got {num_codebooks} and {codebook_size}")
         if max_fit_frames < codebook_size:
-            raise ValueError(f"max_fit_frames ({max_fit_frames}) must be >= codebook_size ({codebook_size})")
+            raise ConfigError(f"max_fit_frames ({max_fit_frames}) must be >= codebook_size ({codebook_size})")
         # An untrained tokenizer only to reuse the feature code; its codebooks are replaced below.
         tok = cls(
             torch.zeros(num_codebooks, codebook_size, n_mels),
@@ -291,7 +293,7 @@ class MelKMeansTokenizer(AudioTokenizer):
                 order = torch.topk(kept_keys, max_fit_frames, largest=False).indices
                 kept, kept_keys = kept[order], kept_keys[order]
         if num_frames < codebook_size:
-            raise ValueError(
+            raise ConfigError(
                 f"found only {num_frames} frames ({hop_length / sample_rate * 1000:.0f} ms each) in {num_clips} clips, "
                 f"fewer than codebook_size={codebook_size}; give more or longer audio or a smaller codebook_size"
             )
@@ -318,7 +320,7 @@ class MelKMeansTokenizer(AudioTokenizer):
         config_file = _resolve_file(path_or_id, CONFIG_NAME)
         weights_file = _resolve_file(path_or_id, MEL_KMEANS_WEIGHTS_NAME)
         if config_file is None or weights_file is None:
-            raise FileNotFoundError(f"{path_or_id} needs both {CONFIG_NAME} and {MEL_KMEANS_WEIGHTS_NAME}")
+            raise MissingError(f"{path_or_id} needs both {CONFIG_NAME} and {MEL_KMEANS_WEIGHTS_NAME}")
         config = _read_json(config_file)
         weights = load_file(weights_file)
         return cls(
@@ -361,7 +363,7 @@ class MelKMeansTokenizer(AudioTokenizer):
         """Encode one mono waveform into codes [num_codebooks, len(waveform) // hop_length]."""
         wave = _as_mono(waveform)
         if self.num_frames(len(wave)) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"a clip of {len(wave)} samples is shorter than one frame ({self.hop_length} samples at "
                 f"{self.sample_rate} Hz)"
             )
@@ -522,14 +524,14 @@ def load_audio_tokenizer(path_or_id: str | os.PathLike) -> AudioTokenizer:
     if config_file is not None:
         tokenizer_type = _read_json(config_file).get("tokenizer_type")
         if tokenizer_type not in TOKENIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"{path_or_id}/{CONFIG_NAME} has tokenizer_type={tokenizer_type!r}; valid types: {sorted(TOKENIZERS)}"
             )
         return TOKENIZERS[tokenizer_type].from_pretrained(path_or_id)
     model_config_file = _resolve_file(path_or_id, "config.json")
     if model_config_file is not None and _read_json(model_config_file).get("model_type") == "encodec":
         return EncodecTokenizer.from_pretrained(path_or_id)
-    raise ValueError(
+    raise ConfigError(
         f"cannot load an audio tokenizer from {path_or_id!r}: expected a folder or Hub id with a {CONFIG_NAME} "
         f"(tokenizer_type one of {sorted(TOKENIZERS)}) or a transformers EnCodec model (config.json with "
         'model_type "encodec")'

@@ -7,13 +7,11 @@ chosen continuation is clean and the rejected one a degraded (noisy, detuned or 
 
 from pathlib import Path
 
-from accelerate import PartialState
-
-from hf_audio_trainer.recipes import align_cli
+from hf_audio_trainer.cli import run_recipe
+from hf_audio_trainer.config import AlignConfig
+from hf_audio_trainer.recipes import align
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "align.yaml"
 
 if __name__ == "__main__":
-    result = align_cli(default_yaml=str(DEFAULT_CONFIG))
-    if PartialState().is_main_process:  # one line, not one per process
-        print(f"done: {result.global_step} steps, model in {result.output_dir}, metrics {result.metrics}")
+    run_recipe(align, AlignConfig, DEFAULT_CONFIG, made="model")

@@ -8,13 +8,11 @@ discriminator on the embedded synthetic music dataset. The output folder is an a
 
 from pathlib import Path
 
-from accelerate import PartialState
-
-from hf_audio_trainer.recipes import codec_cli
+from hf_audio_trainer.cli import run_recipe
+from hf_audio_trainer.config import CodecConfig
+from hf_audio_trainer.recipes import train_codec
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "codec.yaml"
 
 if __name__ == "__main__":
-    result = codec_cli(default_yaml=str(DEFAULT_CONFIG))
-    if PartialState().is_main_process:  # one line, not one per process
-        print(f"done: {result.global_step} steps, codec in {result.output_dir}, metrics {result.metrics}")
+    run_recipe(train_codec, CodecConfig, DEFAULT_CONFIG, made="codec")

@@ -6,13 +6,11 @@ dataset. LoRA: `--use_peft true --lora_r 16`. From a notebook: `from hf_audio_tr
 
 from pathlib import Path
 
-from accelerate import PartialState
-
-from hf_audio_trainer.recipes import finetune_cli
+from hf_audio_trainer.cli import run_recipe
+from hf_audio_trainer.config import FinetuneConfig
+from hf_audio_trainer.recipes import finetune
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune.yaml"
 
 if __name__ == "__main__":
-    result = finetune_cli(default_yaml=str(DEFAULT_CONFIG))
-    if PartialState().is_main_process:  # one line, not one per process
-        print(f"done: {result.global_step} steps, model in {result.output_dir}, metrics {result.metrics}")
+    run_recipe(finetune, FinetuneConfig, DEFAULT_CONFIG, made="model")

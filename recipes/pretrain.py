@@ -6,13 +6,11 @@ The same run from a notebook: `from hf_audio_trainer import pretrain; pretrain({
 
 from pathlib import Path
 
-from accelerate import PartialState
-
-from hf_audio_trainer.recipes import pretrain_cli
+from hf_audio_trainer.cli import run_recipe
+from hf_audio_trainer.config import PretrainConfig
+from hf_audio_trainer.recipes import pretrain
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 
 if __name__ == "__main__":
-    result = pretrain_cli(default_yaml=str(DEFAULT_CONFIG))
-    if PartialState().is_main_process:  # one line, not one per process
-        print(f"done: {result.global_step} steps, model in {result.output_dir}, metrics {result.metrics}")
+    run_recipe(pretrain, PretrainConfig, DEFAULT_CONFIG, made="model")

@@ -16,13 +16,14 @@ import soundfile as sf
 import soxr
 
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
+from hf_audio_trainer.errors import ConfigError, MissingError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 METADATA_FILE = "metadata.csv"
 REENCODE_FIX = "re-encode it or remove it from the dataset"
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(ConfigError):
     """An audio value that cannot be turned into samples; the message names the file or row and the fix."""
 
 
@@ -106,7 +107,7 @@ def _audio_folder(root: Path, audio_column: str) -> datasets.Dataset:
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
-        raise ValueError(f"no audio files found in {root}; supported extensions are {', '.join(AUDIO_EXTENSIONS)}")
+        raise ConfigError(f"no audio files found in {root}; supported extensions are {', '.join(AUDIO_EXTENSIONS)}")
     columns: dict[str, list] = {}
     metadata = root / METADATA_FILE
     if metadata.is_file():
@@ -114,16 +115,16 @@ def _audio_folder(root: Path, audio_column: str) -> datasets.Dataset:
 
         table = pd.read_csv(metadata)
         if "file_name" not in table.columns:
-            raise ValueError(f"{metadata} has no 'file_name' column (columns: {list(table.columns)}); add one")
+            raise ConfigError(f"{metadata} has no 'file_name' column (columns: {list(table.columns)}); add one")
         if audio_column in table.columns:
-            raise ValueError(f"{metadata} has a column named '{audio_column}'; rename it or pass --audio_column")
+            raise ConfigError(f"{metadata} has a column named '{audio_column}'; rename it or pass --audio_column")
         listed = [Path(str(name)).as_posix() for name in table["file_name"]]
         missing = [name for name in listed if not (root / name).is_file()]
         if missing:
-            raise ValueError(f"{metadata} lists files that do not exist: {missing[:5]}; fix or remove those rows")
+            raise ConfigError(f"{metadata} lists files that do not exist: {missing[:5]}; fix or remove those rows")
         unlisted = sorted(set(files) - set(listed))
         if unlisted:
-            raise ValueError(
+            raise ConfigError(
                 f"audio files in {root} missing from {METADATA_FILE}: {unlisted[:5]}"
                 f"{f' and {len(unlisted) - 5} more' if len(unlisted) > 5 else ''}; add rows for them or move them out"
             )
@@ -147,15 +148,15 @@ def _load(name: str, dataset_config_name: str | None, audio_column: str):
             return datasets.load_from_disk(str(path))
         return _audio_folder(path, audio_column)
     if path.exists():
-        raise ValueError(
+        raise ConfigError(
             f"dataset path {name} is a file; pass a folder of audio files, a save_to_disk folder or a Hub id"
         )
     if _looks_local(name):
-        raise FileNotFoundError(f"dataset path {name} does not exist")
+        raise MissingError(f"dataset path {name} does not exist")
     try:
         return datasets.load_dataset(name, dataset_config_name)
     except Exception as err:  # offline, unknown id, bad config...: all mean the same thing to the user
-        raise ValueError(
+        raise ConfigError(
             f"dataset '{name}' is neither an existing local folder nor a loadable Hub dataset id ({err}); "
             "pass a folder of audio files, a save_to_disk folder, or a Hub id"
         ) from err
@@ -170,7 +171,7 @@ def split_train_and_validation(loaded, name: str) -> tuple[datasets.Dataset, dat
     elif len(loaded) == 1:
         train = next(iter(loaded.values()))
     else:
-        raise ValueError(f"{name} has no 'train' split (splits: {list(loaded)})")
+        raise ConfigError(f"{name} has no 'train' split (splits: {list(loaded)})")
     return train, next((loaded[s] for s in ("validation", "test") if s in loaded and len(loaded[s]) > 0), None)
 
 
@@ -179,7 +180,7 @@ def split_off_validation(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Hold out `percentage` percent of the rows (at least one, leaving at least one) as a seeded validation split."""
     if len(train) < 2:
-        raise ValueError(f"{name} has {len(train)} row(s); at least 2 are needed to split off a validation set")
+        raise ConfigError(f"{name} has {len(train)} row(s); at least 2 are needed to split off a validation set")
     num_val = min(max(1, round(len(train) * percentage / 100)), len(train) - 1)
     split = train.train_test_split(test_size=num_val, seed=seed)
     return split["train"], split["test"]
@@ -195,7 +196,7 @@ def load_audio_dataset(
 ) -> datasets.DatasetDict:
     """Train and validation splits from the synthetic set, a save_to_disk folder, an audio folder or a Hub id."""
     if not 0 < validation_split_percentage <= 50:
-        raise ValueError(f"validation_split_percentage={validation_split_percentage}: must be in (0, 50]")
+        raise ConfigError(f"validation_split_percentage={validation_split_percentage}: must be in (0, 50]")
     if dataset_name in (None, "synthetic"):
         name = "synthetic"
         loaded = make_synthetic_dataset(
@@ -207,9 +208,9 @@ def load_audio_dataset(
 
     train, validation = split_train_and_validation(loaded, f"dataset {name}")
     if len(train) == 0:
-        raise ValueError(f"dataset {name} has no rows in its train split; pass a dataset with audio in it")
+        raise ConfigError(f"dataset {name} has no rows in its train split; pass a dataset with audio in it")
     if audio_column not in train.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {name} has no audio column '{audio_column}'; its columns are {train.column_names}; "
             "name the right one with --audio_column"
         )

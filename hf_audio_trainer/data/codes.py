@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 from hf_audio_trainer.data.audio import decode_audio
+from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.tokenizers import AudioTokenizer
 
 _MAIN_PID = os.getpid()  # datasets forks its num_proc workers after this module is imported
@@ -56,7 +57,7 @@ def tokenize_dataset(
     too_short = np.flatnonzero(frames == 0)
     if len(too_short):
         names = _clip_names(dataset, audio_column, too_short[:5])
-        raise ValueError(
+        raise ConfigError(
             f"{len(too_short)} {split} clip(s) are shorter than one tokenizer frame "
             f"({tokenizer.hop_length} samples at {tokenizer.sample_rate} Hz), e.g. {names}; "
             "remove them from the dataset (e.g. dataset.filter on the duration)"

