@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -11,7 +13,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from hf_audio_trainer.errors import ConfigError, ExistsError, MissingError, WriteError
 from hf_audio_trainer.models import merged_model
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -27,21 +32,35 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
 
 
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """Turn `--resume_from_checkpoint` ('latest' or a path) into a checkpoint folder, or fail clearly."""
+def resolve_resume(
+    resume_from_checkpoint: str | None, output_dir: str | os.PathLike, warn=logger.warning
+) -> Path | None:
+    """Turn `--resume_from_checkpoint` ('latest' or a path) into a checkpoint folder, or fail clearly.
+
+    'latest' is the newest checkpoint that verifies: a damaged newer one (a corrupt state file, a truncated or
+    missing file) is skipped with a warning (`warn`) naming it, so a run resumes from the last good state.
+    """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}; "
-                "drop the flag to start a new run, or pass a checkpoint folder"
-            )
-        return found[-1]
+        damaged = []
+        for path in reversed(list_checkpoints(output_dir)):
+            try:
+                verify_checkpoint(path)
+            except ConfigError as err:
+                warn(f"skipping {path.name}: {err}")
+                damaged.append(err)
+                continue
+            return path
+        if damaged:  # every one is damaged: the newest one's damage is the news
+            raise damaged[0]
+        raise MissingError(
+            f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}; "
+            "drop the flag to start a new run, or pass a checkpoint folder"
+        )
     path = Path(resume_from_checkpoint)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingError(
             f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE}); "
             f"pass 'latest' or a {PREFIX}N folder written by this toolkit"
         )
@@ -52,7 +71,7 @@ def check_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: b
     """Refuse to mix a new run's checkpoints with an old run's, unless asked to."""
     old = list_checkpoints(output_dir)
     if old and not resuming and not overwrite:
-        raise FileExistsError(
+        raise ExistsError(
             f"output_dir {output_dir} already holds checkpoints ({old[-1].name}); pass "
             "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to replace it, "
             "or another --output_dir"
@@ -93,22 +112,24 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if rank_save is not None:
-        rank_save(tmp)
-    # every process has written its own files (RNG state, shards) before the manifest lists them and the folder
-    # moves: save_state has no barrier at its end, and a fast main process renamed the folder under a slow rank
-    accelerator.wait_for_everyone()
+    with removed_on_failure(tmp, final.name, root):
+        accelerator.save_state(str(tmp))
+        if rank_save is not None:
+            rank_save(tmp)
+        # every process has written its own files (RNG state, shards) before the manifest lists them and the folder
+        # moves: save_state has no barrier at its end, and a fast main process renamed the folder under a slow rank
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if extra_save is not None:
+                extra_save(tmp)
+            # every file and its size, so a damaged checkpoint is named at load time instead of failing deep in torch
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            # the state file is written last: its presence marks the checkpoint complete
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump({**state, "files": files}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
     if accelerator.is_main_process:
-        if extra_save is not None:
-            extra_save(tmp)
-        # every file and its size, so a damaged checkpoint is named at load time instead of failing deep in torch
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        # the state file is written last: its presence marks the checkpoint complete
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump({**state, "files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
@@ -119,21 +140,69 @@ def save_checkpoint(
     return final
 
 
+# what a failed write says when the disk is full, over quota or the file too large, from the OS, torch's zip writer
+# ("unexpected pos 82048 vs 81940") or safetensors ("StorageFull")
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+WRITE_FAILURE_TEXT = ("unexpected pos", "No space left", "StorageFull", "File too large", "FileTooLarge", "quota")
+
+
+def write_failure(err: BaseException) -> str | None:
+    """What went wrong if `err` (or what caused it) is a write the disk refused; None for anything else."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_FAILURES:
+            return os.strerror(seen.errno)
+        if any(text in str(seen) for text in WRITE_FAILURE_TEXT):
+            return str(seen).strip().splitlines()[-1][:200]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class removed_on_failure:  # noqa: N801 (used as a `with` statement)
+    """A write into a hidden folder that, if it fails, leaves nothing behind; a refused write (disk full ...) becomes a
+    `WriteError` that names what failed and what is still intact. Other errors keep their traceback."""
+
+    def __init__(self, tmp: Path, what: str, root: Path):
+        self.tmp, self.what, self.root = tmp, what, root
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None:
+            return False
+        shutil.rmtree(self.tmp, ignore_errors=True)  # every rank may try; what is gone stays gone
+        reason = write_failure(err)
+        if reason is None:
+            return False
+        # a final export goes into the output folder or a folder in it (ema/, a Hub push's scratch folder)
+        kept = list_checkpoints(self.root) or list_checkpoints(self.root.parent)
+        intact = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+        raise WriteError(
+            f"could not write {self.what} in {self.root}: the disk refused a write (full, over quota or a file size "
+            f"limit: {reason}); the partial {self.tmp.name} was removed and {intact}. Free some space (or use another "
+            "--output_dir) and continue with --resume_from_checkpoint latest"
+        ) from err
+
+
 def verify_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's JSON state, after checking every file it lists is there with its saved size."""
     folder = Path(checkpoint)
-    with open(folder / STATE_FILE) as f:
-        state = json.load(f)
+    fix = "resume from an earlier checkpoint (pass its folder to --resume_from_checkpoint) or start again"
+    try:
+        with open(folder / STATE_FILE) as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"checkpoint {folder} is damaged: {STATE_FILE} cannot be read ({err}); {fix}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ConfigError(f"checkpoint {folder} is damaged: {STATE_FILE} has no global_step; {fix}")
     for name, size in state.get("files", {}).items():
         path = folder / name
         problem = "is missing" if not path.is_file() else None
         if problem is None and path.stat().st_size != size:
             problem = f"is truncated or altered ({path.stat().st_size} bytes, {size} when saved)"
         if problem:
-            raise ValueError(
-                f"checkpoint {folder} is damaged: {path} {problem}; resume from an earlier checkpoint "
-                f"(pass its folder to --resume_from_checkpoint) or start again"
-            )
+            raise ConfigError(f"checkpoint {folder} is damaged: {path} {problem}; {fix}")
     return state
 
 
@@ -159,9 +228,10 @@ def save_final_model(
         target = accelerator.unwrap_model(model)
         if merge_lora:
             target, state_dict = merged_model(target, state_dict), None
-        target.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if extra_save is not None:
-            extra_save(tmp)
+        with removed_on_failure(tmp, f"the model for {root}", root):
+            target.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if extra_save is not None:
+                extra_save(tmp)
         for item in tmp.iterdir():
             target = root / item.name
             if target.is_dir():
@@ -180,7 +250,8 @@ def copy_to_best(accelerator: Accelerator, output_dir: str | os.PathLike, checkp
         root = Path(output_dir)
         tmp, best = root / f".tmp-{BEST}", root / BEST
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint, tmp)
+        with removed_on_failure(tmp, f"{BEST}/ (a copy of {Path(checkpoint).name})", root):
+            shutil.copytree(checkpoint, tmp)
         if best.exists():
             _remove(best)
         os.replace(tmp, best)

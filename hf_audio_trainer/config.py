@@ -19,13 +19,15 @@ from typing import Any, ClassVar
 import yaml
 from transformers import HfArgumentParser
 
+from hf_audio_trainer.errors import ConfigError, MissingError
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass
@@ -180,7 +182,8 @@ class OptimConfig:
         from hf_audio_trainer.optim import OPTIMIZERS
 
         _check(self.optim in OPTIMIZERS, f"optim={self.optim!r}: choose one of {sorted(OPTIMIZERS)}")
-        _check(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0")
+        # 0 is allowed, as in HF Trainer: the natural check that a pipeline loads and exports a model unchanged
+        _check(self.learning_rate >= 0, f"learning_rate={self.learning_rate}: must be >= 0")
         _check(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             beta = getattr(self, name)
@@ -354,18 +357,51 @@ class HubConfig:
 
 @dataclass
 class StageConfig:
-    """What every stage's config shares: stage defaults, cross-section checks, a flat view for logs."""
+    """What every stage's config shares: stage defaults, cross-section checks, a flat view for logs.
+
+    `user_set` names the flags the user gave (on the command line, in their own `--config` file or in the dict a
+    notebook passes); everything else is a default (the sections', the stage's, the recipe's YAML file). A value
+    the user set is refused when it does not fit; a default that does not fit the run is adjusted, and `notes` says
+    how, for the stage to print.
+    """
+
+    user_set: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
+    # the flat defaults this run started from (stage defaults + the recipe's YAML); `max_steps` scales run lengths
+    defaults: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    notes: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     # flag -> value defaults of this stage that differ from the sections' own (subclasses override)
     stage_defaults: ClassVar[dict[str, Any]] = {}
+    # (section, flag, the refusal when the user's value does not fit): settings counted in steps, which must fit in
+    # the run
+    run_length_settings: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("optim", "warmup_steps", "warmup_steps={value} is longer than max_steps={steps}: the learning rate would "
+         "never leave warm-up; lower --warmup_steps or use --warmup_ratio"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        steps, warmup = self.training.max_steps, self.optim.warmup_steps
-        _check(
-            steps <= 0 or warmup <= steps,
-            f"warmup_steps={warmup} is longer than max_steps={steps}: the learning rate would never leave warm-up; "
-            "lower --warmup_steps or use --warmup_ratio",
-        )
+        if self.optim.learning_rate == 0:
+            self.notes.append("learning_rate=0: the weights will not change (a check that the pipeline runs)")
+        if self.training.max_steps > 0:
+            self.fit_to_run(self.training.max_steps)
+
+    def fit_to_run(self, max_steps: int) -> list[str]:
+        """Check the settings counted in steps against the run's length (known here, or once the data sets it from
+        --num_train_epochs): refuse one the user set, scale a default to the run. Returns the notes it added."""
+        added = []
+        default_run = self.defaults.get("max_steps", -1)
+        for section, name, refusal in self.run_length_settings:
+            value = getattr(getattr(self, section), name)
+            if value <= max_steps:
+                continue
+            _check(name not in self.user_set, refusal.format(value=value, steps=max_steps))
+            # the same fraction of this run as of the default one (a tenth when no default length is known)
+            fitted = value * max_steps // default_run if 0 < value <= default_run else max_steps // 10
+            setattr(getattr(self, section), name, fitted)
+            of = f" of the default {default_run}" if 0 < value <= default_run else ""
+            added.append(f"{name}: the default {value}{of} is longer than this {max_steps}-step run; using {fitted}")
+        self.notes.extend(added)
+        return added
 
     def to_flat_dict(self) -> dict[str, Any]:
         """All fields as one flat dict (flag name -> value), e.g. for tracker hyperparameters; never the token."""
@@ -532,7 +568,11 @@ class AlignConfig(StageConfig):
 
 def sections(config_cls: type) -> dict[str, type]:
     """Section name -> section dataclass of a run config class."""
-    return {f.name: f.default_factory for f in dataclasses.fields(config_cls) if f.default_factory is not MISSING}
+    return {
+        f.name: f.default_factory
+        for f in dataclasses.fields(config_cls)
+        if f.default_factory is not MISSING and dataclasses.is_dataclass(f.default_factory)
+    }
 
 
 def _flatten(values: dict[str, Any], section_names: dict[str, type], source: str) -> dict[str, Any]:
@@ -548,56 +588,74 @@ def _flatten(values: dict[str, Any], section_names: dict[str, type], source: str
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config key {key!r} in {source}{hint}")
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
     return flat
 
 
-def config_from_dict(values: dict[str, Any], config_cls: type = PretrainConfig, source: str = "overrides"):
-    """Build a run config from a flat or sectioned dict, validating every section."""
+def config_from_dict(
+    values: dict[str, Any], config_cls: type = PretrainConfig, source: str = "overrides", defaults: dict | None = None
+):
+    """Build a run config from a flat or sectioned dict (what the user set) over `defaults` (flat), validating every
+    section."""
     section_names = sections(config_cls)
-    flat = {**config_cls.stage_defaults, **_flatten(values, section_names, source)}
+    user = _flatten(values, section_names, source)
+    base = {**config_cls.stage_defaults, **(defaults or {})}
+    flat = {**base, **user}
     built = {}
     for name, cls in section_names.items():
         own = {f.name for f in dataclasses.fields(cls)}
         built[name] = cls(**{k: v for k, v in flat.items() if k in own})
-    return config_cls(**built)
+    return config_cls(**built, user_set=frozenset(user), defaults=base)
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file, with a clear error when it is missing or not a mapping."""
+    """Read a YAML config file, with a clear error when it is missing, not YAML, or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise MissingError(f"config file {path} does not exist; pass the path of a YAML file to --config")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {where}: not valid YAML ({problem}); fix the file at that line") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+        kind = type(values).__name__
+        raise ConfigError(f"config file {path} must hold a mapping of flag names to values, not a {kind}")
     return values
 
 
 def parse_config(argv: list[str] | None = None, config_cls: type = PretrainConfig, default_yaml: str | None = None):
     """Parse `--config file.yaml` plus flags (flags win) into a validated run config."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    yaml_path = default_yaml
-    if "--config" in argv:
+    section_names = sections(config_cls)
+    known = {f.name for cls in section_names.values() for f in dataclasses.fields(cls)}
+    defaults, user_yaml = {}, {}
+    if "--config" in argv:  # the user's own file replaces the recipe's
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        yaml_path = argv[i + 1]
+            raise ConfigError("--config needs a YAML file path")
+        user_yaml = _flatten(load_yaml(argv[i + 1]), section_names, argv[i + 1])
         del argv[i : i + 2]
-    section_names = sections(config_cls)
+    elif default_yaml is not None:
+        defaults = _flatten(load_yaml(default_yaml), section_names, str(default_yaml))
     parser = HfArgumentParser(list(section_names.values()), allow_abbrev=False)  # no silent prefix matches
-    parser.set_defaults(**config_cls.stage_defaults)
-    if yaml_path is not None:
-        parser.set_defaults(**_flatten(load_yaml(yaml_path), section_names, str(yaml_path)))
+    parser.set_defaults(**{**config_cls.stage_defaults, **defaults, **user_yaml})
     *parsed, unknown = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False, return_remaining_strings=True
     )
     if unknown:
         flags = [a[2:].split("=")[0] for a in unknown if a.startswith("--")]
-        known = {f.name for cls in section_names.values() for f in dataclasses.fields(cls)}
         hints = [f"--{m[0]}" for flag in flags if (m := difflib.get_close_matches(flag, known, n=1))]
-        raise ValueError(f"unknown arguments {unknown}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
-    return config_cls(**dict(zip(section_names, parsed, strict=True)))
+        raise ConfigError(f"unknown arguments {unknown}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_") and name[3:] in known}  # --no_x sets x
+    return config_cls(
+        **dict(zip(section_names, parsed, strict=True)),
+        user_set=frozenset((given & known) | set(user_yaml)),
+        defaults={**config_cls.stage_defaults, **defaults},
+    )
 
 
 def resolve_config(config, config_cls: type = PretrainConfig):
@@ -606,7 +664,7 @@ def resolve_config(config, config_cls: type = PretrainConfig):
         return config
     if config is None:
         return config_cls()
-    if isinstance(config, (str, os.PathLike)):
+    if isinstance(config, (str, os.PathLike)):  # the user's own file: every value in it is theirs
         return config_from_dict(load_yaml(config), config_cls, source=str(config))
     if isinstance(config, dict):
         return config_from_dict(config, config_cls)
@@ -622,7 +680,7 @@ def _int_list(value: str, name: str) -> list[int]:
     try:
         values = [int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{name}={value!r}: expected comma-separated integers, e.g. 512,256,128") from None
+        raise ConfigError(f"{name}={value!r}: expected comma-separated integers, e.g. 512,256,128") from None
     _check(bool(values) and all(v > 0 for v in values), f"{name}={value!r}: expected positive integers")
     return values
 
@@ -813,14 +871,15 @@ class CodecConfig(StageConfig):
         "metric_for_best_model": "eval/mel_distance",
     }
 
+    run_length_settings: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        *StageConfig.run_length_settings,
+        ("adversarial", "discriminator_start_step", "discriminator_start_step={value} is after max_steps={steps}: "
+         "the discriminator would never train; lower --discriminator_start_step or raise --max_steps (equal to "
+         "max_steps: a reconstruction-only run)"),
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        steps, start = self.training.max_steps, self.adversarial.discriminator_start_step
-        _check(
-            steps <= 0 or start <= steps,
-            f"discriminator_start_step={start} is after max_steps={steps}: the discriminator would never train; "
-            "lower --discriminator_start_step or raise --max_steps (equal to max_steps: a reconstruction-only run)",
-        )
         if self.model.model_name_or_path is None:  # the sample rate is known now; a loaded model is checked at start
             from hf_audio_trainer.codec import CODEC_SIZES, DEFAULT_SAMPLE_RATE
 

@@ -47,7 +47,6 @@ from hf_audio_trainer.config import (
     FinetuneConfig,
     PretrainConfig,
     check_segment,
-    parse_config,
     resolve_config,
 )
 from hf_audio_trainer.curriculum import CurriculumSampler
@@ -60,6 +59,7 @@ from hf_audio_trainer.data.preferences import (
     make_synthetic_preferences,
 )
 from hf_audio_trainer.difficulty import score_difficulty
+from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import adapt_for_finetuning, build_model, lm_loss, num_parameters
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
@@ -68,7 +68,7 @@ from hf_audio_trainer.run import (
     RunResult,
     build_ema,
     build_optimization,
-    check_warmup,
+    fit_run_length,
     loop_settings,
     model_card_writer,
     prepare,
@@ -123,7 +123,7 @@ def model_tokenizer(model_name_or_path: str) -> str:
     folder = Path(model_name_or_path)
     if folder.is_dir():
         if not (folder / TOKENIZER_DIR).is_dir():
-            raise ValueError(
+            raise ConfigError(
                 f"{folder} has no {TOKENIZER_DIR}/ folder: pass the tokenizer the model was trained with (--tokenizer)"
             )
         return str(folder / TOKENIZER_DIR)
@@ -132,16 +132,20 @@ def model_tokenizer(model_name_or_path: str) -> str:
     try:
         local = snapshot_download(model_name_or_path, allow_patterns=[f"{TOKENIZER_DIR}/*"])
     except Exception as err:
-        raise ValueError(
+        raise ConfigError(
             f"could not get the tokenizer of {model_name_or_path!r} (a folder or Hub id with a {TOKENIZER_DIR}/ "
             f"subfolder): {err}; pass --tokenizer"
         ) from None
     return str(Path(local) / TOKENIZER_DIR)
 
 
-def select_training_rows(train: Dataset, cfg: PretrainConfig) -> Dataset:
+def select_training_rows(train: Dataset, cfg: PretrainConfig, say=print) -> Dataset:
     """Score difficulty if asked, check the curriculum has what it needs, keep the rows the stage trains on."""
     c = cfg.curriculum
+    if c.high_quality_only and "quality" not in train.column_names and "high_quality_only" not in cfg.user_set:
+        # a default selection (finetune's) that this data cannot support is skipped; one the user asked for is not
+        say("high_quality_only: the dataset has no 'quality' column, so every training row is used")
+        c.high_quality_only = False
     if c.difficulty_method is not None:
         train = score_difficulty(
             train,
@@ -152,14 +156,14 @@ def select_training_rows(train: Dataset, cfg: PretrainConfig) -> Dataset:
             num_proc=cfg.data.preprocessing_num_workers,
         )
     if (c.curriculum != "none" or c.max_difficulty is not None) and "difficulty" not in train.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"--curriculum {c.curriculum} / --max_difficulty need a difficulty score per clip, but the dataset has no "
             "'difficulty' column: pass --difficulty_method acoustic (or column, model_loss) to score it, or add a "
             "'difficulty' column to the dataset"
         )
     if c.high_quality_only:
         if "quality" not in train.column_names:
-            raise ValueError(
+            raise ConfigError(
                 f"--high_quality_only reads a 'quality' column, which the dataset lacks (columns: "
                 f"{train.column_names}); add one ('clean' marks the rows to keep) or use --max_difficulty"
             )
@@ -168,7 +172,7 @@ def select_training_rows(train: Dataset, cfg: PretrainConfig) -> Dataset:
         limit = c.max_difficulty
         train = train.filter(lambda d: d <= limit, input_columns="difficulty", desc="Keeping easy rows")
     if len(train) == 0:
-        raise ValueError("no training rows are left after --high_quality_only / --max_difficulty; loosen them")
+        raise ConfigError("no training rows are left after --high_quality_only / --max_difficulty; loosen them")
     return train
 
 
@@ -183,7 +187,7 @@ def prepare_data(cfg: PretrainConfig, accelerator: Accelerator, resume: Path | N
             dataset_config_name=cfg.data.dataset_config_name,
             synthetic_num_clips=cfg.data.synthetic_num_clips,
         )
-        raw["train"] = select_training_rows(raw["train"], cfg)
+        raw["train"] = select_training_rows(raw["train"], cfg, say=accelerator.print)
         val = raw["validation"]
         if cfg.curriculum.high_quality_only and "quality" in val.column_names:
             # the stage aims at the high-quality distribution: measure it there (if any validation row is clean)
@@ -240,7 +244,7 @@ def _train_lm(cfg: PretrainConfig, accelerator: Accelerator, stage: str) -> RunR
         lengths=train_set["num_frames"] if c.group_by_length else None,
     )
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    check_warmup(cfg, max_steps)
+    fit_run_length(cfg, accelerator, max_steps)
     max_frames = max(max(train_set["num_frames"]), max(val_set["num_frames"]))
     model = build_model(
         cfg.model.model_name_or_path,
@@ -331,16 +335,6 @@ def cfg_uses_peft(cfg: PretrainConfig) -> bool:
     return isinstance(cfg, FinetuneConfig) and cfg.finetune.use_peft
 
 
-def pretrain_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
-    """`accelerate launch recipes/pretrain.py [--config x.yaml] [--flag value ...]`; flags override the YAML."""
-    return pretrain(parse_config(argv, PretrainConfig, default_yaml))
-
-
-def finetune_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
-    """`accelerate launch recipes/finetune.py [--config x.yaml] [--flag value ...]`."""
-    return finetune(parse_config(argv, FinetuneConfig, default_yaml))
-
-
 def align(config: AlignConfig | dict | str | None = None) -> RunResult:
     """Preference-optimise (DPO family) a fine-tuned model against a frozen reference; notebook-ready."""
     cfg = resolve_config(config, AlignConfig)
@@ -374,7 +368,7 @@ def prepare_preferences(cfg: AlignConfig, accelerator: Accelerator, tokenizer):
             if dropped:
                 accelerator.print(f"skipped {dropped} {name} pair(s) whose chosen and rejected are identical")
             if len(kept) == 0:
-                raise ValueError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+                raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
             splits[name] = tokenize_preferences(
                 kept, tokenizer, d.max_duration_seconds, d.preprocessing_num_workers, split=name
             )
@@ -393,7 +387,7 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
     if dpo.ref_model_name_or_path is not None:
         ref_tokenizer = model_tokenizer(ref_source)
         if folder_fingerprint(ref_tokenizer) != folder_fingerprint(policy_tokenizer):
-            raise ValueError(
+            raise ConfigError(
                 f"the reference model's tokenizer ({ref_tokenizer}) differs from the policy's ({policy_tokenizer}): "
                 "DPO compares log-probabilities of the same codes, so both must use one tokenizer"
             )
@@ -470,11 +464,6 @@ def _align(cfg: AlignConfig, accelerator: Accelerator) -> RunResult:
     )  # fmt: skip
 
 
-def align_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
-    """`accelerate launch recipes/align.py [--config x.yaml] [--flag value ...]`."""
-    return align(parse_config(argv, AlignConfig, default_yaml))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The codec stage: an EnCodec model trained against discriminators; its output folder is a pretrain tokenizer
 # --------------------------------------------------------------------------------------------------------------------
@@ -489,11 +478,6 @@ def train_codec(config: CodecConfig | dict | str | None = None) -> RunResult:
     cfg = resolve_config(config, CodecConfig)
     with stage_accelerator(cfg) as accelerator:
         return _train_codec(cfg, accelerator)
-
-
-def codec_cli(argv: list[str] | None = None, default_yaml: str | None = None) -> RunResult:
-    """`accelerate launch recipes/codec.py [--config x.yaml] [--flag value ...]`."""
-    return train_codec(parse_config(argv, CodecConfig, default_yaml))
 
 
 def first_segments(train_set: Dataset, audio_column: str, sample_rate: int, length: int, count: int = 64):
@@ -515,12 +499,12 @@ def _train_codec(cfg: CodecConfig, accelerator: Accelerator) -> RunResult:
     t, d, o, lg, dc = cfg.training, cfg.data, cfg.optim, cfg.logging, cfg.discriminator
     out = Path(t.output_dir)
     if accelerator.distributed_type.name not in CODEC_BACKENDS:
-        raise ValueError(
+        raise ConfigError(
             f"the codec recipe runs on one device or under DDP; {accelerator.distributed_type.name} is not supported "
             "(use accelerate_configs/multi_gpu.yaml)"
         )
     if o.optim == "sophia":
-        raise ValueError("--optim sophia needs the language-model loop's Hessian pass; use adamw (or lion, ...) here")
+        raise ConfigError("--optim sophia needs the language-model loop's Hessian pass; use adamw (or lion, ...) here")
     resume = prepare_output_dir(cfg, accelerator)
     pusher = start_pusher(cfg, accelerator)
     codec = build_codec(
@@ -537,9 +521,7 @@ def _train_codec(cfg: CodecConfig, accelerator: Accelerator) -> RunResult:
         )  # fmt: skip
     train_set, val_set = raw["train"], raw["validation"]
     global_batch, sampler, max_steps = shuffled_sampler(cfg, accelerator, len(train_set))
-    start_d = cfg.adversarial.discriminator_start_step
-    if start_d > max_steps:
-        raise ValueError(f"discriminator_start_step={start_d} is after the run's {max_steps} steps; lower it")
+    start_d = cfg.adversarial.discriminator_start_step  # fitted to the run by shuffled_sampler
 
     generator = CodecGenerator(codec, cfg.model.codebook_decay, cfg.model.dead_code_threshold)
     if cfg.model.model_name_or_path is None:
@@ -597,7 +579,7 @@ def _train_codec(cfg: CodecConfig, accelerator: Accelerator) -> RunResult:
         start_step = checkpointer.resume(resume)
         saved = json.loads((resume / ckpt.STATE_FILE).read_text()).get("loss_scalers", [])
         if len(saved) != sum(s is not None for s in scalers):
-            raise ValueError(f"{resume} was saved with another --mixed_precision (fp16 or not); resume with the same")
+            raise ConfigError(f"{resume} was saved with another --mixed_precision (fp16 or not); resume with the same")
         for scaler, state in zip([s for s in scalers if s], saved, strict=True):
             scaler.load_state_dict(state)
     accelerator.init_trackers("codec", config=cfg.to_flat_dict())

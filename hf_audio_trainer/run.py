@@ -4,6 +4,7 @@ and schedule, EMA, checkpoints with best tracking and resume, Hub pushes, and th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -20,10 +21,12 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 from safetensors.torch import load_file, save_file
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.config import StageConfig
+from hf_audio_trainer.config import StageConfig, sections
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.ema import EMA
+from hf_audio_trainer.errors import ConfigError, ExistsError, LockedError
 from hf_audio_trainer.hub import HubPusher, write_model_card
+from hf_audio_trainer.lock import OutputLock
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, scale_lr
 from hf_audio_trainer.system import peak_flops
@@ -34,7 +37,11 @@ EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
 
 @contextlib.contextmanager
 def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
-    """An Accelerator for one stage, torn down afterwards so a notebook can run the next stage in the same process."""
+    """An Accelerator for one stage, holding the output folder's lock, both released afterwards (on every exit), so a
+    notebook can run the next stage in the same process."""
+    out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ExistsError(f"--output_dir {out} is a file, not a folder; pass the path of a folder (new or existing)")
     handlers = []
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
         # DeepSpeed without a GPU (trying a ZeRO config on a laptop, CI): its default backend is NCCL, so say gloo.
@@ -49,9 +56,23 @@ def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+    lock = OutputLock(out)
     try:
+        held_elsewhere = None
+        if accelerator.is_main_process:  # one lock per output folder, however many processes and machines
+            try:
+                note = lock.acquire()
+                if note is not None:
+                    accelerator.print(f"{out}: {note}")
+            except LockedError as err:
+                held_elsewhere = str(err)
+        if accelerator.num_processes > 1:  # every rank stops, with the same message
+            held_elsewhere = broadcast_object(held_elsewhere)
+        if held_elsewhere is not None:
+            raise LockedError(held_elsewhere)
         yield accelerator
     finally:
+        lock.release()
         accelerator.end_training()
         # accelerate keeps its settings in process-wide singletons; clear them so the next stage can use, say,
         # another precision (the process group, in PartialState, is kept)
@@ -62,10 +83,12 @@ def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
 def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | None:
     """Check the run can start here; returns the checkpoint to resume from, if any. Seeds everything."""
     t, out = cfg.training, Path(cfg.training.output_dir)
+    for note in cfg.notes:  # defaults fitted to this run, warnings about values the user chose
+        accelerator.print(note)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
-        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
-    resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out)
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
     ckpt.check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
     if accelerator.is_main_process:
         if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
@@ -77,17 +100,15 @@ def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | Non
     return resume
 
 
-def check_warmup(cfg: StageConfig, max_steps: int) -> None:
-    if cfg.optim.warmup_steps > max_steps:
-        raise ValueError(
-            f"warmup_steps={cfg.optim.warmup_steps} is longer than the {max_steps} steps of "
-            f"{cfg.training.num_train_epochs} epoch(s): lower --warmup_steps or use --warmup_ratio"
-        )
+def fit_run_length(cfg: StageConfig, accelerator: Accelerator, max_steps: int) -> None:
+    """Once the run's length is known (from --max_steps or the epochs): settings counted in steps must fit in it."""
+    for note in cfg.fit_to_run(max_steps):
+        accelerator.print(note)
 
 
 def shuffled_sampler(cfg: StageConfig, accelerator: Accelerator, num_rows: int) -> tuple[int, CurriculumSampler, int]:
     """A seeded shuffle of all rows, one global order split by rank (no curriculum): the global batch, the sampler
-    and the run's step count (from --max_steps, or --num_train_epochs), with the warm-up checked against it."""
+    and the run's step count (from --max_steps, or --num_train_epochs), with the warm-up fitted to it."""
     t = cfg.training
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     sampler = CurriculumSampler(
@@ -95,7 +116,7 @@ def shuffled_sampler(cfg: StageConfig, accelerator: Accelerator, num_rows: int) 
         seed=t.seed,
     )  # fmt: skip
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    check_warmup(cfg, max_steps)
+    fit_run_length(cfg, accelerator, max_steps)
     return global_batch, sampler, max_steps
 
 
@@ -131,7 +152,7 @@ def check_tensor_parallel(accelerator: Accelerator, model: torch.nn.Module) -> N
         return
     base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
     if not getattr(base, "_tp_plan", None) and not getattr(base.config, "base_model_tp_plan", None):
-        raise ValueError(
+        raise ConfigError(
             f"tensor parallelism (tp_size={parallel.tp_size}) needs a model with a tensor-parallel plan, and "
             f"transformers has none for {type(base).__name__}: shard it with FSDP2 or ZeRO-3 instead "
             f"(accelerate_configs/fsdp2.yaml, deepspeed_zero3.yaml) and drop --parallelism_config_tp_size"
@@ -241,7 +262,7 @@ class Checkpointer:
         """Load a checkpoint into the prepared objects; returns its step. Mismatches are refused before loading."""
         state = ckpt.verify_checkpoint(path)
         if state["global_batch_size"] != self.global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was trained with a global batch of {state['global_batch_size']}, this run has "
                 f"{self.global_batch} (per-device batch x accumulation x processes); keep it the same to resume exactly"
             )
@@ -249,16 +270,28 @@ class Checkpointer:
         there = (state.get("distributed_type", here[0]), state.get("num_processes", here[1]))
         sharded = ("DistributedType.FSDP", "DistributedType.DEEPSPEED")
         if there != here and (here[0] in sharded or there[0] in sharded):
-            raise ValueError(
+            raise ConfigError(
                 f"{path} holds shards from {there[1]} processes under {there[0]}; this run is {here[1]} under "
                 f"{here[0]}. Resume with the same accelerate config and number of processes (or start a new run from "
                 f"its exported model with --model_name_or_path)"
             )
         ema_file = path / self.ema_file()
         if self.ema is not None and not ema_file.is_file():
-            raise ValueError(f"{path} has no {ema_file.name}: it was trained without --ema; resume without it")
-        ckpt.load_checkpoint(self.accelerator, path, state)
-        self.best = state.get("best", {})
+            raise ConfigError(f"{path} has no {ema_file.name}: it was trained without --ema; resume without it")
+        try:
+            ckpt.load_checkpoint(self.accelerator, path, state)
+        except RuntimeError as err:
+            if not any(text in str(err) for text in LOAD_MISMATCH):
+                raise
+            raise ConfigError(
+                f"{path} does not fit this run's model: {settings_that_differ(self.cfg, state.get('config', {}))}; "
+                "resume with the checkpoint's settings, or start a new run in another --output_dir"
+            ) from None
+        # the best so far, if one was recorded by this metric (a save before any evaluation records none)
+        saved = state.get("best") or {}
+        self.best = {"step": saved["step"], "value": saved["value"]} if "value" in saved else {}
+        if saved.get("metric", self.metric) != self.metric:
+            self.best = {}  # another metric now picks best/: its first evaluated save starts the comparison
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(ema_file)))
         if self.accelerator.is_main_process:
@@ -289,7 +322,7 @@ class Checkpointer:
             "num_processes": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type),
             "config": self.cfg.to_flat_dict(),
-            "best": {**best, "metric": self.metric},
+            "best": {**best, "metric": self.metric},  # {"metric"} alone until an evaluated save
             **self.extra_state(step),
         }
 
@@ -336,6 +369,20 @@ class Checkpointer:
                 self.pusher.push_save(scratch, checkpoint, step)
         if self.accelerator.is_main_process:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+# what torch says when a checkpoint's weights do not fit the model they are loaded into
+LOAD_MISMATCH = ("size mismatch", "Missing key(s)", "Unexpected key(s)", "Error(s) in loading state_dict")
+MODEL_SECTIONS = ("model", "data", "discriminator", "finetune")  # the settings that shape a stage's networks
+
+
+def settings_that_differ(cfg: StageConfig, saved: dict) -> str:
+    """The model-shaping settings of this run that differ from a checkpoint's (its saved flat config)."""
+    names = [f.name for section, cls in sections(type(cfg)).items() if section in MODEL_SECTIONS
+             for f in dataclasses.fields(cls)]  # fmt: skip
+    now = cfg.to_flat_dict()
+    differ = [f"{n}={now[n]!r} here, {saved[n]!r} in the checkpoint" for n in names if saved.get(n, now[n]) != now[n]]
+    return "; ".join(differ) if differ else "its weights have other shapes (no setting of this run differs from it)"
 
 
 def broadcast_object(value):

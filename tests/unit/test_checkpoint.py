@@ -1,8 +1,10 @@
+import errno
 import json
 
 import pytest
 
 from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.errors import WriteError
 
 
 def make(root, step, complete=True):
@@ -39,3 +41,59 @@ def test_output_dir_with_old_run_needs_a_decision(tmp_path):
     ckpt.check_output_dir(tmp_path, resuming=False, overwrite=True)
     ckpt.remove_checkpoints(tmp_path)
     assert ckpt.list_checkpoints(tmp_path) == []
+
+
+def test_latest_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path):
+    make(tmp_path, 5)
+    make(tmp_path, 10)
+    (make(tmp_path, 15) / ckpt.STATE_FILE).write_text('{"global_step": 15, "files": {')  # cut off mid-write
+    truncated = make(tmp_path, 20)
+    (truncated / "model.safetensors").write_bytes(b"12")
+    (truncated / ckpt.STATE_FILE).write_text(json.dumps({"global_step": 20, "files": {"model.safetensors": 4}}))
+    warnings = []
+    assert ckpt.resolve_resume("latest", tmp_path, warn=warnings.append).name == "checkpoint-10"
+    assert len(warnings) == 2
+    assert "skipping checkpoint-20" in warnings[0] and "model.safetensors is truncated" in warnings[0]
+    assert "skipping checkpoint-15" in warnings[1] and "trainer_state.json cannot be read" in warnings[1]
+    # named explicitly, a damaged checkpoint is an error, not a silent fallback
+    with pytest.raises(ValueError, match="checkpoint-15 is damaged: trainer_state.json cannot be read"):
+        ckpt.verify_checkpoint(tmp_path / "checkpoint-15")
+
+
+def test_only_damaged_checkpoints_is_an_error_naming_the_newest_damage(tmp_path):
+    (make(tmp_path, 3) / ckpt.STATE_FILE).write_text("not json")
+    (make(tmp_path, 6) / ckpt.STATE_FILE).write_text("[]")
+    with pytest.raises(ValueError, match=r"checkpoint-6 is damaged: trainer_state.json has no global_step"):
+        ckpt.resolve_resume("latest", tmp_path, warn=lambda message: None)
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+        (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 82048 vs 81940"), "unexpected pos"),
+        (OSError(errno.EFBIG, "File too large"), "File too large"),
+    ],
+)
+def test_a_refused_write_removes_the_partial_folder_and_names_what_is_intact(tmp_path, error, reason):
+    make(tmp_path, 2)
+    tmp = tmp_path / ".tmp-checkpoint-4"
+    with pytest.raises(WriteError) as failed:
+        with ckpt.removed_on_failure(tmp, "checkpoint-4", tmp_path):
+            tmp.mkdir()
+            (tmp / "optimizer.bin").write_bytes(b"half")
+            raise error
+    assert not tmp.exists()
+    message = str(failed.value)
+    assert "could not write checkpoint-4" in message and "the disk refused a write" in message and reason in message
+    assert f"the previous checkpoint {tmp_path / 'checkpoint-2'} is intact" in message
+    assert "--resume_from_checkpoint latest" in message
+
+
+def test_any_other_failure_keeps_its_own_error_but_still_cleans_up(tmp_path):
+    tmp = tmp_path / ".tmp-checkpoint-4"
+    with pytest.raises(KeyError, match="a bug"):
+        with ckpt.removed_on_failure(tmp, "checkpoint-4", tmp_path):
+            tmp.mkdir()
+            raise KeyError("a bug")
+    assert not tmp.exists()

@@ -2,12 +2,14 @@ import pytest
 
 from hf_audio_trainer.config import (
     AlignConfig,
+    CodecConfig,
     FinetuneConfig,
     PretrainConfig,
     config_from_dict,
     parse_config,
     resolve_config,
 )
+from hf_audio_trainer.errors import ConfigError
 from tests.helpers import ROOT
 
 
@@ -40,7 +42,7 @@ def test_dict_and_yaml_path_entry_points(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"learning_rate": -1.0}, "learning_rate=-1.0: must be > 0"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0: must be >= 0"),
         ({"save_steps": 0}, "save_steps=0: must be >= 1"),
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
         ({"lr_scheduler_type": "cosinus"}, "lr_scheduler_type='cosinus'"),
@@ -87,3 +89,89 @@ def test_every_recipe_cli_parses_its_yaml_and_help(stage, cls):
     assert cfg.training.max_steps == 77
     smoothing = cfg.dpo.label_smoothing if stage == "align" else cfg.loss.label_smoothing
     assert smoothing == 0.05
+
+
+# --- defaults fitted to the run; only what the user set is refused ---------------------------------------------------
+
+RECIPE_CONFIGS = ROOT / "recipes" / "configs"
+
+
+def test_a_default_warmup_longer_than_a_short_run_is_scaled_and_said():
+    # the recipe's YAML says warmup_steps 30 of 300 steps; the user only asked for 10 steps
+    cfg = parse_config(["--max_steps", "10"], PretrainConfig, str(RECIPE_CONFIGS / "pretrain.yaml"))
+    assert cfg.optim.warmup_steps == 1  # 30 * 10 / 300: the same tenth of the run
+    assert cfg.user_set == {"max_steps"}
+    assert cfg.notes == ["warmup_steps: the default 30 of the default 300 is longer than this 10-step run; using 1"]
+    assert (
+        parse_config(["--max_steps", "5"], PretrainConfig, str(RECIPE_CONFIGS / "pretrain.yaml")).optim.warmup_steps
+        == 0
+    )
+    # a default that fits is left alone
+    assert (
+        parse_config(["--max_steps", "40"], PretrainConfig, str(RECIPE_CONFIGS / "pretrain.yaml")).optim.warmup_steps
+        == 30
+    )
+
+
+def test_a_warmup_the_user_set_is_refused_when_it_does_not_fit(tmp_path):
+    yaml_file = str(RECIPE_CONFIGS / "pretrain.yaml")
+    with pytest.raises(ConfigError, match="warmup_steps=30 is longer than max_steps=10"):
+        parse_config(["--max_steps", "10", "--warmup_steps", "30"], PretrainConfig, yaml_file)
+    own = tmp_path / "mine.yaml"  # the user's own file counts as set by them
+    own.write_text("optim:\n  warmup_steps: 30\n")
+    with pytest.raises(ConfigError, match="warmup_steps=30 is longer than max_steps=10"):
+        parse_config(["--config", str(own), "--max_steps", "10"], PretrainConfig, yaml_file)
+    with pytest.raises(ConfigError, match="warmup_steps=30 is longer than max_steps=10"):
+        config_from_dict({"max_steps": 10, "warmup_steps": 30})  # a notebook's dict is the user's too
+
+
+def test_the_codec_defaults_fit_a_six_step_run():
+    cfg = parse_config(["--max_steps", "6"], CodecConfig, str(RECIPE_CONFIGS / "codec.yaml"))
+    assert cfg.adversarial.discriminator_start_step == 1  # 50 * 6 / 300
+    assert cfg.optim.warmup_steps == 0  # 10 * 6 / 300
+    assert len(cfg.notes) == 2 and "discriminator_start_step: the default 50" in cfg.notes[1]
+    with pytest.raises(ConfigError, match="discriminator_start_step=50 is after max_steps=6"):
+        parse_config(
+            ["--max_steps", "6", "--discriminator_start_step", "50"], CodecConfig, str(RECIPE_CONFIGS / "codec.yaml")
+        )
+
+
+def test_a_run_length_known_only_from_the_epochs_fits_the_defaults_then():
+    cfg = config_from_dict({"max_steps": -1}, defaults={"warmup_steps": 30, "max_steps": 300})
+    assert cfg.optim.warmup_steps == 30 and cfg.notes == []  # the length is not known yet
+    assert cfg.fit_to_run(20) == [
+        "warmup_steps: the default 30 of the default 300 is longer than this 20-step run; using 2"
+    ]
+    assert cfg.optim.warmup_steps == 2
+    # without a default run length to scale by, a tenth of this run
+    bare = config_from_dict({"max_steps": -1}, defaults={"warmup_steps": 30})
+    bare.fit_to_run(20)
+    assert bare.optim.warmup_steps == 2
+    user = config_from_dict({"max_steps": -1, "warmup_steps": 30})
+    with pytest.raises(ConfigError, match="warmup_steps=30 is longer than max_steps=20"):
+        user.fit_to_run(20)
+
+
+def test_learning_rate_zero_is_accepted_with_a_warning_negative_is_refused():
+    cfg = config_from_dict({"learning_rate": 0.0})
+    assert cfg.optim.learning_rate == 0.0
+    assert any("learning_rate=0" in note for note in cfg.notes)
+    with pytest.raises(ConfigError, match="learning_rate=-0.1: must be >= 0"):
+        config_from_dict({"learning_rate": -0.1})
+
+
+def test_user_set_names_exactly_the_flags_given():
+    cfg = parse_config(["--learning_rate=1e-4", "--no_eval_on_start", "--seed", "3"], PretrainConfig)
+    assert cfg.user_set == {"learning_rate", "eval_on_start", "seed"}
+    assert cfg.logging.eval_on_start is False
+    assert "user_set" not in cfg.to_flat_dict() and "notes" not in cfg.to_flat_dict()
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1e-3\n   warmup_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line 3, column \d+: not valid YAML"):
+        parse_config(["--config", str(bad)])
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of flag names to values, not a list"):
+        parse_config(["--config", str(bad)])
