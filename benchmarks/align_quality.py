@@ -19,8 +19,8 @@ import numpy as np
 from transformers import MusicgenForCausalLM
 
 from hf_audio_trainer.alignment import mean_generation_score
+from hf_audio_trainer.codecs import load_audio_tokenizer
 from hf_audio_trainer.data.preferences import make_synthetic_preferences
-from hf_audio_trainer.tokenizers import load_audio_tokenizer
 from hf_audio_trainer.trackers import read_metrics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from hf_audio_trainer import pretrain
+from hf_audio_trainer.codecs import MelKMeansTokenizer
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-from hf_audio_trainer.tokenizers import MelKMeansTokenizer
 from hf_audio_trainer.trackers import read_metrics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

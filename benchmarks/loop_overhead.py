@@ -20,12 +20,12 @@ import time
 import torch
 from accelerate import Accelerator
 
+from hf_audio_trainer.codecs import MelKMeansTokenizer
 from hf_audio_trainer.data.codes import CodesCollator, tokenize_dataset
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.loop import LoopSettings, train
 from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
-from hf_audio_trainer.tokenizers import MelKMeansTokenizer
 
 LR, WARMUP, MAX_NORM = 1e-3, 5, 1.0
 

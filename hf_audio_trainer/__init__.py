@@ -16,11 +16,11 @@ __all__ = [
     "train_codec",
 ]
 _CONFIGS = ("AlignConfig", "CodecConfig", "FinetuneConfig", "PretrainConfig", "parse_config")
-_RECIPES = ("RunResult", "align", "finetune", "pretrain", "train_codec")
+_STAGES = ("RunResult", "align", "finetune", "pretrain", "train_codec")
 
 if TYPE_CHECKING:
     from hf_audio_trainer.config import AlignConfig, CodecConfig, FinetuneConfig, PretrainConfig, parse_config
-    from hf_audio_trainer.recipes import RunResult, align, finetune, pretrain, train_codec
+    from hf_audio_trainer.stages import RunResult, align, finetune, pretrain, train_codec
 
 
 def __getattr__(name: str):
@@ -29,8 +29,8 @@ def __getattr__(name: str):
         from hf_audio_trainer import config
 
         return getattr(config, name)
-    if name in _RECIPES:
-        from hf_audio_trainer import recipes
+    if name in _STAGES:
+        from hf_audio_trainer import stages
 
-        return getattr(recipes, name)
+        return getattr(stages, name)
     raise AttributeError(f"module 'hf_audio_trainer' has no attribute {name!r}")

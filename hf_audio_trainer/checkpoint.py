@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 
+from hf_audio_trainer.config import StageConfig, sections
+from hf_audio_trainer.distributed import broadcast_object
+from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.errors import ConfigError, ExistsError, MissingError, WriteError
+from hf_audio_trainer.hub import HubPusher
 from hf_audio_trainer.models import merged_model
+from hf_audio_trainer.trackers import METRICS_FILE, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -256,3 +266,181 @@ def copy_to_best(accelerator: Accelerator, output_dir: str | os.PathLike, checkp
             _remove(best)
         os.replace(tmp, best)
     accelerator.wait_for_everyone()
+
+
+EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
+
+
+def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | None:
+    """Check the run can start here; returns the checkpoint to resume from, if any. Seeds everything."""
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    for note in cfg.notes:  # defaults fitted to this run, warnings about values the user chose
+        accelerator.print(note)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+    resume = resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
+    check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
+    if accelerator.is_main_process:
+        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
+            remove_checkpoints(out)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
+    set_seed(t.seed)
+    return resume
+
+
+class Checkpointer:
+    """Saves every `save_steps` (atomic, last-K rotation), keeps `best/` by the chosen metric, resumes exactly."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        accelerator: Accelerator,
+        global_batch: int,
+        max_steps: int,
+        save_extras: Callable[[Path], None],
+        extra_state: Callable[[int], dict] = lambda step: {},
+        ema: EMA | None = None,
+        pusher: HubPusher | None = None,
+        export: Callable[[Path, bool], None] | None = None,
+        card: Callable[[Path, dict], None] | None = None,
+    ):
+        self.cfg, self.accelerator, self.ema, self.pusher = cfg, accelerator, ema, pusher
+        self.export, self.card = export, card  # export(folder, use_ema); card(folder, metrics)
+        self.out = Path(cfg.training.output_dir)
+        self.global_batch, self.max_steps = global_batch, max_steps
+        self.save_extras, self.extra_state = save_extras, extra_state
+        default = "eval/loss_ema" if ema is not None else "eval/loss"
+        self.metric = cfg.checkpoint.metric_for_best_model or default
+        self.best: dict = {}  # {"step", "value"} of the best checkpoint so far
+        self.last_eval: dict = {}
+
+    def resume(self, path: Path) -> int:
+        """Load a checkpoint into the prepared objects; returns its step. Mismatches are refused before loading."""
+        state = verify_checkpoint(path)
+        if state["global_batch_size"] != self.global_batch:
+            raise ConfigError(
+                f"{path} was trained with a global batch of {state['global_batch_size']}, this run has "
+                f"{self.global_batch} (per-device batch x accumulation x processes); keep it the same to resume exactly"
+            )
+        here = (str(self.accelerator.distributed_type), self.accelerator.num_processes)
+        there = (state.get("distributed_type", here[0]), state.get("num_processes", here[1]))
+        sharded = ("DistributedType.FSDP", "DistributedType.DEEPSPEED")
+        if there != here and (here[0] in sharded or there[0] in sharded):
+            raise ConfigError(
+                f"{path} holds shards from {there[1]} processes under {there[0]}; this run is {here[1]} under "
+                f"{here[0]}. Resume with the same accelerate config and number of processes (or start a new run from "
+                f"its exported model with --model_name_or_path)"
+            )
+        ema_file = path / self.ema_file()
+        if self.ema is not None and not ema_file.is_file():
+            raise ConfigError(f"{path} has no {ema_file.name}: it was trained without --ema; resume without it")
+        try:
+            load_checkpoint(self.accelerator, path, state)
+        except RuntimeError as err:
+            if not any(text in str(err) for text in LOAD_MISMATCH):
+                raise
+            raise ConfigError(
+                f"{path} does not fit this run's model: {settings_that_differ(self.cfg, state.get('config', {}))}; "
+                "resume with the checkpoint's settings, or start a new run in another --output_dir"
+            ) from None
+        # the best so far, if one was recorded by this metric (a save before any evaluation records none)
+        saved = state.get("best") or {}
+        self.best = {"step": saved["step"], "value": saved["value"]} if "value" in saved else {}
+        if saved.get("metric", self.metric) != self.metric:
+            self.best = {}  # another metric now picks best/: its first evaluated save starts the comparison
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(ema_file)))
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.out, state["global_step"])
+        self.accelerator.print(f"Resumed from {path} at step {state['global_step']}")
+        return state["global_step"]
+
+    def ema_file(self) -> str:
+        """One file of averages, or one per process when each averages its own shard (FSDP2, ZeRO-3)."""
+        if self.ema is not None and self.ema.sharded:
+            return f"ema-rank{self.accelerator.process_index}-of-{self.accelerator.num_processes}.safetensors"
+        return EMA_FILE
+
+    def record(self, step: int, results: dict[str, float]) -> None:
+        self.last_eval = {**results, "step": step}
+
+    def save(self, step: int) -> None:
+        # best is judged where a save follows an evaluation of the same step
+        value = self.last_eval.get(self.metric) if self.last_eval.get("step") == step else None
+        greater, best = self.cfg.checkpoint.greater_is_better, self.best
+        is_best = value is not None and (not best or (value > best["value"] if greater else value < best["value"]))
+        if is_best:
+            best.update(step=step, value=value)
+        state = {
+            "global_step": step,
+            "global_batch_size": self.global_batch,
+            "max_steps": self.max_steps,
+            "num_processes": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "config": self.cfg.to_flat_dict(),
+            "best": {**best, "metric": self.metric},  # {"metric"} alone until an evaluated save
+            **self.extra_state(step),
+        }
+
+        def extras(folder: Path) -> None:
+            self.save_extras(folder)
+            if self.ema is not None and not self.ema.sharded:
+                save_file(self.ema.state_dict(), str(folder / EMA_FILE))
+
+        def shards(folder: Path) -> None:
+            save_file(self.ema.state_dict(), str(folder / self.ema_file()))
+
+        sharded_ema = self.ema is not None and self.ema.sharded
+        saved = save_checkpoint(
+            self.accelerator, self.out, step, state, extras, self.cfg.checkpoint.save_total_limit,
+            rank_save=shards if sharded_ema else None,
+        )  # fmt: skip
+        if is_best:
+            copy_to_best(self.accelerator, self.out, saved)
+        if self.cfg.hub.hub_strategy != "end":
+            self.push_model(self.last_eval, checkpoint=Path(saved), step=step)
+
+    def push_model(self, metrics: dict, checkpoint: Path | None = None, step: int | None = None) -> None:
+        """Export the current model (and `ema/`) with a model card to a scratch folder and push that in the background.
+
+        After a save (`step` given) the pusher's strategy decides what goes (`checkpoint` also sends the checkpoint
+        to `last-checkpoint/`, so a run can resume from the Hub); without one, this is the end-of-training push.
+        """
+        if not self.cfg.hub.push_to_hub or self.export is None:
+            return
+        self.accelerator.wait_for_everyone()
+        scratch = (
+            Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-push-")) if self.accelerator.is_main_process else None
+        )
+        scratch = Path(broadcast_object(str(scratch)))
+        self.export(scratch, self.cfg.ema.final_model == "ema")  # a collective under sharding: every rank takes part
+        if self.ema is not None:
+            self.export(scratch / "ema", True)
+        if self.pusher is not None:
+            self.card(scratch, metrics)
+            # the pusher snapshots the folders first, so the scratch folder can go at once
+            if step is None:
+                self.pusher.push(scratch, "End of training")
+            else:
+                self.pusher.push_save(scratch, checkpoint, step)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+# what torch says when a checkpoint's weights do not fit the model they are loaded into
+LOAD_MISMATCH = ("size mismatch", "Missing key(s)", "Unexpected key(s)", "Error(s) in loading state_dict")
+
+
+MODEL_SECTIONS = ("model", "data", "discriminator", "finetune")  # the settings that shape a stage's networks
+
+
+def settings_that_differ(cfg: StageConfig, saved: dict) -> str:
+    """The model-shaping settings of this run that differ from a checkpoint's (its saved flat config)."""
+    names = [f.name for section, cls in sections(type(cfg)).items() if section in MODEL_SECTIONS
+             for f in dataclasses.fields(cls)]  # fmt: skip
+    now = cfg.to_flat_dict()
+    differ = [f"{n}={now[n]!r} here, {saved[n]!r} in the checkpoint" for n in names if saved.get(n, now[n]) != now[n]]
+    return "; ".join(differ) if differ else "its weights have other shapes (no setting of this run differs from it)"

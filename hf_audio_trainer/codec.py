@@ -28,9 +28,9 @@ from hf_audio_trainer.adversarial import (
     frozen,
     generator_adversarial_loss,
 )
+from hf_audio_trainer.codecs import mel_filters
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.errors import ConfigError
-from hf_audio_trainer.tokenizers import mel_filters
 from hf_audio_trainer.trackers import log_audio
 
 # New codecs by size: SEANet channels, latent size and depth. Hop 320 (8*5*4*2) gives 50 frames/s at 16 kHz, the

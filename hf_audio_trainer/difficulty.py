@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 
+from hf_audio_trainer.codecs import AudioTokenizer, load_audio_tokenizer, mel_filters
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.models import check_model_fits_tokenizer
-from hf_audio_trainer.tokenizers import AudioTokenizer, load_audio_tokenizer, mel_filters
 
 # Bump when the features change: datasets' fingerprint of the map function sees neither these constants nor the code
 # it calls, so cached features would otherwise outlive the code that made them.

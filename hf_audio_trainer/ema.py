@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from hf_audio_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hf_audio_trainer.config import StageConfig
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -153,3 +157,11 @@ class EMA:
             for name, average in zip(self.names, self.shadow, strict=True):
                 average.copy_(state[f"ema.{name}"])
         self.num_updates = int(state["num_updates"])
+
+
+def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
+    e = cfg.ema
+    if not e.ema:
+        return None
+    device = "cpu" if e.ema_offload else None
+    return EMA(model, e.ema_decay, e.ema_update_every, e.ema_start_step, e.ema_warmup, device=device)

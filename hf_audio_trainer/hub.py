@@ -11,12 +11,17 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import validate_repo_id
 
 from hf_audio_trainer.errors import ConfigError, RemoteError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from hf_audio_trainer.config import StageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -264,3 +269,28 @@ def _table(header: tuple[str, str], rows: dict[str, Any]) -> str:
         shown = shown.replace("|", "\\|")  # a bare | would end the cell
         lines.append(f"| {key} | {shown} |")
     return "\n".join(lines)
+
+
+def start_pusher(cfg: StageConfig, accelerator: Accelerator) -> HubPusher | None:
+    """Create the Hub repo before any training (a bad token or id fails now, not hours later)."""
+    h = cfg.hub
+    if not h.push_to_hub or not accelerator.is_main_process:
+        return None
+    return HubPusher(h.hub_model_id, token=h.hub_token, private=h.hub_private_repo, strategy=h.hub_strategy)
+
+
+def model_card_writer(cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None):
+    """card(folder, metrics): the README.md model card pushed with every upload."""
+
+    def card(folder: Path, metrics: dict) -> None:
+        write_model_card(
+            folder,
+            repo_id=cfg.hub.hub_model_id,
+            stage=stage,
+            base_model=base_model,
+            datasets=datasets,
+            hyperparameters=cfg.to_flat_dict(),
+            metrics={k: v for k, v in metrics.items() if k != "step"},
+        )
+
+    return card

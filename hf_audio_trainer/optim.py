@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytorch_optimizer
 import torch
 from transformers import get_scheduler
 
 from hf_audio_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from hf_audio_trainer.config import StageConfig
 
 # Adam-style betas when --adam_beta1/--adam_beta2 are not given: each optimizer's paper default. GAN_BETAS are the
 # usual ones for adversarial training (HiFi-GAN, EnCodec, DAC), where a short memory keeps up with the opponent.
@@ -277,3 +283,28 @@ def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str = 
     if base_batch_size < 1 or batch_size < 1:
         raise ConfigError(f"batch sizes must be >= 1, got {base_batch_size} and {batch_size}")
     return base_lr * LR_SCALING[rule](batch_size / base_batch_size)
+
+
+def build_optimization(
+    cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, global_batch: int, max_steps: int
+):
+    """Optimizer (with the linear scaling rule if asked) and schedule, from the config's optim section."""
+    o = cfg.optim
+    lr = o.learning_rate
+    if o.scale_lr is not None:
+        lr = scale_lr(o.learning_rate, o.base_batch_size, global_batch, o.scale_lr)
+        accelerator.print(
+            f"--scale_lr {o.scale_lr}: learning rate {o.learning_rate:g} tuned for a batch of {o.base_batch_size} "
+            f"-> {lr:g} for the effective batch of {global_batch}"
+        )
+    optimizer = build_optimizer(
+        model,
+        o.optim,
+        weight_decay=o.weight_decay,
+        lr=lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+        **({"rho": o.sophia_rho, "hessian_update_period": o.hessian_update_period} if o.optim == "sophia" else {}),
+    )
+    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
+    return optimizer, build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hf_audio_trainer.cli import run_recipe
 from hf_audio_trainer.config import AlignConfig
-from hf_audio_trainer.recipes import align
+from hf_audio_trainer.stages import align
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "align.yaml"
 

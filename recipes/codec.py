@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hf_audio_trainer.cli import run_recipe
 from hf_audio_trainer.config import CodecConfig
-from hf_audio_trainer.recipes import train_codec
+from hf_audio_trainer.stages import train_codec
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "codec.yaml"
 

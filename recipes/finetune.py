@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hf_audio_trainer.cli import run_recipe
 from hf_audio_trainer.config import FinetuneConfig
-from hf_audio_trainer.recipes import finetune
+from hf_audio_trainer.stages import finetune
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune.yaml"
 

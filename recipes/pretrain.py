@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hf_audio_trainer.cli import run_recipe
 from hf_audio_trainer.config import PretrainConfig
-from hf_audio_trainer.recipes import pretrain
+from hf_audio_trainer.stages import pretrain
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain.yaml"
 

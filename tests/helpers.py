@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from hf_audio_trainer.codecs import MelKMeansTokenizer
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-from hf_audio_trainer.tokenizers import MelKMeansTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_CLIPS = 64

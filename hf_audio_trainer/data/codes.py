@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from hf_audio_trainer.codecs import AudioTokenizer
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.errors import ConfigError
-from hf_audio_trainer.tokenizers import AudioTokenizer
 
 _MAIN_PID = os.getpid()  # datasets forks its num_proc workers after this module is imported
 

@@ -109,7 +109,7 @@ class MelEmbedder(Embedder):
     def __init__(
         self, device: str = "cpu", sample_rate: int = 16000, n_mels: int = 64, n_fft: int = 512, hop_length: int = 160
     ) -> None:
-        from hf_audio_trainer.tokenizers import mel_filters
+        from hf_audio_trainer.codecs import mel_filters
 
         self.device = torch.device(device)
         self.sample_rate, self.n_fft, self.hop_length = sample_rate, n_fft, hop_length

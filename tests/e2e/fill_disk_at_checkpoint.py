@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from hf_audio_trainer.cli import run_recipe
 from hf_audio_trainer.config import PretrainConfig
-from hf_audio_trainer.recipes import pretrain
+from hf_audio_trainer.stages import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 full_at = f".tmp-checkpoint-{sys.argv.pop(1)}"

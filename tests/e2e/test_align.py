@@ -4,9 +4,9 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from hf_audio_trainer import align, pretrain
+from hf_audio_trainer.codecs import MelKMeansTokenizer
 from hf_audio_trainer.data.preferences import make_synthetic_preferences
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-from hf_audio_trainer.tokenizers import MelKMeansTokenizer
 from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
 
@@ -91,7 +91,7 @@ def test_on_policy_pairs_from_the_model_train_the_align_recipe(policy, tmp_path)
     from transformers import MusicgenForCausalLM
 
     from hf_audio_trainer.alignment import make_preference_pairs
-    from hf_audio_trainer.tokenizers import load_audio_tokenizer
+    from hf_audio_trainer.codecs import load_audio_tokenizer
 
     model = MusicgenForCausalLM.from_pretrained(policy)
     tokenizer = load_audio_tokenizer(policy / "tokenizer")

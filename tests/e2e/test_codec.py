@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import EncodecModel, MusicgenForCausalLM
 
 from hf_audio_trainer import pretrain, train_codec
+from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.config import load_yaml
-from hf_audio_trainer.tokenizers import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import ROOT, as_flags, launch, max_abs_diff, quick_run
 

@@ -7,11 +7,11 @@ import torch
 
 from hf_audio_trainer import pretrain
 from hf_audio_trainer.alignment import generate_continuations
+from hf_audio_trainer.codecs import load_audio_tokenizer
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.metrics.embedders import load_embedder
 from hf_audio_trainer.metrics.fad import fad
 from hf_audio_trainer.models import build_model
-from hf_audio_trainer.tokenizers import load_audio_tokenizer
 from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import MusicgenForCausalLM
 
-from hf_audio_trainer.tokenizers import load_audio_tokenizer
+from hf_audio_trainer.codecs import load_audio_tokenizer
 from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import as_flags, fit_small_tokenizer, launch, quick_run
 

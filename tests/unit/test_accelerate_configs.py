@@ -49,8 +49,8 @@ def test_tensor_parallel_on_a_model_without_a_tp_plan_is_refused_before_prepare(
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from hf_audio_trainer.distributed import check_tensor_parallel
     from hf_audio_trainer.models import build_model
-    from hf_audio_trainer.run import check_tensor_parallel
 
     tp2 = SimpleNamespace(parallelism_config=SimpleNamespace(tp_size=2))
     musicgen = build_model(None, "micro", 2, 16, max_positions=32)

@@ -28,10 +28,10 @@ from hf_audio_trainer.codec import (
     segment_stream,
     si_sdr,
 )
+from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.config import CodecConfig, config_from_dict
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-from hf_audio_trainer.tokenizers import EncodecTokenizer, load_audio_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

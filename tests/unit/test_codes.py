@@ -40,9 +40,9 @@ def test_collator_shifts_inputs_masks_labels_and_counts_targets():
 
 
 def test_tokenize_with_worker_processes_matches_one_process():
+    from hf_audio_trainer.codecs import MelKMeansTokenizer
     from hf_audio_trainer.data.codes import tokenize_dataset
     from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-    from hf_audio_trainer.tokenizers import MelKMeansTokenizer
 
     train = make_synthetic_dataset(num_clips=24)["train"]
     tokenizer = MelKMeansTokenizer.fit([a["array"] for a in train["audio"]], codebook_size=16, num_codebooks=2)

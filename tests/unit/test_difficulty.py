@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from hf_audio_trainer.codecs import MelKMeansTokenizer
 from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.difficulty import (
@@ -17,7 +18,6 @@ from hf_audio_trainer.difficulty import (
     score_difficulty,
 )
 from hf_audio_trainer.models import build_model, lm_loss
-from hf_audio_trainer.tokenizers import MelKMeansTokenizer
 
 SR = 16000
 # Spearman correlation with the generator's difficulty, measured: 0.922 over the 2,000 default clips and over these 200.

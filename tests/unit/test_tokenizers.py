@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_audio_trainer.tokenizers import (
+from hf_audio_trainer.codecs import (
     TOKENIZERS,
     AudioTokenizer,
     EncodecTokenizer,

@@ -1,11 +1,9 @@
-"""Audio tokenizers: mono waveform <-> discrete codes [num_codebooks, frames] for a MusicGen-style audio LM."""
+"""The weight-free default tokenizer: residual k-means over log-mel frames, decoded back with Griffin-Lim."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -13,191 +11,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_audio_trainer.codecs.base import CONFIG_NAME, AudioTokenizer, _as_mono, _read_json, _resolve_file, _write_config
 from hf_audio_trainer.errors import ConfigError, MissingError
 
-CONFIG_NAME = "tokenizer_config.json"
 MEL_KMEANS_WEIGHTS_NAME = "tokenizer.safetensors"
-
-
-class AudioTokenizer(ABC):
-    """Turns one mono waveform at `sample_rate` into codes [num_codebooks, frames] and back."""
-
-    sample_rate: int
-    num_codebooks: int
-    codebook_size: int
-    hop_length: int
-
-    @property
-    def frame_rate(self) -> float:
-        """Code frames per second of audio."""
-        return self.sample_rate / self.hop_length
-
-    def num_frames(self, num_samples: int) -> int:
-        """Frames that `encode` makes from a clip of `num_samples` samples; 0 means the clip is too short."""
-        return num_samples // self.hop_length
-
-    @abstractmethod
-    def encode(self, waveform: np.ndarray | torch.Tensor) -> torch.LongTensor:
-        """Encode one mono float waveform at `sample_rate` into codes [num_codebooks, frames] on the CPU."""
-
-    def encode_batch(self, waveforms: list[np.ndarray | torch.Tensor]) -> list[torch.LongTensor]:
-        """Encode several clips; a clip shorter than one frame gives [num_codebooks, 0] instead of an error."""
-        return [self.encode(w) if self.num_frames(len(w)) > 0 else self._empty_codes() for w in waveforms]
-
-    @abstractmethod
-    def decode(self, codes: torch.Tensor) -> torch.FloatTensor:
-        """Decode codes [num_codebooks, frames] into a mono float waveform [samples] at `sample_rate`."""
-
-    @abstractmethod
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write `tokenizer_config.json` (with `tokenizer_type`) and the weights into the folder `path`."""
-
-    def _empty_codes(self) -> torch.LongTensor:
-        return torch.zeros(self.num_codebooks, 0, dtype=torch.long)
-
-    def _check_codes(self, codes: torch.Tensor) -> torch.LongTensor:
-        codes = torch.as_tensor(codes).long().cpu()
-        if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
-            raise ValueError(f"expected codes of shape [{self.num_codebooks}, frames], got {list(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(
-                f"codes must lie in [0, {self.codebook_size}), got [{codes.min().item()}, {codes.max().item()}]"
-            )
-        return codes
-
-
-def _as_mono(waveform: np.ndarray | torch.Tensor) -> torch.Tensor:
-    wave = torch.as_tensor(waveform).float()
-    if wave.ndim != 1:
-        raise ValueError(f"expected one mono waveform of shape [samples], got shape {list(wave.shape)}")
-    return wave
-
-
-def _resolve_file(path_or_id: str | os.PathLike, filename: str) -> str | None:
-    """Local path of `filename` in a folder or a Hub repo (cached or downloaded), or None if it has no such file."""
-    if os.path.isdir(path_or_id):
-        candidate = os.path.join(path_or_id, filename)
-        return candidate if os.path.isfile(candidate) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-
-    try:
-        return hf_hub_download(str(path_or_id), filename)
-    except (EntryNotFoundError, HFValidationError, OSError):
-        # Missing file, a path that is no repo id, no repo, or offline without a cached copy: all mean "not here".
-        return None
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_config(path: str | os.PathLike, config: dict) -> None:
-    Path(path).mkdir(parents=True, exist_ok=True)
-    with open(Path(path) / CONFIG_NAME, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# EnCodec (pretrained neural codec from transformers)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class EncodecTokenizer(AudioTokenizer):
-    """Adapter over transformers' `EncodecModel` (e.g. facebook/encodec_32khz, the MusicGen codec).
-
-    Mono, unchunked models only (24 and 32 kHz). A model with `normalize=True` decodes at unit loudness, because
-    the per-clip scale it computes is not part of the codes.
-    """
-
-    def __init__(self, model: torch.nn.Module, bandwidth: float | None = None) -> None:
-        config = model.config
-        if config.audio_channels != 1:
-            raise ConfigError(
-                f"only mono EnCodec models are supported, this one has audio_channels={config.audio_channels}"
-            )
-        if config.chunk_length_s is not None:
-            # Chunked models (encodec_48khz) return codes per chunk, which breaks the [codebooks, frames] contract.
-            raise ConfigError(f"chunked EnCodec models are not supported (chunk_length_s={config.chunk_length_s})")
-        if bandwidth is None:
-            bandwidth = config.target_bandwidths[0]  # the model's own default in EncodecModel.encode
-        if bandwidth not in config.target_bandwidths:
-            raise ConfigError(
-                f"bandwidth {bandwidth} is not one of this model's target_bandwidths {config.target_bandwidths}"
-            )
-        self.model = model.eval()
-        self.bandwidth = float(bandwidth)
-        self.sample_rate = int(config.sampling_rate)
-        self.hop_length = int(config.hop_length)
-        self.codebook_size = int(config.codebook_size)
-        # The quantizer slices its layers with this count, so cap it like the slice does.
-        self.num_codebooks = min(model.quantizer.get_num_quantizers_for_bandwidth(bandwidth), config.num_quantizers)
-        self._frame_rate = float(config.frame_rate)
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_id: str | os.PathLike, bandwidth: float | None = None, device: str | torch.device = "cpu"
-    ) -> EncodecTokenizer:
-        """Load an EnCodec model from a folder or Hub id; `bandwidth` defaults to the saved one, else the smallest."""
-        from transformers import EncodecModel
-
-        if bandwidth is None:
-            config_file = _resolve_file(path_or_id, CONFIG_NAME)
-            if config_file is not None:
-                bandwidth = _read_json(config_file).get("bandwidth")
-        model = EncodecModel.from_pretrained(path_or_id).to(device)
-        return cls(model, bandwidth=bandwidth)
-
-    @property
-    def frame_rate(self) -> float:
-        """Code frames per second, as EnCodec's config rounds it (ceil of sample_rate / hop_length)."""
-        return self._frame_rate
-
-    def num_frames(self, num_samples: int) -> int:
-        """EnCodec pads the last partial frame, so any non-empty clip gives ceil(num_samples / hop_length) frames."""
-        return math.ceil(num_samples / self.hop_length)
-
-    @torch.no_grad()
-    def encode(self, waveform: np.ndarray | torch.Tensor) -> torch.LongTensor:
-        """Encode one mono waveform into codes [num_codebooks, ceil(samples / hop_length)]."""
-        wave = _as_mono(waveform)
-        if wave.numel() == 0:
-            raise ValueError("cannot encode an empty waveform")
-        weight = next(self.model.parameters())
-        out = self.model.encode(wave[None, None].to(weight.device, weight.dtype), bandwidth=self.bandwidth)
-        return out.audio_codes[0, 0].long().cpu()  # [chunks=1, batch=1, codebooks, frames] -> [codebooks, frames]
-
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.FloatTensor:
-        """Decode codes [num_codebooks, frames] into frames * hop_length samples."""
-        codes = self._check_codes(codes)
-        device = next(self.model.parameters()).device
-        # No audio scales: models without `normalize` encode none, and the chunk-free path takes [None].
-        audio = self.model.decode(codes[None, None].to(device), [None]).audio_values
-        return audio[0, 0].float().cpu()
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the EnCodec model (config.json + model.safetensors) and tokenizer_config.json with the bandwidth."""
-        self.model.save_pretrained(path)
-        _write_config(
-            path,
-            {
-                "tokenizer_type": "encodec",
-                "bandwidth": self.bandwidth,
-                "sample_rate": self.sample_rate,
-                "num_codebooks": self.num_codebooks,
-                "codebook_size": self.codebook_size,
-                "hop_length": self.hop_length,
-            },
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Mel k-means (weight-free default, fitted on the training audio)
-# --------------------------------------------------------------------------------------------------------------------
-
 LOG_MEL_FLOOR = 1e-5  # added to mel power before the log so silence does not dominate the per-bin statistics
 MIN_STD = 0.1  # log units (~0.9 dB): bins that barely change get no codebook capacity for inaudible detail
 FEATURE_BATCH_SAMPLES = 2**19  # padded samples per batched STFT (~33 s at 16 kHz), ~7 MB per intermediate
@@ -509,30 +326,3 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
             chosen.append(int(rng.integers(len(points))))
         np.minimum(distance, np.maximum(norms - 2 * points @ points[chosen[-1]] + norms[chosen[-1]], 0), out=distance)
     return x[chosen].clone()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loading by type
-# --------------------------------------------------------------------------------------------------------------------
-
-TOKENIZERS = {"mel_kmeans": MelKMeansTokenizer, "encodec": EncodecTokenizer}
-
-
-def load_audio_tokenizer(path_or_id: str | os.PathLike) -> AudioTokenizer:
-    """Load a saved tokenizer by the `tokenizer_type` in its tokenizer_config.json, or a plain EnCodec model."""
-    config_file = _resolve_file(path_or_id, CONFIG_NAME)
-    if config_file is not None:
-        tokenizer_type = _read_json(config_file).get("tokenizer_type")
-        if tokenizer_type not in TOKENIZERS:
-            raise ConfigError(
-                f"{path_or_id}/{CONFIG_NAME} has tokenizer_type={tokenizer_type!r}; valid types: {sorted(TOKENIZERS)}"
-            )
-        return TOKENIZERS[tokenizer_type].from_pretrained(path_or_id)
-    model_config_file = _resolve_file(path_or_id, "config.json")
-    if model_config_file is not None and _read_json(model_config_file).get("model_type") == "encodec":
-        return EncodecTokenizer.from_pretrained(path_or_id)
-    raise ConfigError(
-        f"cannot load an audio tokenizer from {path_or_id!r}: expected a folder or Hub id with a {CONFIG_NAME} "
-        f"(tokenizer_type one of {sorted(TOKENIZERS)}) or a transformers EnCodec model (config.json with "
-        'model_type "encodec")'
-    )

@@ -1,0 +1,8 @@
+"""The training stages, each an importable function: pretrain, finetune, align and train_codec."""
+
+from hf_audio_trainer.stages.align import align
+from hf_audio_trainer.stages.codec import train_codec
+from hf_audio_trainer.stages.common import RunResult
+from hf_audio_trainer.stages.pretrain import finetune, pretrain
+
+__all__ = ["RunResult", "align", "finetune", "pretrain", "train_codec"]
