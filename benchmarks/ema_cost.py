@@ -16,7 +16,7 @@ import torch
 
 from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.ema import EMA
-from hf_audio_trainer.models import build_model, lm_loss
+from hf_audio_trainer.families.musicgen import build_decoder, lm_loss
 from hf_audio_trainer.optim import build_optimizer
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     clips = [{"codes": rng.integers(0, 256, (4, int(rng.integers(25, 150)))).tolist()} for _ in range(args.batch_size)]
     batch = CodesCollator(4, 256, 256, 50.0)(clips)
-    model = build_model(None, args.model_size, 4, 256, 200, dropout=0.0)
+    model = build_decoder(None, args.model_size, 4, 256, 200, dropout=0.0)
     optimizer = build_optimizer(model, "adamw", lr=1e-4)
     emas = {"on device": EMA(model, decay=0.999), "offloaded to CPU": EMA(model, decay=0.999, device="cpu")}
     step_times, update_times = [], {name: [] for name in emas}

@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from hf_audio_trainer.codecs import MelKMeansTokenizer
 from hf_audio_trainer.data.codes import CodesCollator, tokenize_dataset
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
+from hf_audio_trainer.families.musicgen import build_decoder, lm_loss
 from hf_audio_trainer.loop import LoopSettings, train
-from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler
 
 LR, WARMUP, MAX_NORM = 1e-3, 5, 1.0
@@ -35,7 +35,7 @@ def make_batches(steps: int, batch_size: int, model_size: str):
     waves = [a["array"] for a in data.select(range(200))["audio"]]
     tokenizer = MelKMeansTokenizer.fit(waves, sample_rate=16000, seed=0)
     codes = tokenize_dataset(data, tokenizer)
-    model = build_model(None, model_size, tokenizer.num_codebooks, tokenizer.codebook_size, 200, dropout=0.0)
+    model = build_decoder(None, model_size, tokenizer.num_codebooks, tokenizer.codebook_size, 200, dropout=0.0)
     collate = CodesCollator(tokenizer.num_codebooks, model.config.pad_token_id, model.config.bos_token_id, 50.0)
     rows = codes["codes"]
     batches = [collate([{"codes": c} for c in rows[i * batch_size : (i + 1) * batch_size]]) for i in range(steps)]

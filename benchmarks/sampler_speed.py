@@ -16,7 +16,7 @@ import torch
 
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.codes import CodesCollator
-from hf_audio_trainer.models import build_model, lm_loss
+from hf_audio_trainer.families.musicgen import build_decoder, lm_loss
 from hf_audio_trainer.optim import build_optimizer
 
 
@@ -31,7 +31,7 @@ def order_time(pacing: str, n: int, batch: int, lengths=None) -> float:
 def step_time(batch: int = 16, steps: int = 20) -> float:
     rng = np.random.default_rng(0)
     codes = [{"codes": rng.integers(0, 256, (4, int(rng.integers(25, 150)))).tolist()} for _ in range(batch)]
-    model = build_model(None, "tiny", 4, 256, 200, dropout=0.0)
+    model = build_decoder(None, "tiny", 4, 256, 200, dropout=0.0)
     optimizer = build_optimizer(model, "adamw", lr=1e-3)
     data = CodesCollator(4, 256, 256, 50.0)(codes)
     start = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,10 +17,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.nn.utils.parametrizations import weight_norm
-from tqdm.auto import tqdm
 
-from hf_audio_trainer.ema import EMA
-from hf_audio_trainer.loop import NonFiniteError, Preempted, stop_on_signals, to_device
+from hf_audio_trainer.loop import StepOutput, to_device
 
 LEAK = 0.1  # LeakyReLU slope of HiFi-GAN / EnCodec discriminators
 
@@ -222,18 +219,6 @@ class Player:
     after_step: Callable[[bool], None] | None = None
 
 
-@dataclass
-class AdversarialSettings:
-    max_steps: int
-    gradient_accumulation_steps: int = 1
-    discriminator_start_step: int = 0  # steps after this one train the discriminator and add the adversarial terms
-    logging_steps: int = 10
-    eval_steps: int = 0
-    save_steps: int = 0
-    eval_on_start: bool = False
-    max_consecutive_skips: int = 10
-
-
 def update(
     accelerator: Accelerator, player: Player, micro_batches: list[dict], loss_fn: StepLossFn, items: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -287,141 +272,73 @@ def step_player(player: Player, grad_norm_finite: bool) -> bool:
     return stepped
 
 
-class Window:
-    """Sums since the last log line, on the device (no host sync per micro-batch)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.clips = {"g": 0.0, "d": 0.0}
-        self.audio_seconds, self.steps = 0.0, 0
-        self.start, self.paused = time.perf_counter(), 0.0
-
-    def add(self, prefix: str, total: torch.Tensor, stats: dict[str, torch.Tensor], clips: float) -> None:
-        for name, value in {f"{prefix}_loss": total, **stats}.items():
-            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value
-        self.clips[prefix] += clips
-
-    def metrics(self, accelerator: Accelerator) -> dict[str, float]:
-        """Per-clip means over the window and all processes (one reduce); the discriminator's stats (`d_...`) and
-        the adversarial terms over the clips of the steps that had them."""
-        names = sorted(self.sums)
-        host = torch.tensor([self.clips["g"], self.clips["d"], self.audio_seconds], dtype=torch.float64)
-        packed = torch.cat([host.to(self.device), *(self.sums[n].reshape(1).double() for n in names)])
-        g_clips, d_clips, audio, *values = accelerator.reduce(packed).tolist()
-        elapsed = time.perf_counter() - self.start - self.paused
-        logged = {"train/audio_seconds_per_second": audio / elapsed, "train/step_time": elapsed / max(self.steps, 1)}
-        for name, value in zip(names, values, strict=True):
-            clips = d_clips if name.startswith("d_") or name in ADVERSARIAL_TERMS else g_clips
-            if clips:
-                logged[f"train/{name}"] = value / clips
-        if d_clips:
-            logged["train/d_acc"] = (logged["train/d_acc_real"] + logged["train/d_acc_fake"]) / 2
-            # how the two sides of the game compare: near 1 when neither dominates (hinge: both ~1 at balance)
-            logged["train/d_g_loss_ratio"] = logged["train/d_loss"] / max(logged.get("train/g_adv_loss", 0.0), 1e-8)
-        return logged
-
-
-def train_adversarial(
-    accelerator: Accelerator,
-    generator: Player,
-    discriminator: Player,
-    batches: Iterator[dict],
-    generator_loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    discriminator_loss_fn: StepLossFn,
-    settings: AdversarialSettings,
-    start_step: int = 0,
-    evaluate: Callable[[int], dict[str, float]] | None = None,
-    save: Callable[[int], None] | None = None,
-    ema: EMA | None = None,
-) -> dict[str, float]:
-    """Run steps start_step+1 .. max_steps, each a discriminator update then a generator update on the same batch.
+class AdversarialStep:
+    """One step of the game for `loop.train`: a discriminator update, then a generator update on the same batch.
 
     From `discriminator_start_step` on, a step first trains the discriminator on real segments against the
     generator's current reconstructions (computed without a graph), then trains the generator against the updated
     discriminator (`generator_loss(batch, adversarial=True)`); before it, only the generator's reconstruction
-    losses train. Each network accumulates, clips, skips non-finite steps and steps on its own.
+    losses train. Each network accumulates, clips, skips non-finite steps and steps on its own; the step reports the
+    generator's update as the one the loop counts (and the EMA follows).
     """
-    s, world = settings, accelerator.num_processes
-    metrics: dict[str, float] = {}
-    step = start_step
-    if evaluate is not None and s.eval_on_start and step == 0:
-        metrics.update(evaluate(0))
-        accelerator.log(metrics, step=0)
-    progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    window = Window(accelerator.device)
-    skipped = {"g": 0, "d": 0}
-    consecutive = 0
-    generator.model.train()
-    discriminator.model.train()
-    # the bar is closed on any exit, so an error's message starts on a line of its own
-    with stop_on_signals() as signals, contextlib.closing(progress):
-        while step < s.max_steps:
-            micro_batches = [next(batches) for _ in range(s.gradient_accumulation_steps)]
-            # every process has the same per-device batch, so the step's clips are known without a collective
-            items = float(sum(b["num_items"] for b in micro_batches)) * world
-            adversarial = step >= s.discriminator_start_step
-            stop = torch.tensor(float(signals["stop"]), device=accelerator.device)
-            if world > 1:  # a signal may reach only some processes: they agree through the reduce
-                stop = accelerator.reduce(stop, "sum")
-            d_norm = None
-            if adversarial:
-                d_norm, d_stats, d_total = update(
-                    accelerator, discriminator, micro_batches, discriminator_loss_fn, items
-                )
-                # one host sync: the generator must train against the discriminator as updated (or not) here
-                d_stepped = step_player(discriminator, bool(torch.isfinite(d_norm)))
-                window.add("d", d_total, d_stats, items / world)
-                skipped["d"] += not d_stepped
-            g_loss = functools.partial(generator_loss, adversarial=adversarial)
-            g_norm, g_stats, g_total = update(accelerator, generator, micro_batches, g_loss, items)
-            checks = torch.stack([torch.isfinite(g_norm).float(), (stop > 0).float()]).tolist()
-            g_stepped = step_player(generator, bool(checks[0]))
-            stop_requested = bool(checks[1])
-            window.add("g", g_total, g_stats, items / world)
-            window.audio_seconds += sum(b["audio_seconds"] for b in micro_batches)
-            skipped["g"] += not g_stepped
-            step += 1
-            window.steps += 1
-            consecutive = 0 if g_stepped else consecutive + 1
-            if consecutive > s.max_consecutive_skips:
-                raise NonFiniteError(
-                    f"{consecutive} generator steps in a row (up to step {step}) had a non-finite loss or gradient norm"
-                )
-            if ema is not None and g_stepped:
-                ema.update(accelerator.unwrap_model(generator.model), step)
-            progress.update(1)
 
-            if step % s.logging_steps == 0 or step == s.max_steps:
-                logged = window.metrics(accelerator)
-                logged["train/g_grad_norm"] = g_norm.item()
-                logged["train/g_learning_rate"] = generator.scheduler.get_last_lr()[0]
-                logged["train/g_skipped_steps"] = skipped["g"]
-                if d_norm is not None:
-                    logged["train/d_grad_norm"] = d_norm.item()
-                    logged["train/d_learning_rate"] = discriminator.scheduler.get_last_lr()[0]
-                    logged["train/d_skipped_steps"] = skipped["d"]
-                for player in (generator, discriminator):
-                    if player.scaler is not None:
-                        logged[f"train/{player.name}_loss_scale"] = player.scaler.get_scale()
-                accelerator.log(logged, step=step)
-                metrics.update(logged)
-                postfix = {"mel": f"{logged.get('train/mel_distance', float('nan')):.3f}"}
-                if "train/d_acc" in logged:
-                    postfix["d_acc"] = f"{logged['train/d_acc']:.2f}"
-                progress.set_postfix(postfix)
-                window.reset()
-            paused = time.perf_counter()
-            if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
-                evaluated = evaluate(step)
-                accelerator.log(evaluated, step=step)
-                metrics.update(evaluated)
-            if save is not None and ((s.save_steps and step % s.save_steps == 0) or stop_requested):
-                save(step)  # SIGTERM/SIGINT: this step is saved, then the run stops
-            window.paused += time.perf_counter() - paused
-            if stop_requested:
-                raise Preempted(step, metrics)
-    return metrics
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        generator: Player,
+        discriminator: Player,
+        generator_loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        discriminator_loss_fn: StepLossFn,
+        discriminator_start_step: int = 0,
+    ):
+        self.accelerator, self.generator, self.discriminator = accelerator, generator, discriminator
+        self.generator_loss, self.discriminator_loss = generator_loss, discriminator_loss_fn
+        self.discriminator_start_step = discriminator_start_step
+        self.skipped = {"g": 0, "d": 0}
+        self.g_norm: torch.Tensor | None = None
+        self.d_norm: torch.Tensor | None = None
+        discriminator.model.train()
+
+    def __call__(self, step: int, micro_batches: list[dict], items: float) -> StepOutput:
+        clips = float(sum(b["num_items"] for b in micro_batches))  # this process's
+        sums: dict[str, tuple[torch.Tensor, str]] = {}
+        counts = {"g": clips}
+        adversarial = step >= self.discriminator_start_step
+        self.d_norm = None
+        if adversarial:
+            self.d_norm, d_stats, d_total = update(
+                self.accelerator, self.discriminator, micro_batches, self.discriminator_loss, items
+            )
+            # one host sync: the generator must train against the discriminator as updated (or not) here
+            d_stepped = step_player(self.discriminator, bool(torch.isfinite(self.d_norm)))
+            sums.update({name: (value, "d") for name, value in {"d_loss": d_total, **d_stats}.items()})
+            counts["d"] = clips
+            self.skipped["d"] += not d_stepped
+        g_loss = functools.partial(self.generator_loss, adversarial=adversarial)
+        self.g_norm, g_stats, g_total = update(self.accelerator, self.generator, micro_batches, g_loss, items)
+        g_stepped = step_player(self.generator, bool(torch.isfinite(self.g_norm)))
+        for name, value in {"g_loss": g_total, **g_stats}.items():
+            # the adversarial terms exist on the steps that have them: averaged over those steps' clips, like d_
+            sums[name] = (value, "d" if name in ADVERSARIAL_TERMS else "g")
+        self.skipped["g"] += not g_stepped
+        return StepOutput(g_stepped, sums, counts)
+
+    def log(self, logged: dict[str, float]) -> dict[str, str]:
+        if "train/d_acc_real" in logged:
+            logged["train/d_acc"] = (logged["train/d_acc_real"] + logged["train/d_acc_fake"]) / 2
+            # how the two sides of the game compare: near 1 when neither dominates (hinge: both ~1 at balance)
+            logged["train/d_g_loss_ratio"] = logged["train/d_loss"] / max(logged.get("train/g_adv_loss", 0.0), 1e-8)
+        logged["train/g_grad_norm"] = self.g_norm.item()
+        logged["train/g_learning_rate"] = self.generator.scheduler.get_last_lr()[0]
+        logged["train/g_skipped_steps"] = self.skipped["g"]
+        if self.d_norm is not None:
+            logged["train/d_grad_norm"] = self.d_norm.item()
+            logged["train/d_learning_rate"] = self.discriminator.scheduler.get_last_lr()[0]
+            logged["train/d_skipped_steps"] = self.skipped["d"]
+        for player in (self.generator, self.discriminator):
+            if player.scaler is not None:
+                logged[f"train/{player.name}_loss_scale"] = player.scaler.get_scale()
+        postfix = {"mel": f"{logged.get('train/mel_distance', float('nan')):.3f}"}
+        if "train/d_acc" in logged:
+            postfix["d_acc"] = f"{logged['train/d_acc']:.2f}"
+        return postfix

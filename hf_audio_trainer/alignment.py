@@ -184,19 +184,30 @@ def sequence_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 class DPOObjective:
-    """loss_fn(model, batch) for the loop: summed DPO losses, and TRL's metrics as per-pair sums."""
+    """loss_fn(model, batch) for the loop: summed DPO losses, and TRL's metrics as per-pair sums.
 
-    def __init__(self, beta: float, loss_type: str, label_smoothing: float, reference: torch.nn.Module | None):
+    `logps(model, batch)` gives each sequence's log-probability (chosen rows first): the model family's.
+    """
+
+    def __init__(
+        self,
+        beta: float,
+        loss_type: str,
+        label_smoothing: float,
+        reference: torch.nn.Module | None,
+        logps: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    ):
         self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
+        self.logps = logps or sequence_logps
 
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:  # precomputed once before training
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with torch.no_grad():
-            return sequence_logps(self.reference, batch).chunk(2)
+            return self.logps(self.reference, batch).chunk(2)
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        chosen, rejected = sequence_logps(model, batch).chunk(2)
+        chosen, rejected = self.logps(model, batch).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch)
         if self.loss_type == "ipo":  # IPO is defined on length-averaged log-probabilities
             tokens_chosen, tokens_rejected = batch["response_tokens"].chunk(2)

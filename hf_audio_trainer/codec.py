@@ -403,9 +403,15 @@ class CodecObjective:
         on_real, on_fake = discriminator_accuracy(real_logits, fake_logits, self.loss.threshold)
         return losses.sum(), {"d_acc_real": on_real.sum(), "d_acc_fake": on_fake.sum()}
 
-    def generator_loss(self, batch: dict, adversarial: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, generator: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reconstruction loss of `generator` alone: the `loss_fn(model, batch)` every family offers."""
+        return self.generator_loss(batch, adversarial=False, generator=generator)
+
+    def generator_loss(
+        self, batch: dict, adversarial: bool, generator: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real, w = batch["audio"], self.weights
-        out = self.generator(real)
+        out = (generator or self.generator)(real)
         fake = out["audio"].float()
         terms = {
             "mel_distance": self.mel(fake, real),

@@ -30,10 +30,19 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_family(name: str, stage_default: str) -> None:
+    from hf_audio_trainer.families import FAMILIES
+
+    _check(name in FAMILIES, f"model_family={name!r}: choose one of {sorted(FAMILIES)} (this stage's: {stage_default})")
+
+
 @dataclass
 class ModelConfig:
     """Which model to train."""
 
+    model_family: str = field(
+        default="musicgen", metadata={"help": "The model family (see families.FAMILIES): musicgen."}
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -46,8 +55,9 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        from hf_audio_trainer.models import MODEL_SIZES
+        from hf_audio_trainer.families.musicgen import MODEL_SIZES
 
+        _check_family(self.model_family, "musicgen")
         _check(self.model_size in MODEL_SIZES, f"model_size={self.model_size!r}: choose one of {sorted(MODEL_SIZES)}")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout={self.dropout}: must be in [0, 1)")
 
@@ -355,6 +365,32 @@ class HubConfig:
         check_hub_args(self.push_to_hub, self.hub_model_id, self.hub_strategy)
 
 
+def sections(config_cls: type) -> dict[str, type]:
+    """Section name -> section dataclass of a run config class."""
+    return {
+        f.name: f.default_factory
+        for f in dataclasses.fields(config_cls)
+        if f.default_factory is not MISSING and dataclasses.is_dataclass(f.default_factory)
+    }
+
+
+def stage_config(cls: type) -> type:
+    """Make a stage's config class a dataclass whose flags each belong to exactly one of its sections: one name,
+    one meaning. A flag in two sections is refused here, when the class is defined, so a flat key (a flag, a YAML
+    key) can never silently set two settings."""
+    cls = dataclass(cls)
+    owners: dict[str, str] = {}
+    for section, section_cls in sections(cls).items():
+        for f in dataclasses.fields(section_cls):
+            if f.name in owners:
+                raise TypeError(
+                    f"{cls.__name__}: flag --{f.name} is in both its {owners[f.name]} and {section} sections; "
+                    "a flag belongs to one section of a stage (rename one)"
+                )
+            owners[f.name] = section
+    return cls
+
+
 @dataclass
 class StageConfig:
     """What every stage's config shares: stage defaults, cross-section checks, a flat view for logs.
@@ -410,7 +446,7 @@ class StageConfig:
         return flat
 
 
-@dataclass
+@stage_config
 class PretrainConfig(StageConfig):
     """Everything a pretraining run needs."""
 
@@ -452,10 +488,20 @@ class FinetuneOptions:
         _check(bool(self.lora_target_modules.strip()), "lora_target_modules must name at least one module")
 
 
-@dataclass
-class FinetuneConfig(PretrainConfig):
+@stage_config
+class FinetuneConfig(StageConfig):
     """A fine-tune: a pretrained model (folder or Hub id) on the high-quality rows, gentler optimisation."""
 
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
     stage_defaults: ClassVar[dict[str, Any]] = {
@@ -534,7 +580,7 @@ class DPOConfig:
         )
 
 
-@dataclass
+@stage_config
 class AlignConfig(StageConfig):
     """Preference optimisation (DPO family) of a fine-tuned model against a frozen reference."""
 
@@ -564,15 +610,6 @@ class AlignConfig(StageConfig):
             self.model.model_name_or_path is not None,
             "align starts from a fine-tuned model: pass --model_name_or_path (a finetune output folder or Hub id)",
         )
-
-
-def sections(config_cls: type) -> dict[str, type]:
-    """Section name -> section dataclass of a run config class."""
-    return {
-        f.name: f.default_factory
-        for f in dataclasses.fields(config_cls)
-        if f.default_factory is not MISSING and dataclasses.is_dataclass(f.default_factory)
-    }
 
 
 def _flatten(values: dict[str, Any], section_names: dict[str, type], source: str) -> dict[str, Any]:
@@ -689,6 +726,9 @@ def _int_list(value: str, name: str) -> list[int]:
 class CodecModelConfig:
     """The codec: a new EnCodec model of --codec_size, or an EncodecModel folder / Hub id to continue."""
 
+    model_family: str = field(
+        default="encodec_gan", metadata={"help": "The model family (see families.FAMILIES): encodec_gan."}
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "An EncodecModel folder or Hub id to continue training; unset: a new codec."}
     )
@@ -709,6 +749,7 @@ class CodecModelConfig:
     def __post_init__(self) -> None:
         from hf_audio_trainer.codec import CODEC_SIZES
 
+        _check_family(self.model_family, "encodec_gan")
         _check(self.codec_size in CODEC_SIZES, f"codec_size={self.codec_size!r}: choose one of {sorted(CODEC_SIZES)}")
         _check(
             self.codec_sample_rate is None or self.codec_sample_rate >= 1000,
@@ -843,7 +884,7 @@ class AdversarialConfig:
         )
 
 
-@dataclass
+@stage_config
 class CodecConfig(StageConfig):
     """Train an EnCodec-style codec with discriminators; its output folder is a tokenizer for pretrain."""
 

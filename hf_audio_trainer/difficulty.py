@@ -37,11 +37,10 @@ import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 
-from hf_audio_trainer.codecs import AudioTokenizer, load_audio_tokenizer, mel_filters
+from hf_audio_trainer.codecs import mel_filters
 from hf_audio_trainer.data.audio import decode_audio
-from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
+from hf_audio_trainer.data.codes import one_thread_in_workers
 from hf_audio_trainer.errors import ConfigError
-from hf_audio_trainer.models import check_model_fits_tokenizer
 
 # Bump when the features change: datasets' fingerprint of the map function sees neither these constants nor the code
 # it calls, so cached features would otherwise outlive the code that made them.
@@ -56,7 +55,7 @@ ONSET_MELS, ONSET_FLOOR_DB = 64, 20.0
 PITCH_SHARE = 0.2
 PITCH_QUANTILE = 0.75  # of the per-frame counts: arpeggios build up and notes die away, so the mean undercounts
 BATCH_SAMPLES = 2**19  # padded samples per batched STFT (~33 s at 16 kHz): bounds memory whatever the clip lengths
-TOKENIZER_DIR = "tokenizer"  # where a run's output folder keeps its tokenizer (recipes.py)
+TOKENIZER_DIR = "tokenizer"  # where a run's output folder keeps its tokenizer (families/musicgen.py)
 
 
 def score_difficulty(
@@ -69,8 +68,13 @@ def score_difficulty(
     num_proc: int | None = None,
     batch_size: int = 32,
     weights: dict[str, float] | None = None,
+    clip_scorer=None,
 ) -> datasets.Dataset:
-    """The dataset with a float32 `difficulty` column in [0, 1] (0 = easiest) scored by `method`."""
+    """The dataset with a float32 `difficulty` column in [0, 1] (0 = easiest) scored by `method`.
+
+    `clip_scorer(model_name_or_path) -> (score(waves) -> per-clip losses, sample rate)` is the model family's, for
+    `model_loss`.
+    """
     if method not in DIFFICULTY_METHODS:
         raise ConfigError(f"unknown difficulty method {method!r}; choose one of {sorted(DIFFICULTY_METHODS)}")
     if weights is not None and method != "acoustic":
@@ -83,6 +87,7 @@ def score_difficulty(
         num_proc=num_proc,
         batch_size=batch_size,
         weights=weights,
+        clip_scorer=clip_scorer,
     )
     _check_finite(raw, f"{method} difficulty score")
     span = float(raw.max() - raw.min()) if len(raw) else 0.0
@@ -291,30 +296,6 @@ def _batch_features(x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, tokenizer: AudioTokenizer, waves: list[np.ndarray]) -> np.ndarray:
-    """Mean cross-entropy (nats per target token) of each clip under `model` (in eval mode); NaN for one with no frames.
-
-    Clips longer than the model's context are scored on the frames that fit.
-    """
-    k = tokenizer.num_codebooks
-    config = model.config
-    max_frames = config.max_position_embeddings - k + 1  # the delay pattern adds k - 1 positions
-    codes = [c[:, :max_frames].numpy() for c in tokenizer.encode_batch(waves)]
-    if not any(c.shape[1] for c in codes):  # nothing to predict (and nothing the collator could pad)
-        return np.full(len(waves), np.nan)
-    batch = CodesCollator(k, config.pad_token_id, config.bos_token_id, tokenizer.frame_rate)(
-        [{"codes": c} for c in codes]
-    )
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"].to(device)
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    # The collator folds codebooks into the batch (row b * k + j is codebook j of clip b), so k rows make a clip.
-    total = token_loss.view(len(waves), -1).sum(1)
-    targets = (labels != -100).view(len(waves), -1).sum(1)
-    return (total.double() / targets).cpu().numpy()
-
-
 def _model_loss_scores(
     dataset: datasets.Dataset,
     *,
@@ -322,33 +303,28 @@ def _model_loss_scores(
     model_name_or_path: str | None,
     num_proc: int | None,
     batch_size: int,
+    clip_scorer=None,
     **_,
 ) -> np.ndarray:
-    from transformers import MusicgenForCausalLM
-
     if model_name_or_path is None:
         raise ConfigError(
             "difficulty method 'model_loss' needs model_name_or_path: the output folder of a run "
             f"(a saved model with its {TOKENIZER_DIR}/ folder)"
         )
+    if clip_scorer is None:
+        raise ConfigError("difficulty method 'model_loss': this model family cannot score clips by its loss")
     folder = Path(model_name_or_path)
-    if not (folder / TOKENIZER_DIR).is_dir():
-        raise ConfigError(
-            f"{model_name_or_path} has no {TOKENIZER_DIR}/ folder; pass the output folder of a run, "
-            "which holds the model and the tokenizer it was trained with"
-        )
     dataset = _audio_dataset(dataset, audio_column)
-    model = MusicgenForCausalLM.from_pretrained(folder).eval()
-    tokenizer = load_audio_tokenizer(folder / TOKENIZER_DIR)
-    check_model_fits_tokenizer(model.config, tokenizer.num_codebooks, tokenizer.codebook_size, 0)
+    score, sample_rate = clip_scorer(model_name_or_path)
 
     def losses(audio: list, indices: list[int]) -> dict[str, list[float]]:
         one_thread_in_workers()
-        waves = [decode_audio(v, tokenizer.sample_rate, where=f"row {i}") for v, i in zip(audio, indices, strict=True)]
-        return {"loss": example_losses(model, tokenizer, waves).tolist()}
+        waves = [decode_audio(v, sample_rate, where=f"row {i}") for v, i in zip(audio, indices, strict=True)]
+        return {"loss": score(waves).tolist()}
 
     # datasets would hash the model (all its weights) to fingerprint `losses`; the saved files identify it cheaply.
-    files = sorted(p for p in [*folder.iterdir(), *(folder / TOKENIZER_DIR).iterdir()] if p.is_file())
+    inside = [*folder.iterdir(), *((folder / TOKENIZER_DIR).iterdir() if (folder / TOKENIZER_DIR).is_dir() else [])]
+    files = sorted(p for p in inside if p.is_file())
     saved = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     table = dataset.map(
         losses,

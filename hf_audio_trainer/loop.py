@@ -1,4 +1,5 @@
-"""The one training loop: accumulate, token-weighted loss, clip, step; then log / eval / save on visible lines."""
+"""The one training loop: one step per iteration (by default accumulate, item-weighted loss, clip, step), then log /
+eval / save on visible lines. A family that trains otherwise (the GAN's two networks) passes its own step."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, TypedDict
 
 import torch
 from accelerate import Accelerator
@@ -15,10 +17,46 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from hf_audio_trainer.ema import EMA, is_dtensor
-from hf_audio_trainer.optim import Sophia, hutchinson_hessian
 from hf_audio_trainer.system import SystemMonitor
 
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+class Batch(TypedDict):
+    """What the loop reads of a micro-batch; the family's model inputs (tensors) sit beside these keys.
+
+    `num_items` is what the loss is a sum over (target tokens, pairs, clips), counted on the host by the collator,
+    so the loop weights the loss without a device sync; `sample_stats` (optional) are per-sample sums the loop logs
+    as means (the curriculum's `mean_difficulty`).
+    """
+
+    num_items: float
+    num_samples: int
+    audio_seconds: float
+
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step did: whether the main network's update was applied, and sums for the log window.
+
+    `sums` maps a logged name to (a device tensor summed over this process's micro-batches, the name of its count);
+    `counts` holds those counts for this process (items, clips ...): the window logs sum / count over all ranks.
+    """
+
+    stepped: bool
+    sums: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+class StepFn(Protocol):
+    """Optimizer step `step + 1` over its micro-batches; `items` is their item count over all processes."""
+
+    def __call__(self, step: int, micro_batches: list[dict], items: float) -> StepOutput: ...
+
+    def log(self, logged: dict[str, float]) -> dict[str, str]:
+        """Add the step's own figures (grad norms, learning rates ...) to a log line; returns the progress postfix."""
+        ...
 
 
 @dataclass
@@ -84,7 +122,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Window:
-    """What happened since the last log line: loss and item sums on the device, counts and times on the host."""
+    """What happened since the last log line: the steps' sums on the device, batch counts and times on the host."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -92,45 +130,131 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)  # kept on the device: no sync per micro-batch
-        self.extras: dict[str, torch.Tensor] = {}  # the loss function's other per-item sums (e.g. DPO rewards)
-        self.items = self.samples = self.audio_seconds = self.difficulty = self.data_wait = self.paused = 0.0
+        self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no sync per micro-batch
+        self.sum_counts: dict[str, str] = {}
+        self.counts: dict[str, float] = {}
+        self.sample_stats: dict[str, float] = {}
+        self.items = self.samples = self.audio_seconds = self.data_wait = self.paused = 0.0
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, batch: dict, loss_sum: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
-        self.loss += loss_sum.detach().float()
-        for name, value in extras.items():
-            self.extras[name] = self.extras.get(name, 0.0) + value.detach().float()
+    def add_batch(self, batch: dict) -> None:
         self.items += batch["num_items"]
         self.samples += batch["num_samples"]
         self.audio_seconds += batch["audio_seconds"]
-        self.difficulty += batch.get("difficulty_sum", 0.0)
+        for name, value in batch.get("sample_stats", {}).items():
+            self.sample_stats[name] = self.sample_stats.get(name, 0.0) + value
 
-    def metrics(self, accelerator: Accelerator, settings: LoopSettings, has_difficulty: bool) -> dict[str, float]:
-        """Averages over the window and all ranks (one reduce); throughput over training time only."""
-        names = sorted(self.extras)  # the same order on every rank
-        host = torch.tensor([self.items, self.samples, self.audio_seconds, self.difficulty], dtype=torch.float64)
-        sums = [self.loss[None].double(), host.to(self.device), *(self.extras[n].reshape(1).double() for n in names)]
-        loss, items, samples, audio, difficulty, *extras = accelerator.reduce(torch.cat(sums)).tolist()
+    def add_step(self, output: StepOutput) -> None:
+        for name, (value, count) in output.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.sum_counts[name] = count
+        for name, value in output.counts.items():
+            self.counts[name] = self.counts.get(name, 0.0) + value
+
+    def metrics(self, accelerator: Accelerator, settings: LoopSettings) -> dict[str, float]:
+        """Means over the window and all ranks (one reduce); throughput over training time only."""
+        names, count_names, stat_names = sorted(self.sums), sorted(self.counts), sorted(self.sample_stats)
+        host = [self.items, self.samples, self.audio_seconds, *(self.counts[n] for n in count_names)]
+        host += [self.sample_stats[n] for n in stat_names]
+        packed = [torch.tensor(host, dtype=torch.float64).to(self.device)]
+        packed += [self.sums[n].reshape(1).double() for n in names]
+        values = accelerator.reduce(torch.cat(packed)).tolist()  # the same order on every rank
+        items, samples, audio = values[:3]
+        counts = dict(zip(count_names, values[3 : 3 + len(count_names)], strict=True))
+        stats = values[3 + len(count_names) : 3 + len(count_names) + len(stat_names)]
+        sums = values[3 + len(count_names) + len(stat_names) :]
         elapsed = time.perf_counter() - self.start - self.paused  # evaluation and saving are not training time
         logged = {
-            "train/loss": loss / max(items, 1.0),
+            f"train/{name}": total / max(counts[self.sum_counts[name]], 1.0)
+            for name, total in zip(names, sums, strict=True)
+            if counts[self.sum_counts[name]]
+        }
+        logged.update({
             "train/samples_per_second": samples / elapsed,
             "train/tokens_per_second": items / elapsed,
             "train/audio_seconds_per_second": audio / elapsed,
-            "train/step_time": elapsed / self.steps,
+            "train/step_time": elapsed / max(self.steps, 1),
             "train/data_wait_fraction": self.data_wait / elapsed,
             **self.monitor.read(),
-        }
+        })  # fmt: skip
         if settings.flops_per_item and settings.peak_flops:  # model FLOPs utilisation of all the processes' devices
             peak = settings.peak_flops * accelerator.num_processes
             logged["train/mfu"] = settings.flops_per_item * items / elapsed / peak
-        if has_difficulty:
-            logged["train/mean_difficulty"] = difficulty / max(samples, 1.0)
-        for name, total in zip(names, extras, strict=True):  # per item
-            logged[f"train/{name}"] = total / max(items, 1.0)
+        for name, total in zip(stat_names, stats, strict=True):  # per sample
+            logged[f"train/{name}"] = total / max(samples, 1.0)
         return logged
+
+
+class DefaultStep:
+    """One network: accumulate the item-weighted loss over the micro-batches, clip, skip a non-finite update, step.
+
+    An optimizer that needs more than the gradient (a second-order one: Sophia's Hessian estimate) offers
+    `prepare_step(loss_closure)`; it gets a closure that computes the mean loss of the step's first micro-batch
+    with a graph, and decides itself whether to use it.
+    """
+
+    def __init__(self, accelerator: Accelerator, model, optimizer, scheduler, loss_fn: LossFn, max_grad_norm: float):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.loss_fn, self.max_grad_norm = loss_fn, max_grad_norm
+        self.skipped = 0
+        self.grad_norm: torch.Tensor | None = None
+        self.prepare_step = getattr(getattr(optimizer, "optimizer", optimizer), "prepare_step", None)
+
+    def __call__(self, step: int, micro_batches: list[dict], items: float) -> StepOutput:
+        acc, model = self.accelerator, self.model
+        accum, world = len(micro_batches), acc.num_processes
+        total = torch.zeros((), device=acc.device)
+        extras: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            with acc.accumulate(model):
+                loss_sum, stats = self.loss_fn(model, to_device(batch, acc.device))
+                # accelerator.backward divides by accum and DDP averages over ranks; undo both so the gradient is
+                # d(sum of losses) / (items of the whole step)
+                acc.backward(loss_sum * (accum * world) / items)
+            total += loss_sum.detach().float()
+            for name, value in stats.items():
+                extras[name] = extras.get(name, 0.0) + value.detach().float()
+        # the pre-clip norm is what tells you about stability; inf max norm measures without clipping
+        grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm or float("inf"))
+        if is_dtensor(grad_norm):  # FSDP2 reports a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.grad_norm = torch.as_tensor(grad_norm, device=acc.device)  # DeepSpeed's engine reports a float
+        # A non-finite loss makes a non-finite norm: skip the update (parameters, optimizer state and schedule
+        # untouched, cf. pytorch #67590). This is the step's one host sync. Under fp16 the loss scaler already skips
+        # such steps, and must see them to lower its scale.
+        finite = acc.scaler is not None or bool(torch.isfinite(self.grad_norm))
+        if finite:
+            if self.prepare_step is not None:
+                self.prepare_step(lambda: self.first_loss(micro_batches[0]))
+            self.optimizer.step()
+        stepped = finite and not acc.optimizer_step_was_skipped
+        if stepped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += not stepped
+        counted = float(sum(b["num_items"] for b in micro_batches))
+        sums = {"loss": (total, "items"), **{name: (value, "items") for name, value in extras.items()}}
+        return StepOutput(stepped, sums, {"items": counted})
+
+    def first_loss(self, batch: dict) -> torch.Tensor:
+        """The mean loss of one micro-batch with a graph that can be differentiated twice, averaged by the caller."""
+        # fused attention kernels have no double backward; the unwrapped model keeps DDP's gradient hooks out of it
+        with sdpa_kernel(SDPBackend.MATH):
+            loss_sum, _ = self.loss_fn(
+                self.accelerator.unwrap_model(self.model), to_device(batch, self.accelerator.device)
+            )
+        return loss_sum / batch["num_items"]
+
+    def log(self, logged: dict[str, float]) -> dict[str, str]:
+        logged.update({
+            "train/learning_rate": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": self.grad_norm.item(),
+            "train/skipped_steps": self.skipped,
+        })  # fmt: skip
+        if self.accelerator.scaler is not None:
+            logged["train/loss_scale"] = self.accelerator.scaler.get_scale()
+        return {"loss": f"{logged['train/loss']:.4f}", "lr": f"{logged['train/learning_rate']:.2e}"}
 
 
 def train(
@@ -145,15 +269,19 @@ def train(
     evaluate: Callable[[int], dict[str, float]] | None = None,
     save: Callable[[int], None] | None = None,
     ema: EMA | None = None,
+    step_fn: StepFn | None = None,
 ) -> dict[str, float]:
     """Run optimizer steps start_step+1 .. max_steps; return the last logged train and eval metrics.
 
     `loss_fn(model, batch)` returns the SUM of per-item losses (tokens, pairs ...) and each batch carries its item
     count `num_items`, so a step's loss is sum(losses) / sum(items) over all its micro-batches and all ranks: micro-
     batch x accumulation x processes then gives the same update as one big batch, whatever the padding.
-    A first SIGTERM/SIGINT ends the run after the current step with a checkpoint (`Preempted`).
+    `step_fn` replaces the default step (`DefaultStep` of model, optimizer, scheduler and loss_fn); `model` is the
+    network the EMA follows. A first SIGTERM/SIGINT ends the run after the current step with a checkpoint
+    (`Preempted`).
     """
     s, accum, world = settings, settings.gradient_accumulation_steps, accelerator.num_processes
+    step_fn = step_fn or DefaultStep(accelerator, model, optimizer, scheduler, loss_fn, s.max_grad_norm)
     metrics: dict[str, float] = {}
     step = start_step
     if evaluate is not None and s.eval_on_start and step == 0:
@@ -161,9 +289,7 @@ def train(
         accelerator.log(metrics, step=0)
     progress = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     window = Window(accelerator.device)
-    skipped = consecutive = 0
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    sophia = inner if isinstance(inner, Sophia) else None
+    consecutive = 0
     model.train()
     # the bar is closed on any exit, so an error's message starts on a line of its own
     with stop_on_signals() as signals, contextlib.closing(progress):
@@ -175,55 +301,28 @@ def train(
             stop = float(signals["stop"])  # a signal may reach only some ranks: they agree through the reduce
             if world > 1:  # one collective per step; it stays on the device, nothing waits for it on the host
                 items, stop = accelerator.reduce(torch.tensor([items, stop], device=accelerator.device), "sum")
+            output = step_fn(step, micro_batches, items)
             for batch in micro_batches:
-                with accelerator.accumulate(model):
-                    loss_sum, extras = loss_fn(model, to_device(batch, accelerator.device))
-                    # accelerator.backward divides by accum and DDP averages over ranks; undo both so the gradient
-                    # is d(sum of losses) / (items of the whole step)
-                    accelerator.backward(loss_sum * (accum * world) / items)
-                window.add(batch, loss_sum, extras)
-            # the pre-clip norm is what tells you about stability; inf max norm measures without clipping
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm or float("inf"))
-            if is_dtensor(grad_norm):  # FSDP2 reports a replicated DTensor
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = torch.as_tensor(grad_norm, device=accelerator.device)  # DeepSpeed's engine reports a float
-            # A non-finite loss makes a non-finite norm: skip the update (parameters, optimizer state and schedule
-            # untouched, cf. pytorch #67590). This is the loop's one host sync per optimizer step. Under fp16 the
-            # loss scaler already skips such steps, and must see them to lower its scale.
-            checks = torch.stack([torch.isfinite(grad_norm).float(), torch.as_tensor(stop, device=grad_norm.device)])
-            finite_host, stop_requested = checks.tolist()
-            finite = accelerator.scaler is not None or bool(finite_host)
-            if finite:
-                if sophia is not None and sophia.hessian_due:
-                    sophia.next_hessian = estimate_hessian(accelerator, model, loss_fn, micro_batches[0], sophia)
-                optimizer.step()
-            stepped = finite and not accelerator.optimizer_step_was_skipped
-            if stepped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                window.add_batch(batch)
+            window.add_step(output)
+            stop_requested = bool(stop)  # on the device under several processes: read after the step's own sync
             step += 1  # the batch is consumed either way, so the data position stays a function of the step
             window.steps += 1
-            skipped, consecutive = (skipped, 0) if stepped else (skipped + 1, consecutive + 1)
+            consecutive = 0 if output.stepped else consecutive + 1
             if consecutive > s.max_consecutive_skips:
                 raise NonFiniteError(
                     f"{consecutive} optimizer steps in a row (up to step {step}) had a non-finite loss or gradient norm"
                 )
-            if ema is not None and stepped:
+            if ema is not None and output.stepped:
                 ema.update(accelerator.unwrap_model(model), step)
             progress.update(1)
 
             if step % s.logging_steps == 0 or step == s.max_steps:
-                logged = window.metrics(accelerator, s, "difficulty_sum" in micro_batches[-1])
-                logged.update({
-                    "train/learning_rate": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm.item(),
-                    "train/skipped_steps": skipped,
-                })  # fmt: skip
-                if accelerator.scaler is not None:
-                    logged["train/loss_scale"] = accelerator.scaler.get_scale()
+                logged = window.metrics(accelerator, s)
+                postfix = step_fn.log(logged)
                 accelerator.log(logged, step=step)
                 metrics.update(logged)
-                progress.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/learning_rate']:.2e}")
+                progress.set_postfix(postfix)
                 window.reset()
             paused = time.perf_counter()
             if evaluate is not None and s.eval_steps and (step % s.eval_steps == 0 or step == s.max_steps):
@@ -237,18 +336,6 @@ def train(
             if stop_requested:
                 raise Preempted(step, metrics)
     return metrics
-
-
-def estimate_hessian(
-    accelerator: Accelerator, model: torch.nn.Module, loss_fn: LossFn, batch: dict, optimizer: torch.optim.Optimizer
-) -> list[torch.Tensor]:
-    """Sophia's extra pass: a Hutchinson estimate of diag(H) of one micro-batch's mean loss, averaged over ranks."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # fused attention kernels have no double backward; the unwrapped model keeps DDP's gradient hooks out of it
-    with sdpa_kernel(SDPBackend.MATH):
-        loss_sum, _ = loss_fn(accelerator.unwrap_model(model), to_device(batch, accelerator.device))
-        hessian = hutchinson_hessian(loss_sum / batch["num_items"], params)
-    return accelerator.reduce(hessian, "mean") if accelerator.num_processes > 1 else hessian
 
 
 @torch.no_grad()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytorch_optimizer
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from transformers import get_scheduler
 
 from hf_audio_trainer.errors import ConfigError
@@ -50,8 +53,9 @@ class Sophia(pytorch_optimizer.SophiaH):
     same with lr / rho, weight decay * rho and a clip at rho, which `step` passes it.
 
     SophiaH would estimate the Hessian from `loss.backward(create_graph=True)`, which breaks gradient clipping,
-    accumulation and DDP (all of them modify or reduce .grad). Instead the loop, when `hessian_due`, runs one extra
-    forward and double-backward on a micro-batch (`hutchinson_hessian`) and sets `next_hessian`.
+    accumulation and DDP (all of them modify or reduce .grad). Instead the loop hands `prepare_step` a closure that
+    computes one micro-batch's mean loss with its graph; when the refresh is due, Sophia runs the extra
+    double-backward (`hutchinson_hessian`), averages it over processes and keeps it as `next_hessian`.
     """
 
     def __init__(self, params, lr, betas, weight_decay, rho: float = 0.04, hessian_update_period: int = 10):
@@ -69,13 +73,22 @@ class Sophia(pytorch_optimizer.SophiaH):
         """Whether the coming step refreshes the Hessian estimate (steps 0, k, 2k ... as counted by the state)."""
         return self.param_groups[0].get("step", 0) % self.hessian_update_period == 0
 
+    def prepare_step(self, loss_closure: Callable[[], torch.Tensor]) -> None:
+        """Before a step: if its Hessian refresh is due, estimate diag(H) of `loss_closure()` (one extra forward and
+        double-backward), the same on every process (their mean)."""
+        if not self.hessian_due:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        hessian = hutchinson_hessian(loss_closure(), params)
+        self.next_hessian = reduce(hessian, "mean") if PartialState().num_processes > 1 else hessian
+
     @torch.no_grad()
     def step(self, closure=None):
         hessian, self.next_hessian = self.next_hessian, None
         if hessian is None and self.hessian_due:
             raise RuntimeError(
-                "Sophia needs a Hessian estimate on this step: train with hf_audio_trainer.loop.train, which computes "
-                "it every hessian_update_period steps, or set optimizer.next_hessian = hutchinson_hessian(...)"
+                "Sophia needs a Hessian estimate on this step: train with hf_audio_trainer.loop.train, which calls "
+                "prepare_step before every step, or set optimizer.next_hessian = hutchinson_hessian(...)"
             )
         if hessian is not None:  # a rare non-finite estimate (fp16 overflow) must not poison the running average
             hessian = [torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0) for h in hessian]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,6 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
-from hf_audio_trainer.alignment import generate_continuations
 from hf_audio_trainer.metrics.embedders import load_embedder
 from hf_audio_trainer.metrics.fad import embedding_statistics, frechet_distance, reference_statistics
 from hf_audio_trainer.trackers import log_audio
@@ -32,6 +31,9 @@ def fad_cache_dir() -> Path:
 class SampleEvaluator:
     """`evaluator(model, step)` -> {"eval/fad", "eval/fad_num_samples"}, with clips saved under OUTPUT_DIR/samples.
 
+    `generate(model, num_frames, num_samples)` is the model family's sampler: a list of code tensors the tokenizer
+    decodes.
+
     The reference is the validation set decoded by the same tokenizer as the samples, so FAD measures the language
     model, not the codec's artifacts; its statistics are computed once per (validation fingerprint, embedder) and
     cached. Everything here (building the embedder, which may draw initial weights; sampling, each process with its
@@ -43,6 +45,7 @@ class SampleEvaluator:
         self,
         accelerator: Accelerator,
         tokenizer,
+        generate: Callable[[torch.nn.Module, int, int], list[torch.Tensor]],
         val_set: Dataset,
         embedder: str,
         embedder_model: str | None = None,
@@ -52,7 +55,7 @@ class SampleEvaluator:
         num_saved: int = 4,
         seed: int = 0,
     ):
-        self.accelerator, self.tokenizer = accelerator, tokenizer
+        self.accelerator, self.tokenizer, self.generate = accelerator, tokenizer, generate
         with self.own_rng(seed):  # building a network (crepe) draws initial weights: not from training's stream
             self.embedder = load_embedder(embedder, embedder_model, device=str(accelerator.device))
         self.per_process = math.ceil(num_samples / accelerator.num_processes)
@@ -79,10 +82,7 @@ class SampleEvaluator:
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         acc = self.accelerator
         with self.own_rng(self.seed + 1_000_003 * step + acc.process_index):
-            k = self.tokenizer.num_codebooks
-            empty = torch.zeros(k, 0, dtype=torch.long)  # no prompt: the model's own unconditional samples
-            codes = generate_continuations(acc.unwrap_model(model), empty, self.num_frames, self.per_process)
-            codes = [c.clamp(max=self.tokenizer.codebook_size - 1) for c in codes]
+            codes = self.generate(acc.unwrap_model(model), self.num_frames, self.per_process)
             waves = [self.tokenizer.decode(c).numpy() for c in codes]
             local = torch.from_numpy(self.embedder.embed(waves, self.tokenizer.sample_rate)).to(acc.device)
         embeddings = acc.gather(local).double().cpu().numpy()

@@ -35,14 +35,6 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
     return 0.0
 
 
-def training_flops_per_token(num_parameters: int, tokens_per_position: int = 1) -> float:
-    """~6 N FLOPs per position for a forward and backward pass (Kaplan et al. 2020), attention's share left out.
-
-    A MusicGen-style decoder reads all its codebooks at one position, so a code costs 6 N / num_codebooks.
-    """
-    return 6.0 * num_parameters / tokens_per_position
-
-
 class SystemMonitor:
     """Process memory always; GPU utilisation and memory through nvidia-ml-py when a GPU is there (skipped if not)."""
 

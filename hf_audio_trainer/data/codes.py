@@ -123,7 +123,7 @@ class CodesCollator:
             "audio_seconds": frames / self.frame_rate,
         }
         if "difficulty" in examples[0]:  # the curriculum's footprint: the loop logs the mean difficulty trained on
-            batch["difficulty_sum"] = float(sum(ex["difficulty"] for ex in examples))
+            batch["sample_stats"] = {"mean_difficulty": float(sum(ex["difficulty"] for ex in examples))}
         return batch
 
 

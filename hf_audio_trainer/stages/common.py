@@ -1,44 +1,34 @@
-"""What every stage does around its own model and data: the run length, the loop's settings, and the run's end
-(final export, the validation change, the Hub push), as one `RunResult`."""
+"""The skeleton every stage shares, written once: start a run, load its clips, size it, then `train_model`: optimizer
+and schedule, prepare, EMA, checkpoints and resume, trackers, evaluation (raw and EMA weights), the loop, the final
+export. A stage module holds only what differs; the model family (`families/`) supplies the model-specific parts.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
+from datasets import Dataset
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.checkpoint import Checkpointer
+from hf_audio_trainer.checkpoint import Checkpointer, prepare_output_dir
 from hf_audio_trainer.config import StageConfig
 from hf_audio_trainer.curriculum import CurriculumSampler
-from hf_audio_trainer.ema import EMA
+from hf_audio_trainer.data.audio import load_audio_dataset
+from hf_audio_trainer.distributed import prepare, stage_accelerator
+from hf_audio_trainer.ema import build_ema
+from hf_audio_trainer.families import Family
+from hf_audio_trainer.hub import HubPusher, model_card_writer, start_pusher
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
+from hf_audio_trainer.optim import build_optimization
 from hf_audio_trainer.system import peak_flops
 from hf_audio_trainer.trackers import read_metrics
 
-
-def fit_run_length(cfg: StageConfig, accelerator: Accelerator, max_steps: int) -> None:
-    """Once the run's length is known (from --max_steps or the epochs): settings counted in steps must fit in it."""
-    for note in cfg.fit_to_run(max_steps):
-        accelerator.print(note)
-
-
-def shuffled_sampler(cfg: StageConfig, accelerator: Accelerator, num_rows: int) -> tuple[int, CurriculumSampler, int]:
-    """A seeded shuffle of all rows, one global order split by rank (no curriculum): the global batch, the sampler
-    and the run's step count (from --max_steps, or --num_train_epochs), with the warm-up fitted to it."""
-    t = cfg.training
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    sampler = CurriculumSampler(
-        [0.0] * num_rows, global_batch, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        seed=t.seed,
-    )  # fmt: skip
-    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    fit_run_length(cfg, accelerator, max_steps)
-    return global_batch, sampler, max_steps
+DIVERGED = "a lower --learning_rate, a smaller --max_grad_norm or --mixed_precision bf16 instead of fp16"
 
 
 @dataclass
@@ -51,60 +41,64 @@ class RunResult:
     preempted: bool = False  # stopped by SIGTERM/SIGINT after a checkpoint: resume with --resume_from_checkpoint latest
 
 
-def train_and_finish(
-    cfg: StageConfig,
-    accelerator: Accelerator,
-    checkpointer: Checkpointer,
-    settings: LoopSettings,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    batches: Iterator[dict],
-    loss_fn: Callable,
-    start_step: int,
-    evaluate: Callable[[int], dict[str, float]],
-    ema: EMA | None,
-) -> RunResult:
-    """The training loop, then the final export (`finish`)."""
+@dataclass
+class Run:
+    """One stage's run: its config, its accelerator, the checkpoint it resumes from (if any), its Hub pusher."""
 
-    def run_loop() -> dict[str, float]:
-        return train(
-            accelerator, model, optimizer, scheduler, batches, loss_fn, settings, start_step, evaluate,
-            checkpointer.save, ema,
+    cfg: StageConfig
+    accelerator: Accelerator
+    stage: str
+    resume: Path | None = None
+    pusher: HubPusher | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.training.output_dir)
+
+
+@contextlib.contextmanager
+def start_run(cfg: StageConfig, stage: str) -> Iterator[Run]:
+    """The accelerator and the output folder (locked, checked, seeded) for one stage, and the Hub repo created
+    before any training (a bad token or id fails now, not hours later); all released on every exit."""
+    with stage_accelerator(cfg) as accelerator:
+        resume = prepare_output_dir(cfg, accelerator)
+        yield Run(cfg, accelerator, stage, resume, start_pusher(cfg, accelerator))
+
+
+def load_clips(run: Run, select: Callable[[Run, dict[str, Dataset]], dict[str, Dataset]] | None = None):
+    """The train and validation clips of the run's data section (`select` keeps the rows a stage trains on)."""
+    cfg, d = run.cfg, run.cfg.data
+    with run.accelerator.main_process_first():
+        clips = load_audio_dataset(
+            d.dataset_name, audio_column=d.audio_column, validation_split_percentage=d.validation_split_percentage,
+            seed=cfg.training.seed, dataset_config_name=d.dataset_config_name,
+            synthetic_num_clips=d.synthetic_num_clips,
         )  # fmt: skip
-
-    advice = "a lower --learning_rate, a smaller --max_grad_norm or --mixed_precision bf16 instead of fp16"
-    return run_and_finish(cfg, accelerator, checkpointer, settings.max_steps, run_loop, advice)
+        return select(run, clips) if select is not None else clips
 
 
-def run_and_finish(
-    cfg: StageConfig,
-    accelerator: Accelerator,
-    checkpointer: Checkpointer,
-    max_steps: int,
-    run_loop: Callable[[], dict[str, float]],
-    advice: str,
-) -> RunResult:
-    """Run a training loop, then the final export (`finish`).
+def run_length(run: Run, sampler: CurriculumSampler) -> int:
+    """Optimizer steps of the run (--max_steps, or --num_train_epochs of the sampler's epochs), with the settings
+    counted in steps fitted to it."""
+    t = run.cfg.training
+    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+    for note in run.cfg.fit_to_run(max_steps):
+        run.accelerator.print(note)
+    return max_steps
 
-    A diverged run's error points at the last good checkpoint and says what to change (`advice`); a run stopped by a
-    signal returns after its checkpoint (exit status 0), without exporting a final model.
-    """
-    out = Path(cfg.training.output_dir)
-    try:
-        metrics = run_loop()
-    except NonFiniteError as err:
-        good = ckpt.list_checkpoints(out)
-        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        raise NonFiniteError(f"{err}: training diverged; {where}. Resume from it with {advice}") from err
-    except Preempted as stop:
-        accelerator.print(
-            f"Stopped by a signal after step {stop.step}; its checkpoint is written. Continue with "
-            "--resume_from_checkpoint latest"
-        )
-        return RunResult(str(out), stop.step, stop.metrics, preempted=True)
-    finish(cfg, accelerator, checkpointer, metrics)
-    return RunResult(str(out), max_steps, metrics)
+
+def global_batch_size(run: Run) -> int:
+    t = run.cfg.training
+    return t.per_device_train_batch_size * t.gradient_accumulation_steps * run.accelerator.num_processes
+
+
+def shuffled_sampler(run: Run, num_rows: int) -> CurriculumSampler:
+    """A seeded shuffle of all rows, one global order split by rank (no curriculum)."""
+    acc = run.accelerator
+    return CurriculumSampler(
+        [0.0] * num_rows, global_batch_size(run), num_replicas=acc.num_processes, rank=acc.process_index,
+        seed=run.cfg.training.seed,
+    )  # fmt: skip
 
 
 def loop_settings(cfg: StageConfig, accelerator: Accelerator, max_steps: int, flops_per_item: float = 0.0):
@@ -123,20 +117,135 @@ def loop_settings(cfg: StageConfig, accelerator: Accelerator, max_steps: int, fl
     )
 
 
-def finish(cfg: StageConfig, accelerator: Accelerator, checkpointer: Checkpointer, metrics: dict[str, float]) -> None:
+def train_model(
+    run: Run,
+    family: Family,
+    data,
+    models: dict,
+    sampler: CurriculumSampler,
+    max_steps: int,
+    *,
+    summary: str | None = None,
+    loss_fn: Callable | None = None,
+    eval_loss_fn: Callable | None = None,
+    base_model: str | None = None,
+    count_flops: bool = True,
+    advice: str = DIVERGED,
+) -> RunResult:
+    """Train `models` (the family's networks, the first the main one) on `data` for `max_steps`, then export.
+
+    `loss_fn` replaces the family's training loss (align's DPO objective, which `eval_loss_fn` evaluates);
+    `summary` the family's description in the line printed at start.
+    """
+    cfg, acc = run.cfg, run.accelerator
+    global_batch = global_batch_size(run)
+    main = next(iter(models))
+    if family.optimizers is not None:
+        optimizers, schedulers = family.optimizers(run, data, models, global_batch, max_steps)
+    else:
+        optimizer, scheduler = build_optimization(cfg, acc, models[main], global_batch, max_steps)
+        optimizers, schedulers = [optimizer], [scheduler]
+    if family.prepare is not None:
+        models, optimizers, schedulers = family.prepare(run, data, models, optimizers, schedulers)
+    else:
+        model, optimizer, scheduler = prepare(cfg, acc, models[main], optimizers[0], schedulers[0])
+        models, optimizers, schedulers = {main: model}, [optimizer], [scheduler]
+    model = models[main]
+    ema = build_ema(cfg, acc.unwrap_model(model))
+
+    def export(folder: Path, use_ema: bool) -> None:
+        with ema.average_parameters(acc.unwrap_model(model)) if use_ema else contextlib.nullcontext():
+            family.export(run, data, models, folder)
+
+    def extra_state(step: int) -> dict:  # the data position, and what else the family needs to resume
+        extra = family.checkpoint_state(data) if family.checkpoint_state is not None else {}
+        return {"sampler": sampler.state_at_step(step), **extra}
+
+    files = family.checkpoint_files
+    datasets = [getattr(cfg.data, "dataset_name", None) or "synthetic"]
+    checkpointer = Checkpointer(
+        cfg, acc, global_batch, max_steps,
+        save_extras=(lambda folder: files(run, data, models, folder)) if files else (lambda folder: None),
+        extra_state=extra_state, ema=ema, pusher=run.pusher, export=export,
+        card=model_card_writer(cfg, run.stage, base_model, datasets),
+    )  # fmt: skip
+    start_step = 0
+    if run.resume is not None:
+        start_step = checkpointer.resume(run.resume)
+        if family.load_checkpoint_state is not None:
+            family.load_checkpoint_state(data, ckpt.verify_checkpoint(run.resume), run.resume)
+    acc.init_trackers(run.stage, config=cfg.to_flat_dict())
+    acc.print(f"{summary or family.describe(data, models)}; global batch {global_batch}; {max_steps} steps")
+
+    batches = family.batches(run, data, models, sampler, start_step)
+    loss_fn = loss_fn or family.loss(run, data, models)
+    evaluate_weights = family.evaluate(run, data, models, **({"loss_fn": eval_loss_fn} if eval_loss_fn else {}))
+
+    def evaluate(step: int) -> dict[str, float]:
+        """The raw weights, then the EMA's (generation-based metrics on the last of the two)."""
+        results = evaluate_weights(step, "", ema is None)
+        if ema is not None:
+            with ema.average_parameters(acc.unwrap_model(model)):
+                results.update(evaluate_weights(step, "_ema", True))
+        checkpointer.record(step, results)
+        return results
+
+    flops = family.flops_per_item(models, data) if count_flops else 0.0
+    settings = loop_settings(cfg, acc, max_steps, flops_per_item=flops)
+    step_fn = family.step(run, data, models, optimizers, schedulers, loss_fn) if family.step else None
+
+    def run_loop() -> dict[str, float]:
+        return train(
+            acc, model, optimizers[0], schedulers[0], batches, loss_fn, settings, start_step, evaluate,
+            checkpointer.save, ema, step_fn=step_fn,
+        )  # fmt: skip
+
+    return run_and_finish(run, family, checkpointer, max_steps, run_loop, advice)
+
+
+def run_and_finish(
+    run: Run,
+    family: Family,
+    checkpointer: Checkpointer,
+    max_steps: int,
+    run_loop: Callable[[], dict[str, float]],
+    advice: str,
+) -> RunResult:
+    """Run the loop, then the final export (`finish`).
+
+    A diverged run's error points at the last good checkpoint and says what to change (`advice`); a run stopped by a
+    signal returns after its checkpoint (exit status 0), without exporting a final model.
+    """
+    try:
+        metrics = run_loop()
+    except NonFiniteError as err:
+        good = ckpt.list_checkpoints(run.out)
+        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+        raise NonFiniteError(f"{err}: training diverged; {where}. Resume from it with {advice}") from err
+    except Preempted as stop:
+        run.accelerator.print(
+            f"Stopped by a signal after step {stop.step}; its checkpoint is written. Continue with "
+            "--resume_from_checkpoint latest"
+        )
+        return RunResult(str(run.out), stop.step, stop.metrics, preempted=True)
+    finish(run, family, checkpointer, metrics)
+    return RunResult(str(run.out), max_steps, metrics)
+
+
+def finish(run: Run, family: Family, checkpointer: Checkpointer, metrics: dict[str, float]) -> None:
     """Export the final model (and `ema/`), report the validation change, push with a model card, wait for uploads."""
-    out, export = Path(cfg.training.output_dir), checkpointer.export
+    cfg, out, export = run.cfg, run.out, checkpointer.export
     if checkpointer.ema is not None:
         export(out / "ema", True)
     export(out, cfg.ema.final_model == "ema")
-    evals = [(m["step"], m["eval/loss"]) for m in read_metrics(out) if "eval/loss" in m]
+    metric, label = family.headline
+    evals = [(m["step"], m[metric]) for m in read_metrics(out) if metric in m]
     if len(evals) > 1:
         (s0, first), (s1, last) = evals[0], evals[-1]
-        accelerator.print(
-            f"validation loss {first:.4f} at step {s0} -> {last:.4f} at step {s1} "
-            f"({100 * (last - first) / first:+.1f}%)"
+        run.accelerator.print(
+            f"{label} {first:.4f} at step {s0} -> {last:.4f} at step {s1} ({100 * (last - first) / first:+.1f}%)"
         )
     checkpointer.push_model(metrics)
     if checkpointer.pusher is not None:
         for failure in checkpointer.pusher.wait():
-            accelerator.print(f"Hub upload failed (the local files are complete): {failure}")
+            run.accelerator.print(f"Hub upload failed (the local files are complete): {failure}")

@@ -9,9 +9,9 @@ from hf_audio_trainer import pretrain
 from hf_audio_trainer.alignment import generate_continuations
 from hf_audio_trainer.codecs import load_audio_tokenizer
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
+from hf_audio_trainer.families.musicgen import build_decoder
 from hf_audio_trainer.metrics.embedders import load_embedder
 from hf_audio_trainer.metrics.fad import fad
-from hf_audio_trainer.models import build_model
 from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
 
@@ -51,7 +51,7 @@ def test_crepe_fad_ranks_real_clips_below_noise_and_an_untrained_model(tokenizer
     noise = [rng.standard_normal(len(w)).astype(np.float32) * 0.3 for w in held_out]
     codec = load_audio_tokenizer(tokenizer)
     torch.manual_seed(0)
-    untrained = build_model(None, "micro", codec.num_codebooks, codec.codebook_size, 200, dropout=0.0)
+    untrained = build_decoder(None, "micro", codec.num_codebooks, codec.codebook_size, 200, dropout=0.0)
     codes = generate_continuations(untrained, torch.zeros(codec.num_codebooks, 0, dtype=torch.long), 75, 48)
     random_model = [codec.decode(c).numpy() for c in codes]
     ref = crepe.embed(reference, 16000)

@@ -50,10 +50,10 @@ def test_tensor_parallel_on_a_model_without_a_tp_plan_is_refused_before_prepare(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_audio_trainer.distributed import check_tensor_parallel
-    from hf_audio_trainer.models import build_model
+    from hf_audio_trainer.families.musicgen import build_decoder
 
     tp2 = SimpleNamespace(parallelism_config=SimpleNamespace(tp_size=2))
-    musicgen = build_model(None, "micro", 2, 16, max_positions=32)
+    musicgen = build_decoder(None, "micro", 2, 16, max_positions=32)
     with pytest.raises(
         ValueError, match="transformers has none for MusicgenForCausalLM: shard it with FSDP2 or ZeRO-3"
     ):

@@ -175,3 +175,55 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="must hold a mapping of flag names to values, not a list"):
         parse_config(["--config", str(bad)])
+
+
+# --- one name, one meaning; the model family ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [PretrainConfig, FinetuneConfig, AlignConfig, CodecConfig])
+def test_every_flag_of_a_stage_belongs_to_one_section(stage):
+    import dataclasses
+
+    from hf_audio_trainer.config import sections
+
+    names = [f.name for section in sections(stage).values() for f in dataclasses.fields(section)]
+    assert len(names) == len(set(names)) and len(names) > 40
+
+
+def test_a_flag_in_two_sections_of_a_stage_is_an_error_when_the_class_is_defined():
+    import dataclasses
+
+    from hf_audio_trainer.config import LossConfig, StageConfig, TrainingConfig, stage_config
+
+    @dataclasses.dataclass
+    class MoreLoss:
+        label_smoothing: float = 0.0
+
+    with pytest.raises(TypeError, match="flag --label_smoothing is in both its loss and extra sections"):
+
+        @stage_config
+        class Broken(StageConfig):
+            loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+            training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+            extra: MoreLoss = dataclasses.field(default_factory=MoreLoss)
+
+
+def test_no_stage_config_inherits_another():
+    for stage in (PretrainConfig, FinetuneConfig, AlignConfig, CodecConfig):
+        assert [c.__name__ for c in stage.__mro__[1:3]] == ["StageConfig", "object"]
+
+
+def test_the_model_family_is_chosen_by_name_and_a_stage_it_cannot_run_is_refused():
+    from hf_audio_trainer import align, pretrain
+
+    assert parse_config([]).model.model_family == "musicgen"
+    assert parse_config([], CodecConfig).model.model_family == "encodec_gan"
+    with pytest.raises(ConfigError, match=r"model_family='wavenet': choose one of \['encodec_gan', 'musicgen'\]"):
+        parse_config(["--model_family", "wavenet"])
+    # refused before any work: nothing is created in the output folder
+    with pytest.raises(
+        ConfigError, match="the encodec_gan family cannot run the align stage .* --model_family musicgen"
+    ):
+        align({"model_family": "encodec_gan", "model_name_or_path": "x", "output_dir": "/nonexistent/never"})
+    with pytest.raises(ConfigError, match="the encodec_gan family cannot run the pretrain stage"):
+        pretrain({"model_family": "encodec_gan", "output_dir": "/nonexistent/never"})

@@ -13,11 +13,10 @@ from hf_audio_trainer.difficulty import (
     DIFFICULTY_METHODS,
     acoustic_feature_table,
     acoustic_features,
-    example_losses,
     percentile_rank,
     score_difficulty,
 )
-from hf_audio_trainer.models import build_model, lm_loss
+from hf_audio_trainer.families.musicgen import MUSICGEN, build_decoder, clip_losses, lm_loss
 
 SR = 16000
 # Spearman correlation with the generator's difficulty, measured: 0.922 over the 2,000 default clips and over these 200.
@@ -163,7 +162,7 @@ def run_folder(tmp_path_factory):
     waves = [np.asarray(a["array"], dtype=np.float32) for a in synthetic(8)["audio"]]
     tokenizer = MelKMeansTokenizer.fit(waves, num_codebooks=2, codebook_size=16, n_mels=16, kmeans_iters=5)
     torch.manual_seed(0)
-    build_model(None, "micro", 2, 16, max_positions=160).save_pretrained(folder)
+    build_decoder(None, "micro", 2, 16, max_positions=160).save_pretrained(folder)
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder
 
@@ -175,7 +174,7 @@ def test_model_loss_matches_a_hand_computed_per_clip_loss(run_folder):
     model = MusicgenForCausalLM.from_pretrained(run_folder).eval()
     tokenizer = MelKMeansTokenizer.from_pretrained(run_folder / "tokenizer")
     waves = [np.asarray(a["array"], dtype=np.float32) for a in ds["audio"]]
-    losses = example_losses(model, tokenizer, waves)  # one padded batch of clips of different lengths
+    losses = clip_losses(model, tokenizer, waves)  # one padded batch of clips of different lengths
 
     one = 3
     collate = CodesCollator(2, model.config.pad_token_id, model.config.bos_token_id, tokenizer.frame_rate)
@@ -184,7 +183,8 @@ def test_model_loss_matches_a_hand_computed_per_clip_loss(run_folder):
         total, _ = lm_loss(model, batch)
     assert abs(losses[one] - total.item() / batch["num_items"]) < 1e-5
 
-    out = score_difficulty(ds, "model_loss", model_name_or_path=str(run_folder), batch_size=4)
+    scorer = MUSICGEN.load_clip_scorer  # the family's: the stage passes it the same way
+    out = score_difficulty(ds, "model_loss", model_name_or_path=str(run_folder), batch_size=4, clip_scorer=scorer)
     scores = np.asarray(out["difficulty"])
     assert scores.min() == 0.0 and scores.max() == 1.0
     np.testing.assert_allclose(scores, (losses - losses.min()) / (losses.max() - losses.min()), atol=1e-5)
@@ -193,9 +193,9 @@ def test_model_loss_matches_a_hand_computed_per_clip_loss(run_folder):
 def test_model_loss_needs_a_run_folder(tmp_path):
     ds = clips(tone([60]))
     with pytest.raises(ValueError, match="model_name_or_path"):
-        score_difficulty(ds, "model_loss")
+        score_difficulty(ds, "model_loss", clip_scorer=MUSICGEN.load_clip_scorer)
     with pytest.raises(ValueError, match="no tokenizer/ folder"):
-        score_difficulty(ds, "model_loss", model_name_or_path=str(tmp_path))
+        score_difficulty(ds, "model_loss", model_name_or_path=str(tmp_path), clip_scorer=MUSICGEN.load_clip_scorer)
 
 
 def test_weights_only_apply_to_acoustic():

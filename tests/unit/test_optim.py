@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import SchedulerType, get_scheduler
 
-from hf_audio_trainer.models import lm_loss
+from hf_audio_trainer.families.musicgen import lm_loss
 from hf_audio_trainer.optim import build_optimizer, build_scheduler, parameter_groups, scale_lr
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from hf_audio_trainer.families.musicgen import build_decoder, lm_loss
 from hf_audio_trainer.loop import LoopSettings, train
-from hf_audio_trainer.models import build_model, lm_loss
 from hf_audio_trainer.optim import (
     GAN_BETAS,
     MuonWithAdamW,
@@ -109,7 +109,7 @@ def test_the_loop_refreshes_sophias_hessian_every_k_steps_and_it_changes(acceler
 
 def tiny_musicgen():
     torch.manual_seed(0)
-    return build_model(None, "micro", num_codebooks=2, codebook_size=16, max_positions=32, dropout=0.0)
+    return build_decoder(None, "micro", num_codebooks=2, codebook_size=16, max_positions=32, dropout=0.0)
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
