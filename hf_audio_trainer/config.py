@@ -401,6 +401,14 @@ class StageConfig:
     how, for the stage to print.
     """
 
+    # the sections every stage shares; a stage adds its model's and its data's, and its own
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
     user_set: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
     # the flat defaults this run started from (stage defaults + the recipe's YAML); `max_steps` scales run lengths
     defaults: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -453,13 +461,7 @@ class PretrainConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
 
 
 @dataclass
@@ -495,13 +497,7 @@ class FinetuneConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
     stage_defaults: ClassVar[dict[str, Any]] = {
@@ -587,12 +583,6 @@ class AlignConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
 
     stage_defaults: ClassVar[dict[str, Any]] = {
         "output_dir": "outputs/align",
@@ -892,12 +882,6 @@ class CodecConfig(StageConfig):
     data: CodecDataConfig = field(default_factory=CodecDataConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
 
     stage_defaults: ClassVar[dict[str, Any]] = {
         "output_dir": "outputs/codec",

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hf_audio_trainer.config import FinetuneConfig, resolve_config
 from hf_audio_trainer.families import family_for
 from hf_audio_trainer.models import adapt_for_finetuning
-from hf_audio_trainer.stages.common import RunResult, load_clips, run_length, start_run, train_model
-from hf_audio_trainer.stages.pretrain import curriculum_sampler, select_rows
+from hf_audio_trainer.stages.common import RunResult, start_run, train_model
+from hf_audio_trainer.stages.pretrain import prepare_training
 
 
 def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
@@ -15,10 +15,7 @@ def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
     cfg = resolve_config(config, FinetuneConfig)
     family = family_for(cfg.model.model_family, "finetune")
     with start_run(cfg, "finetune") as run:
-        data = family.preprocess(run, load_clips(run, select=lambda r, clips: select_rows(r, family, clips)))
-        sampler = curriculum_sampler(run, data.train)
-        max_steps = run_length(run, sampler)
-        models = family.build_model(run, data, cfg.model.model_name_or_path)
+        data, sampler, max_steps, models = prepare_training(run, family)
         f = cfg.finetune
         main = next(iter(models))
         models[main] = adapt_for_finetuning(

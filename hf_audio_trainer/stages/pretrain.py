@@ -26,11 +26,17 @@ def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
     cfg = resolve_config(config, PretrainConfig)
     family = family_for(cfg.model.model_family, "pretrain")
     with start_run(cfg, "pretrain") as run:
-        data = family.preprocess(run, load_clips(run, select=lambda r, clips: select_rows(r, family, clips)))
-        sampler = curriculum_sampler(run, data.train)
-        max_steps = run_length(run, sampler)
-        models = family.build_model(run, data, cfg.model.model_name_or_path)
+        data, sampler, max_steps, models = prepare_training(run, family)
         return train_model(run, family, data, models, sampler, max_steps, base_model=cfg.model.model_name_or_path)
+
+
+def prepare_training(run: Run, family: Family):
+    """What pretrain and finetune train on: the selected clips as the family reads them, their order (curriculum),
+    the run's length, and the family's networks (new, or loaded from --model_name_or_path)."""
+    data = family.preprocess(run, load_clips(run, select=lambda r, clips: select_rows(r, family, clips)))
+    sampler = curriculum_sampler(run, data.train)
+    max_steps = run_length(run, sampler)
+    return data, sampler, max_steps, family.build_model(run, data, run.cfg.model.model_name_or_path)
 
 
 def select_rows(run: Run, family: Family, clips: dict[str, Dataset]) -> dict[str, Dataset]:
