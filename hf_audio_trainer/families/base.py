@@ -33,7 +33,8 @@ class Family:
     - `prepare(run, data, models, optimizers, schedulers)` (optional): `accelerator.prepare` for several networks.
     - `step(run, data, models, optimizers, schedulers, loss_fn)` (optional): a `loop.StepFn` replacing the default
       accumulate / clip / step (the GAN's discriminator-then-generator alternation).
-    - `checkpoint_state(data)` / `load_checkpoint_state(data, state)` (optional): extra JSON state for resuming.
+    - `checkpoint_state(data)` / `load_checkpoint_state(data, state, checkpoint)` (optional): extra JSON state for
+      resuming.
     - `preferences(run)`, `sequence_logps(model, batch)` and `precompute_reference(run, data, reference)`
       (optional): preference pairs, per-sequence log-probabilities, and the data with the reference's log-probs
       computed once, for `align`.

@@ -223,10 +223,6 @@ class CodesData:
     columns: list[str] | None = None  # the columns a training batch reads (None: codes, and difficulty if any)
     collate_rows: type | None = None  # wraps the codes collator for rows that are not plain clips (preference pairs)
 
-    @property
-    def lengths(self) -> list[int]:
-        return self.train["num_frames"]
-
 
 def model_tokenizer(model_name_or_path: str) -> str:
     """The tokenizer saved with a model: MODEL/tokenizer in a folder, or the `tokenizer/` files of a Hub repo."""
@@ -374,8 +370,9 @@ def build_model(run, data: CodesData, model_name_or_path: str | None = None) -> 
 
 
 def collator(data: CodesData, model: torch.nn.Module):
-    config = getattr(model, "module", model).config
-    k, tokenizer = data.tokenizer.num_codebooks, data.tokenizer
+    """Delay-pattern batches with `model`'s pad and BOS ids (a reference under ZeRO-3 is an engine: its .module)."""
+    config, tokenizer = getattr(model, "module", model).config, data.tokenizer
+    k = tokenizer.num_codebooks
     collate = CodesCollator(k, config.pad_token_id, config.bos_token_id, tokenizer.frame_rate)
     return data.collate_rows(collate) if data.collate_rows is not None else collate
 
