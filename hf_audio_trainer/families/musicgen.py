@@ -447,10 +447,6 @@ def describe(data: CodesData, models) -> str:
     )
 
 
-def describe_pairs(data: CodesData, models) -> str:
-    return f"{len(data.train)} train / {len(data.validation)} validation pairs"
-
-
 def sample_codes(model, num_frames: int, num_samples: int, data: CodesData) -> list[torch.Tensor]:
     """Unconditional samples of `num_frames` code frames (no prompt), clamped to the tokenizer's codes."""
     k = data.tokenizer.num_codebooks
