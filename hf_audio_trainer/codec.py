@@ -31,6 +31,7 @@ from hf_audio_trainer.adversarial import (
 from hf_audio_trainer.codecs import mel_filters
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.models import load_pretrained
 from hf_audio_trainer.trackers import log_audio
 
 # New codecs by size: SEANet channels, latent size and depth. Hop 320 (8*5*4*2) gives 50 frames/s at 16 kHz, the
@@ -95,13 +96,7 @@ def build_codec(
     if model_name_or_path is None:
         model = EncodecModel(new_codec_config(size, sample_rate or DEFAULT_SAMPLE_RATE, num_codebooks, codebook_size))
     else:
-        try:
-            model = EncodecModel.from_pretrained(model_name_or_path)
-        except OSError as err:
-            raise ConfigError(
-                f"could not load an EncodecModel from {model_name_or_path!r}: pass a folder with config.json and "
-                f"model.safetensors or a cached Hub id ({err})"
-            ) from err
+        model = load_pretrained(EncodecModel, model_name_or_path, "an EncodecModel")
         if sample_rate is not None and sample_rate != model.config.sampling_rate:
             raise ConfigError(
                 f"codec_sample_rate={sample_rate} but {model_name_or_path} runs at {model.config.sampling_rate} Hz; "

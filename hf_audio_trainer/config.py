@@ -41,12 +41,14 @@ class ModelConfig:
     """Which model to train."""
 
     model_family: str = field(
-        default="musicgen", metadata={"help": "The model family (see families.FAMILIES): musicgen."}
+        default="musicgen",
+        metadata={"help": "The model family (see families.FAMILIES): musicgen, or musicgen_text (text-conditioned)."},
     )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A folder or Hub id with a MusicgenForCausalLM to start from; unset: a new model of --model_size."
+            "help": "A folder or Hub id to start from (musicgen: a MusicgenForCausalLM; musicgen_text: a "
+            "MusicgenForConditionalGeneration such as facebook/musicgen-small); unset: a new model of --model_size."
         },
     )
     model_size: str = field(default="tiny", metadata={"help": "Size of a new model (see models.MODEL_SIZES)."})
@@ -98,6 +100,35 @@ class DataConfig:
         _check(self.num_codebooks >= 1, f"num_codebooks={self.num_codebooks}: must be >= 1")
         _check(2 <= self.codebook_size <= 32768, f"codebook_size={self.codebook_size}: must be in [2, 32768]")
         _check(bool(self.audio_column), "audio_column must be a column name")
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning (the musicgen_text family): the descriptions, the text encoder, classifier-free guidance."""
+
+    text_column: str = field(
+        default="description", metadata={"help": "Column with each clip's description (also a metadata.csv column)."}
+    )
+    instance_prompt: str | None = field(
+        default=None, metadata={"help": "The description of every clip, for a dataset without a text column."}
+    )
+    condition_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Probability that a training example gets the null condition (classifier-free guidance)."},
+    )
+    guidance_scale: float = field(
+        default=3.0, metadata={"help": "Classifier-free guidance of in-loop samples and of the export (1: none)."}
+    )
+    train_text_encoder: bool = field(
+        default=False, metadata={"help": "Train the text encoder too (default: frozen, its outputs computed once)."}
+    )
+    max_text_tokens: int = field(default=128, metadata={"help": "Descriptions are cut to this many text tokens."})
+
+    def __post_init__(self) -> None:
+        _check(bool(self.text_column), "text_column must be a column name")
+        _check(0.0 <= self.condition_dropout < 1.0, f"condition_dropout={self.condition_dropout}: must be in [0, 1)")
+        _check(self.guidance_scale >= 1.0, f"guidance_scale={self.guidance_scale}: must be >= 1 (1 is no guidance)")
+        _check(self.max_text_tokens >= 1, f"max_text_tokens={self.max_text_tokens}: must be >= 1")
 
 
 @dataclass
@@ -424,6 +455,16 @@ class StageConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        text = getattr(self, "text", None)
+        if text is not None:  # flags of the text section mean nothing to a family that reads no text
+            from hf_audio_trainer.families import FAMILIES
+
+            given = [f"--{f.name}" for f in dataclasses.fields(text) if f.name in self.user_set]
+            family = self.model.model_family
+            _check(
+                not given or FAMILIES[family].text_conditioned,
+                f"{', '.join(given)}: the {family} family takes no text; use --model_family musicgen_text",
+            )
         if self.optim.learning_rate == 0:
             self.notes.append("learning_rate=0: the weights will not change (a check that the pipeline runs)")
         if self.training.max_steps > 0:
@@ -460,6 +501,7 @@ class PretrainConfig(StageConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -478,16 +520,22 @@ class FinetuneOptions:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,out_proj,fc1,fc2",
-        metadata={"help": "Comma-separated module names that get LoRA adapters."},
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names that get LoRA adapters; unset: the family's (musicgen: "
+            "q_proj,k_proj,v_proj,out_proj,fc1,fc2; musicgen_text adds enc_to_dec_proj,lm_heads)."
+        },
     )
 
     def __post_init__(self) -> None:
         _check(self.lora_r >= 1, f"lora_r={self.lora_r}: must be >= 1")
         _check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}: must be > 0")
         _check(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
-        _check(bool(self.lora_target_modules.strip()), "lora_target_modules must name at least one module")
+        _check(
+            self.lora_target_modules is None or bool(self.lora_target_modules.strip()),
+            "lora_target_modules must name at least one module",
+        )
 
 
 @stage_config
@@ -496,6 +544,7 @@ class FinetuneConfig(StageConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)

@@ -1,4 +1,5 @@
-"""What a stage does to any model: freeze parameters, add LoRA adapters (peft) and merge them, count parameters."""
+"""What a stage does to any model: load it with every weight accounted for, freeze parameters, add LoRA adapters
+(peft) and merge them, count parameters."""
 
 from __future__ import annotations
 
@@ -8,6 +9,36 @@ import fnmatch
 import torch
 
 from hf_audio_trainer.errors import ConfigError
+
+
+def load_pretrained(model_class, model_name_or_path: str, what: str, **kwargs) -> torch.nn.Module:
+    """`model_class.from_pretrained`, refusing a checkpoint whose weights do not all fit the model.
+
+    transformers only warns about MISSING weights (and initialises them anew) or UNEXPECTED ones (and drops them):
+    a composite MusicGen folder loaded as a decoder would train from random weights without a word.
+    """
+    try:
+        model, info = model_class.from_pretrained(model_name_or_path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"could not load {what} from {model_name_or_path!r}: pass a folder written by save_pretrained "
+            f"(config.json + model.safetensors) or a Hub id that is cached locally ({err})"
+        ) from err
+    problems = [
+        f"{len(info[key])} {label} (e.g. {sorted(info[key])[:3]})"
+        for key, label in (
+            ("missing_keys", "MISSING"),
+            ("unexpected_keys", "UNEXPECTED"),
+            ("mismatched_keys", "MISMATCHED"),
+        )
+        if info.get(key)
+    ]
+    if problems:
+        raise ConfigError(
+            f"{model_name_or_path} does not fit {what}: {'; '.join(problems)} weight(s); pass a checkpoint of this "
+            "model type (or the --model_family it was trained with)"
+        )
+    return model
 
 
 def adapt_for_finetuning(
@@ -35,9 +66,16 @@ def adapt_for_finetuning(
         return model
     from peft import LoraConfig, get_peft_model
 
-    targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()]
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
+    targets = []
+    for target in [t.strip() for t in lora_target_modules.split(",") if t.strip()]:
+        # a list of layers (MusicGen's `lm_heads`, one per codebook) stands for its members
+        lists = [
+            m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == target and isinstance(m, torch.nn.ModuleList)
+        ]
+        targets.extend([f"{target}.{i}" for i in range(len(lists[0]))] if lists else [target])
+    names = [name for name, _ in model.named_modules()]
+    present = {name.rsplit(".", 1)[-1] for name in names}
+    missing = [t for t in targets if t not in present and not any(n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(f"--lora_target_modules {missing} are not modules of this model; e.g. {sorted(present)[:12]}")
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)

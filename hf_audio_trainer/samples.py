@@ -31,8 +31,8 @@ def fad_cache_dir() -> Path:
 class SampleEvaluator:
     """`evaluator(model, step)` -> {"eval/fad", "eval/fad_num_samples"}, with clips saved under OUTPUT_DIR/samples.
 
-    `generate(model, num_frames, num_samples)` is the model family's sampler: a list of code tensors the tokenizer
-    decodes.
+    `generate(model, num_frames, num_samples)` is the model family's sampler: a list of mono waveforms (numpy, at the
+    tokenizer's sample rate) of about `num_frames` code frames each.
 
     The reference is the validation set decoded by the same tokenizer as the samples, so FAD measures the language
     model, not the codec's artifacts; its statistics are computed once per (validation fingerprint, embedder) and
@@ -45,7 +45,7 @@ class SampleEvaluator:
         self,
         accelerator: Accelerator,
         tokenizer,
-        generate: Callable[[torch.nn.Module, int, int], list[torch.Tensor]],
+        generate: Callable[[torch.nn.Module, int, int], list[np.ndarray]],
         val_set: Dataset,
         embedder: str,
         embedder_model: str | None = None,
@@ -82,8 +82,7 @@ class SampleEvaluator:
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         acc = self.accelerator
         with self.own_rng(self.seed + 1_000_003 * step + acc.process_index):
-            codes = self.generate(acc.unwrap_model(model), self.num_frames, self.per_process)
-            waves = [self.tokenizer.decode(c).numpy() for c in codes]
+            waves = self.generate(acc.unwrap_model(model), self.num_frames, self.per_process)
             local = torch.from_numpy(self.embedder.embed(waves, self.tokenizer.sample_rate)).to(acc.device)
         embeddings = acc.gather(local).double().cpu().numpy()
         mu, sigma = embedding_statistics(embeddings)

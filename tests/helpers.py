@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -61,3 +62,80 @@ def launch(args: list[str], env: dict | None = None, timeout: int = 300) -> subp
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_codec(folder: Path, num_codebooks: int = 2, codebook_size: int = 64) -> Path:
+    """A tiny random EnCodec (16 kHz, 50 frames/s) saved as a model folder. A new EncodecModel's codebooks are all
+    zero (every frame would get code 0), so they are drawn at random: the codes then vary with the audio."""
+    from transformers import EncodecConfig, EncodecModel
+
+    frame_rate = 50
+    bandwidth = num_codebooks * math.log2(codebook_size) * frame_rate / 1000  # kbps of `num_codebooks` codebooks
+    config = EncodecConfig(
+        sampling_rate=16000, audio_channels=1, num_filters=4, hidden_size=16, codebook_size=codebook_size,
+        codebook_dim=16, upsampling_ratios=[8, 5, 4, 2], target_bandwidths=[bandwidth], num_lstm_layers=1,
+        chunk_length_s=None, normalize=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = EncodecModel(config)
+    for layer in model.quantizer.layers:
+        layer.codebook.embed.normal_()
+        layer.codebook.embed_avg.copy_(layer.codebook.embed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def tiny_musicgen(folder: Path, codec: Path) -> Path:
+    """A tiny random MusicgenForConditionalGeneration (T5 + the codec + a decoder) with its processor (ByT5's
+    tokenizer) and generation config, in the layout of facebook/musicgen-small; built with transformers alone."""
+    from transformers import (
+        ByT5Tokenizer,
+        EncodecFeatureExtractor,
+        EncodecModel,
+        GenerationConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+        T5Config,
+    )  # fmt: skip
+
+    audio = EncodecModel.from_pretrained(codec)
+    k, size = (
+        audio.quantizer.get_num_quantizers_for_bandwidth(audio.config.target_bandwidths[0]),
+        audio.config.codebook_size,
+    )
+    text = T5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    decoder = MusicgenDecoderConfig(
+        vocab_size=size, num_codebooks=k, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+        max_position_embeddings=512, pad_token_id=size, bos_token_id=size, audio_channels=1,
+    )  # fmt: skip
+    config = MusicgenConfig(
+        text_encoder=text.to_dict(), audio_encoder=audio.config.to_dict(), decoder=decoder.to_dict()
+    )
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration(config)
+    model.audio_encoder.load_state_dict(audio.state_dict())
+    model.generation_config = GenerationConfig(
+        do_sample=True, guidance_scale=3.0, max_length=256, decoder_start_token_id=size, pad_token_id=size,
+        bos_token_id=size,
+    )  # fmt: skip
+    model.save_pretrained(folder)
+    MusicgenProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=16000), ByT5Tokenizer()).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def described_folder(folder: Path, num_clips: int = 12, with_text: bool = True) -> Path:
+    """A folder of synthetic wav clips with a metadata.csv (file_name, description), as a user's dataset would be."""
+    import soundfile as sf
+
+    train = make_synthetic_dataset(num_clips=num_clips, validation_fraction=0.1, seed=1)["train"]
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["file_name,description"] if with_text else ["file_name"]
+    for i, (audio, text) in enumerate(zip(train["audio"], train["description"], strict=True)):
+        sf.write(folder / f"clip{i}.wav", audio["array"], audio["sampling_rate"])
+        rows.append(f'clip{i}.wav,"{text}"' if with_text else f"clip{i}.wav")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder

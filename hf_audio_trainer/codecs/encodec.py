@@ -54,7 +54,9 @@ class EncodecTokenizer(AudioTokenizer):
             config_file = _resolve_file(path_or_id, CONFIG_NAME)
             if config_file is not None:
                 bandwidth = _read_json(config_file).get("bandwidth")
-        model = EncodecModel.from_pretrained(path_or_id).to(device)
+        from hf_audio_trainer.models import load_pretrained
+
+        model = load_pretrained(EncodecModel, str(path_or_id), "an EncodecModel").to(device)
         return cls(model, bandwidth=bandwidth)
 
     @property

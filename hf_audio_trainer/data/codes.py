@@ -31,8 +31,10 @@ def tokenize_dataset(
     max_duration_seconds: float = 30.0,
     num_proc: int | None = None,
     split: str = "train",
+    keep: tuple[str, ...] = (),
 ) -> Dataset:
-    """Decode, resample, cut and encode every clip into a `codes` column ([num_codebooks][frames], int)."""
+    """Decode, resample, cut and encode every clip into a `codes` column ([num_codebooks][frames], int); the
+    columns in `keep` (a text description) stay beside it, with difficulty and quality."""
     max_samples = int(max_duration_seconds * tokenizer.sample_rate)
 
     def encode(batch: dict, indices: list[int]) -> dict:
@@ -49,7 +51,7 @@ def tokenize_dataset(
         batched=True,
         batch_size=64,
         with_indices=True,
-        remove_columns=[c for c in dataset.column_names if c not in ("difficulty", "quality")],
+        remove_columns=[c for c in dataset.column_names if c not in ("difficulty", "quality", *keep)],
         num_proc=num_proc,
         desc=f"Tokenizing {split}",
     )
@@ -134,8 +136,13 @@ def batch_stream(
     collate: Callable[[list[dict]], dict],
     start_step: int = 0,
     columns: list[str] | None = None,
+    positions: bool = False,
 ) -> Iterator[dict]:
-    """Endless micro-batches for this rank, starting right after optimizer step `start_step` (no replay)."""
+    """Endless micro-batches for this rank, starting right after optimizer step `start_step` (no replay).
+
+    `positions`: each example also carries its row and the epoch it is drawn in (`row`, `epoch`), for what must be
+    a pure function of the data position (classifier-free guidance's condition dropout).
+    """
     sampler.load_state_dict(sampler.state_at_step(start_step))
     columns = columns or [c for c in ("codes", "difficulty") if c in dataset.column_names]
     rows = dataset.select_columns(columns)
@@ -146,7 +153,11 @@ def batch_stream(
             if len(indices) == micro_batch_size:
                 picked = rows[indices]  # one read per micro-batch, column-wise
                 per_row = zip(*(picked[c] for c in columns), strict=True)
-                yield collate([dict(zip(columns, values, strict=True)) for values in per_row])
+                examples = [dict(zip(columns, values, strict=True)) for values in per_row]
+                if positions:
+                    for example, row in zip(examples, indices, strict=True):
+                        example.update(row=row, epoch=sampler.epoch)
+                yield collate(examples)
                 indices = []
         sampler.set_epoch(sampler.epoch + 1)
 

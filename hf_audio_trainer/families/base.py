@@ -41,6 +41,9 @@ class Family:
     - `load_clip_scorer(model_name_or_path)` (optional): (per-clip loss function of waveforms, its sample rate),
       for `--difficulty_method model_loss`.
     - `stages`: the stages it can run; any other is refused before any work.
+    - `text_conditioned`: it reads the config's text section (`--text_column`, `--condition_dropout` ...); a
+      family that does not refuses those flags.
+    - `lora_target_modules`: the modules `--use_peft` adapts when `--lora_target_modules` is not given.
     """
 
     name: str
@@ -65,3 +68,5 @@ class Family:
     sequence_logps: Callable[..., Any] | None = None
     precompute_reference: Callable[..., Any] | None = None
     load_clip_scorer: Callable[..., Any] | None = None
+    text_conditioned: bool = False
+    lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"

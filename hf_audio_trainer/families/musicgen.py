@@ -38,7 +38,7 @@ from hf_audio_trainer.data.preferences import (
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
-from hf_audio_trainer.models import num_parameters
+from hf_audio_trainer.models import load_pretrained, num_parameters
 
 TOKENIZER_DIR = "tokenizer"  # a model folder keeps its tokenizer here
 FIT_CLIPS = 500  # clips a new mel k-means tokenizer is fitted on
@@ -103,15 +103,25 @@ def build_decoder(
     overrides = {}
     if dropout is not None:
         overrides = dict(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
-    try:
-        model = MusicgenForCausalLM.from_pretrained(model_name_or_path, **overrides)
-    except OSError as err:
-        raise ConfigError(
-            f"could not load a MusicgenForCausalLM from {model_name_or_path!r}: pass a folder written by "
-            f"save_pretrained (config.json + model.safetensors) or a Hub id that is cached locally ({err})"
-        ) from err
+    refuse_composite(model_name_or_path)
+    model = load_pretrained(MusicgenForCausalLM, model_name_or_path, "a MusicgenForCausalLM", **overrides)
     check_model_fits_tokenizer(model.config, num_codebooks, codebook_size, max_positions)
     return freeze_cross_attention(model)
+
+
+def refuse_composite(model_name_or_path: str) -> None:
+    """A text-conditioned MusicGen (text encoder + codec + decoder) is the musicgen_text family's, not this one's."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
+    except (OSError, ValueError):
+        return  # load_pretrained reports what is wrong with the folder
+    if model_type in ("musicgen", "musicgen_melody"):
+        raise ConfigError(
+            f"{model_name_or_path} is a text-conditioned MusicGen ({model_type}: text encoder, codec and decoder); "
+            "train it with --model_family musicgen_text"
+        )
 
 
 def freeze_cross_attention(model: MusicgenForCausalLM) -> MusicgenForCausalLM:
@@ -201,7 +211,7 @@ def load_clip_scorer(model_name_or_path: str):
             f"{model_name_or_path} has no {TOKENIZER_DIR}/ folder; pass the output folder of a run, "
             "which holds the model and the tokenizer it was trained with"
         )
-    model = MusicgenForCausalLM.from_pretrained(folder).eval()
+    model = load_pretrained(MusicgenForCausalLM, str(folder), "a MusicgenForCausalLM").eval()
     tokenizer = load_audio_tokenizer(folder / TOKENIZER_DIR)
     check_model_fits_tokenizer(model.config, tokenizer.num_codebooks, tokenizer.codebook_size, 0)
     return functools.partial(clip_losses, model, tokenizer), tokenizer.sample_rate
@@ -276,6 +286,8 @@ def prepare_tokenizer(run, train_set: Dataset) -> AudioTokenizer:
 def preprocess(run, clips: dict[str, Dataset]) -> CodesData:
     """Get a tokenizer and tokenize both splits of the audio clips once (cached by datasets where it can)."""
     cfg, accelerator = run.cfg, run.accelerator
+    if cfg.model.model_name_or_path is not None:
+        refuse_composite(cfg.model.model_name_or_path)
     tokenizer = prepare_tokenizer(run, clips["train"])
     with accelerator.main_process_first():
         splits = {
@@ -398,7 +410,7 @@ def evaluate(run, data: CodesData, models, loss_fn=None):
     lg, t = cfg.logging, cfg.training
     sampler = None
     if lg.fad_embedder is not None:
-        generate = functools.partial(sample_codes, data=data)
+        generate = functools.partial(sample_waves, data=data)
         sampler = SampleEvaluator(
             accelerator, data.tokenizer, generate, data.validation, lg.fad_embedder, lg.fad_embedder_model,
             lg.num_eval_samples, lg.eval_sample_seconds, run.out, seed=t.seed,
@@ -447,11 +459,11 @@ def describe(data: CodesData, models) -> str:
     )
 
 
-def sample_codes(model, num_frames: int, num_samples: int, data: CodesData) -> list[torch.Tensor]:
-    """Unconditional samples of `num_frames` code frames (no prompt), clamped to the tokenizer's codes."""
-    k = data.tokenizer.num_codebooks
+def sample_waves(model, num_frames: int, num_samples: int, data: CodesData) -> list[np.ndarray]:
+    """Unconditional samples of `num_frames` code frames (no prompt), clamped to the tokenizer's codes, decoded."""
+    k, tokenizer = data.tokenizer.num_codebooks, data.tokenizer
     codes = generate_continuations(model, torch.zeros(k, 0, dtype=torch.long), num_frames, num_samples)
-    return [c.clamp(max=data.tokenizer.codebook_size - 1) for c in codes]
+    return [tokenizer.decode(c.clamp(max=tokenizer.codebook_size - 1)).numpy() for c in codes]
 
 
 MUSICGEN = Family(

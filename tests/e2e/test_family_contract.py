@@ -12,7 +12,7 @@ from hf_audio_trainer.loop import DefaultStep
 from hf_audio_trainer.optim import build_optimization
 from hf_audio_trainer.stages.common import load_clips, shuffled_sampler, start_run
 from tests.e2e.test_codec import codec_run
-from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
+from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, tiny_codec, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -21,13 +21,22 @@ STAGES = {"pretrain": (pretrain, PretrainConfig), "codec": (train_codec, CodecCo
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    """The tokenizers the families' tiny runs use: mel k-means for musicgen, a tiny EnCodec for musicgen_text."""
+    return {
+        "mel_kmeans": fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer")),
+        "encodec": tiny_codec(tmp_path_factory.mktemp("codec")),
+    }
 
 
 def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
     """A few-step run of family `name` on the embedded data, as small as it goes."""
     settings = {
-        "musicgen": lambda: quick_run(tokenizer, output_dir, model_size="micro", learning_rate=1e-2),
+        "musicgen": lambda: quick_run(tokenizer["mel_kmeans"], output_dir, model_size="micro", learning_rate=1e-2),
+        # condition dropout stays on (its default 0.1): resume must drop the same examples as the straight run
+        "musicgen_text": lambda: quick_run(
+            tokenizer["encodec"], output_dir, model_family="musicgen_text", model_size="micro", learning_rate=1e-2,
+            max_duration_seconds=1.0,
+        ),  # fmt: skip
         "encodec_gan": lambda: codec_run(output_dir, discriminator_start_step=1, learning_rate=3e-3),
     }[name]()
     return {**settings, **overrides}

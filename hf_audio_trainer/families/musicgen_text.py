@@ -1,0 +1,514 @@
+"""Text-conditioned MusicGen: transformers `MusicgenForConditionalGeneration` (a T5 text encoder, an EnCodec codec and
+a decoder that cross-attends to the text), in the Hub layout of facebook/musicgen-*.
+
+The model's own `audio_encoder` is the codec: audio becomes codes through it, and the decoder learns the next code
+of every codebook given the description. The text encoder is frozen by default, and its outputs are computed once
+with the codes. Classifier-free guidance trains the null condition that `generate(guidance_scale > 1)` uses for its
+unconditional branch. The export loads with `MusicgenForConditionalGeneration.from_pretrained`, `AutoProcessor`
+and `pipeline("text-to-audio")`. Runs pretrain (a new model over an EnCodec of your own) and finetune (a Hub
+MusicGen, LoRA or full weights).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    ByT5Tokenizer,
+    EncodecFeatureExtractor,
+    GenerationConfig,
+    MusicgenConfig,
+    MusicgenForConditionalGeneration,
+    MusicgenProcessor,
+    T5Config,
+)
+
+from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
+from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.families.musicgen import new_model_config
+from hf_audio_trainer.loop import evaluate_loss
+from hf_audio_trainer.models import load_pretrained, num_parameters
+
+# A new model's T5 text encoder, by --model_size; narrower than the decoder so `enc_to_dec_proj` exists, as in
+# musicgen-small (t5-base 768 -> 1024). ByT5's byte vocabulary: 256 bytes + 3 specials + 125 extra ids.
+TEXT_ENCODER_SIZES = {
+    "micro": dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2),
+    "tiny": dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4),
+    "small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "medium": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+}
+BYT5_VOCAB = 384
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+STATES, IDS = "text_states", "text_ids"  # the cached text encoder outputs of a row, or its token ids
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model and its codec
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_composite(model_name_or_path: str) -> None:
+    """Refuse, by name, what this family cannot train: a decoder-only MusicGen, MusicGen Melody, stereo MusicGen."""
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"could not read a MusicGen config from {model_name_or_path!r}: pass a folder or cached Hub id of a "
+            f"MusicgenForConditionalGeneration (config.json with text_encoder, audio_encoder, decoder) ({err})"
+        ) from err
+    if config.model_type == "musicgen_decoder":
+        raise ConfigError(
+            f"{model_name_or_path} is a decoder-only MusicGen (MusicgenForCausalLM, no text encoder); train it with "
+            "--model_family musicgen"
+        )
+    if config.model_type == "musicgen_melody":
+        raise ConfigError(
+            f"{model_name_or_path} is MusicGen Melody (chroma conditioning prepended to the text, another model "
+            "class); it is not supported by musicgen_text yet: use facebook/musicgen-small / -medium / -large"
+        )
+    if config.model_type != "musicgen":
+        raise ConfigError(
+            f"{model_name_or_path} holds a {config.model_type!r} model, not a MusicgenForConditionalGeneration"
+        )
+    if config.decoder.audio_channels != 1:
+        raise ConfigError(
+            f"{model_name_or_path} is a stereo MusicGen (audio_channels={config.decoder.audio_channels}, codebooks "
+            "interleaved per channel); only mono checkpoints are supported"
+        )
+
+
+def load_composite(model_name_or_path: str, dropout: float | None = None) -> MusicgenForConditionalGeneration:
+    """Every weight of a MusicgenForConditionalGeneration from a folder or Hub id (a missing one is an error)."""
+    check_composite(model_name_or_path)
+    model = load_pretrained(MusicgenForConditionalGeneration, model_name_or_path, "a MusicgenForConditionalGeneration")
+    if dropout is not None:
+        decoder = model.decoder.config
+        decoder.dropout = decoder.attention_dropout = decoder.activation_dropout = dropout
+        for module in model.decoder.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
+    return model
+
+
+def codec_of(model: MusicgenForConditionalGeneration) -> EncodecTokenizer:
+    """The composite's own EnCodec as the audio tokenizer, checked against the decoder's codebooks."""
+    decoder = model.config.decoder
+    tokenizer = EncodecTokenizer(model.audio_encoder, bandwidth=model.audio_encoder.config.target_bandwidths[0])
+    if tokenizer.num_codebooks != decoder.num_codebooks or tokenizer.codebook_size > decoder.vocab_size:
+        raise ConfigError(
+            f"the codec makes {tokenizer.num_codebooks} codebooks of {tokenizer.codebook_size} but the decoder reads "
+            f"{decoder.num_codebooks} of {decoder.vocab_size}: the model's audio_encoder and decoder do not belong "
+            "together"
+        )
+    return tokenizer
+
+
+def new_composite(run, codec: EncodecTokenizer, max_positions: int) -> MusicgenForConditionalGeneration:
+    """A new model of --model_size around a given EnCodec (frozen), with a new T5 encoder over ByT5's bytes."""
+    m = run.cfg.model
+    decoder = new_model_config(m.model_size, codec.num_codebooks, codec.codebook_size, max_positions, m.dropout)
+    text = T5Config(
+        vocab_size=BYT5_VOCAB, dropout_rate=0.1 if m.dropout is None else m.dropout, **TEXT_ENCODER_SIZES[m.model_size]
+    )
+    config = MusicgenConfig(
+        text_encoder=text.to_dict(), audio_encoder=codec.model.config.to_dict(), decoder=decoder.to_dict()
+    )
+    model = MusicgenForConditionalGeneration(config)
+    model.audio_encoder.load_state_dict(codec.model.state_dict())
+    # as in the musicgen family: N(0, 1) code embeddings, or the sinusoidal positions drown them out
+    for embedding in model.decoder.get_input_embeddings():
+        torch.nn.init.normal_(embedding.weight, std=1.0)
+    return model
+
+
+def set_generation_config(model: MusicgenForConditionalGeneration, guidance_scale: float, max_positions: int) -> None:
+    """What `generate` and the pipeline use: sampling with guidance, BOS = pad = one past the last code."""
+    bos = model.config.decoder.bos_token_id
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        guidance_scale=guidance_scale,
+        max_length=max_positions,
+        decoder_start_token_id=bos,
+        pad_token_id=model.config.decoder.pad_token_id,
+        bos_token_id=bos,
+    )
+
+
+def frozen_parts(model: MusicgenForConditionalGeneration, train_text_encoder: bool) -> None:
+    """The codec never trains (the codes are its output); the text encoder only with --train_text_encoder."""
+    model.audio_encoder.requires_grad_(False)
+    model.text_encoder.requires_grad_(train_text_encoder)
+
+
+def new_processor(sample_rate: int) -> MusicgenProcessor:
+    """ByT5's byte-level tokenizer (no vocabulary file, nothing to download) and EnCodec's feature extractor."""
+    return MusicgenProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=sample_rate), ByT5Tokenizer())
+
+
+def load_processor(model_name_or_path: str):
+    folder = Path(model_name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ConfigError(
+            f"{model_name_or_path} has no processor files ({' or '.join(PROCESSOR_FILES)} and the text tokenizer): "
+            "copy them from the base model (AutoProcessor.from_pretrained(base).save_pretrained(folder))"
+        )
+    try:
+        return AutoProcessor.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load the processor (text tokenizer) of {model_name_or_path!r}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data: audio -> codes through the model's codec, text -> token ids (and the frozen encoder's outputs)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextCodesData:
+    """Tokenized splits with their descriptions, the codec and processor that made them, and the model they came
+    from (`base`, handed to `build_model` so a large checkpoint is loaded once)."""
+
+    tokenizer: EncodecTokenizer
+    processor: MusicgenProcessor
+    train: Dataset
+    validation: Dataset
+    max_positions: int
+    base: MusicgenForConditionalGeneration | None
+    source: str | None  # what `base` was loaded from
+    prompts: list[str]  # the validation descriptions, which in-loop samples are generated from
+    null_texts: dict[str, int]  # rows per split without a description (they train the null condition)
+    cached_states: bool  # the frozen text encoder's outputs are columns (else token ids, encoded in the step)
+
+
+def text_of(run, split: Dataset, name: str) -> list[str]:
+    """Each row's description: the text column, or --instance_prompt for a dataset without one."""
+    t = run.cfg.text
+    if t.text_column in split.column_names:
+        return ["" if v is None else str(v).strip() for v in split[t.text_column]]
+    if t.instance_prompt is not None:
+        return [t.instance_prompt] * len(split)
+    raise ConfigError(
+        f"the {name} split has no text column {t.text_column!r} (columns: {split.column_names}); name it with "
+        "--text_column, or give every clip one description with --instance_prompt"
+    )
+
+
+@torch.no_grad()
+def encode_texts(encoder: torch.nn.Module, ids: list[list[int]], device, batch_size: int = 64) -> list[np.ndarray]:
+    """The frozen text encoder's last hidden states of each token sequence ([tokens, d_model], float32)."""
+    encoder = encoder.to(device).eval()
+    out: list[np.ndarray] = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        width = max(1, max(len(x) for x in chunk))
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, x in enumerate(chunk):
+            tokens[i, : len(x)], mask[i, : len(x)] = torch.tensor(x, dtype=torch.long), 1
+        states = encoder(input_ids=tokens.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
+        out.extend(states[i, : len(x)].cpu().numpy() for i, x in enumerate(chunk))
+    return out
+
+
+def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
+    """Load the model (or the codec of a new one), tokenize the audio with its codec and the text with its processor,
+    and run the frozen text encoder once over every description."""
+    cfg, acc, t = run.cfg, run.accelerator, run.cfg.text
+    base, source = None, cfg.model.model_name_or_path
+    if source is not None:
+        base = load_composite(source, cfg.model.dropout)
+        codec, processor = codec_of(base), load_processor(source)
+    elif cfg.data.tokenizer is not None:
+        codec = load_audio_tokenizer(cfg.data.tokenizer)
+        if not isinstance(codec, EncodecTokenizer):
+            raise ConfigError(
+                f"--tokenizer {cfg.data.tokenizer} is a {type(codec).__name__}; a MusicgenForConditionalGeneration "
+                "carries an EnCodec as its codec: pass an EncodecModel folder (the output of recipes/codec.py) or "
+                "Hub id (facebook/encodec_32khz)"
+            )
+        processor = new_processor(codec.sample_rate)
+    else:
+        raise ConfigError(
+            "--model_family musicgen_text needs a codec: --model_name_or_path a MusicGen (folder or Hub id, e.g. "
+            "facebook/musicgen-small), or --tokenizer an EnCodec model for a new one (train one on your data in a "
+            "few CPU minutes with recipes/codec.py, then --tokenizer outputs/codec)"
+        )
+    texts = {name: text_of(run, clips[name], name) for name in ("train", "validation")}
+    text_tokenizer = processor.tokenizer
+    splits, nulls = {}, {}
+    with acc.main_process_first():
+        for name in ("train", "validation"):
+            ids = [
+                text_tokenizer(x, truncation=True, max_length=t.max_text_tokens)["input_ids"] if x else []
+                for x in texts[name]
+            ]
+            nulls[name] = sum(1 for x in ids if not x)
+            split = clips[name].remove_columns([c for c in (IDS, STATES) if c in clips[name].column_names])
+            split = split.add_column(IDS, ids)
+            split = tokenize_dataset(
+                split, codec, cfg.data.audio_column, cfg.data.max_duration_seconds, cfg.data.preprocessing_num_workers,
+                split=name, keep=(IDS,),
+            )  # fmt: skip
+            splits[name] = split
+    cached = not t.train_text_encoder
+    if cached:
+        encoder = base.text_encoder if base is not None else None
+        if encoder is None:  # a new model: its text encoder is built (seeded) in build_model; encode there
+            cached = "pending"
+        else:
+            for name in splits:
+                states = encode_texts(encoder, splits[name][IDS], acc.device)
+                splits[name] = splits[name].add_column(STATES, [s.tolist() for s in states])
+            encoder.to("cpu")
+    if any(nulls.values()):
+        acc.print(f"rows without a description (trained as the null condition): {nulls}")
+    max_positions = int(cfg.data.max_duration_seconds * codec.frame_rate) + codec.num_codebooks + 1
+    return TextCodesData(
+        codec, processor, splits["train"], splits["validation"], max_positions, base, source, texts["validation"],
+        nulls, cached,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches: codes as in the musicgen family, plus the text condition (or the null one)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def dropped(seed: int, epoch: int, row: int, probability: float) -> bool:
+    """Whether this draw of `row` trains the null condition: a pure function of (seed, epoch, row), so a resumed run
+    drops exactly the examples a straight one does, and each epoch drops others."""
+    return probability > 0 and np.random.default_rng([seed, epoch, row, 0x7E47]).random() < probability
+
+
+class TextCodesCollator:
+    """Delay-pattern code batches (`CodesCollator`) with each example's text condition: the cached encoder states
+    (`encoder_states` [batch, tokens, d]) or token ids (`text_ids`), and `text_mask`.
+
+    The null condition is zero states with a zero mask: exactly the unconditional branch that transformers'
+    `generate(guidance_scale > 1)` builds. A row drawn for dropout (`condition_dropout`, per example), a row
+    without text, and every row with `null=True` (the `eval/loss_uncond` pass) get it.
+    """
+
+    def __init__(self, codes: CodesCollator, cached: bool, dropout: float = 0.0, seed: int = 0, null: bool = False):
+        self.codes, self.cached, self.dropout, self.seed, self.null = codes, cached, dropout, seed, null
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.codes(examples)
+        key = STATES if self.cached else IDS
+        texts = [np.asarray(ex[key], dtype=np.float32 if self.cached else np.int64) for ex in examples]
+        keep = [
+            not self.null and len(x) > 0
+            and not ("row" in ex and dropped(self.seed, ex["epoch"], ex["row"], self.dropout))
+            for ex, x in zip(examples, texts, strict=True)
+        ]  # fmt: skip
+        width = max(1, max(len(x) for x in texts))
+        mask = torch.zeros(len(examples), width, dtype=torch.long)
+        if self.cached:
+            dim = next((x.shape[1] for x in texts if x.ndim == 2 and len(x)), 1)
+            values = torch.zeros(len(examples), width, dim)
+        else:
+            values = torch.zeros(len(examples), width, dtype=torch.long)
+        for i, (x, k) in enumerate(zip(texts, keep, strict=True)):
+            if k:
+                values[i, : len(x)], mask[i, : len(x)] = torch.from_numpy(x), 1
+        batch["encoder_states" if self.cached else "text_ids"] = values
+        batch["text_mask"] = mask
+        batch["sample_stats"] = {**batch.get("sample_stats", {}), "null_condition": float(len(keep) - sum(keep))}
+        return batch
+
+
+def conditioning(batch: dict) -> dict:
+    """The composite's text inputs for a batch: precomputed encoder outputs, or ids the text encoder reads."""
+    if "encoder_states" in batch:
+        return {"encoder_outputs": (batch["encoder_states"],), "attention_mask": batch["text_mask"]}
+    return {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]}
+
+
+def text_lm_loss(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Sum of the per-token cross-entropies of the codes given the text (the loop divides by the token count)."""
+    logits = model(
+        **conditioning(batch), decoder_input_ids=batch["input_ids"], decoder_attention_mask=batch["attention_mask"]
+    ).logits
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum",
+        label_smoothing=label_smoothing,
+    )  # fmt: skip
+    return loss, {}
+
+
+def collator(data: TextCodesData, model, **kwargs) -> TextCodesCollator:
+    config = getattr(model, "module", model).config.decoder
+    codes = CodesCollator(
+        data.tokenizer.num_codebooks, config.pad_token_id, config.bos_token_id, data.tokenizer.frame_rate
+    )
+    return TextCodesCollator(codes, data.cached_states is True, **kwargs)
+
+
+def columns(data: TextCodesData) -> list[str]:
+    extra = ["difficulty"] if "difficulty" in data.train.column_names else []
+    return ["codes", STATES if data.cached_states is True else IDS, *extra]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a stage asks of the family
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(run, data: TextCodesData, model_name_or_path: str | None = None) -> dict[str, torch.nn.Module]:
+    cfg = run.cfg
+    if model_name_or_path is None:
+        model = new_composite(run, data.tokenizer, data.max_positions)
+    elif model_name_or_path == data.source and data.base is not None:
+        model, data.base = data.base, None  # loaded once, in preprocess
+    else:
+        model = load_composite(model_name_or_path, cfg.model.dropout)
+    if model.config.decoder.max_position_embeddings < data.max_positions:
+        raise ConfigError(
+            f"the model handles {model.config.decoder.max_position_embeddings} positions but clips need "
+            f"{data.max_positions}; lower --max_duration_seconds"
+        )
+    if data.cached_states == "pending":  # a new model: its (frozen) encoder's outputs, once
+        for name in ("train", "validation"):
+            split = getattr(data, name)
+            states = encode_texts(model.text_encoder, split[IDS], run.accelerator.device)
+            setattr(data, name, split.add_column(STATES, [s.tolist() for s in states]))
+        model.text_encoder.to("cpu")
+        data.cached_states = True
+    frozen_parts(model, cfg.text.train_text_encoder)
+    set_generation_config(model, cfg.text.guidance_scale, data.max_positions)
+    return {"model": model}
+
+
+def batches(run, data: TextCodesData, models, sampler, start_step: int):
+    t = run.cfg
+    collate = collator(
+        data, run.accelerator.unwrap_model(models["model"]), dropout=t.text.condition_dropout, seed=t.training.seed
+    )
+    return batch_stream(
+        data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data), positions=True
+    )
+
+
+def loss(run, data: TextCodesData, models):
+    return functools.partial(text_lm_loss, label_smoothing=run.cfg.loss.label_smoothing)
+
+
+def generate_audio(model, texts: list[str], processor, num_frames: int, guidance_scale: float) -> list[np.ndarray]:
+    """Mono waveforms of `num_frames` code frames for each description, through the model's own `generate`."""
+    device = next(model.parameters()).device
+    inputs = processor(text=texts, padding=True, return_tensors="pt").to(device)
+    k = model.config.decoder.num_codebooks
+    was_training = model.training
+    model.eval()
+    audio = model.generate(
+        **inputs, do_sample=True, guidance_scale=guidance_scale, max_new_tokens=num_frames + k - 1
+    )  # the delay pattern needs k - 1 more steps to finish every codebook
+    model.train(was_training)
+    return [a[0].float().cpu().numpy() for a in audio]
+
+
+def evaluate(run, data: TextCodesData, models, loss_fn=None):
+    """evaluate(step, suffix, sample): `eval/loss` given each clip's description and `eval/loss_uncond` given the
+    null condition; FAD of clips generated from validation descriptions (with --guidance_scale) on the `sample`
+    pass."""
+    from hf_audio_trainer.samples import SampleEvaluator
+
+    cfg, acc, model = run.cfg, run.accelerator, models["model"]
+    lg, t = cfg.logging, cfg.training
+    unwrapped = acc.unwrap_model(model)
+    with_text, null = collator(data, unwrapped), collator(data, unwrapped, null=True)
+    sampler = None
+    if lg.fad_embedder is not None:
+        mine = data.prompts[acc.process_index :: acc.num_processes] or data.prompts
+
+        def generate(m, num_frames: int, n: int) -> list[np.ndarray]:
+            texts = [mine[i % len(mine)] for i in range(n)]
+            return generate_audio(m, texts, data.processor, num_frames, cfg.text.guidance_scale)
+
+        sampler = SampleEvaluator(
+            acc, data.tokenizer, generate, data.validation, lg.fad_embedder, lg.fad_embedder_model,
+            lg.num_eval_samples, lg.eval_sample_seconds, run.out, seed=t.seed,
+        )  # fmt: skip
+
+    def stream(collate):
+        return lambda: eval_batches(
+            data.validation, t.per_device_eval_batch_size, collate, acc.process_index, acc.num_processes,
+            columns(data),
+        )  # fmt: skip
+
+    def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
+        results = {
+            f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), text_lm_loss),
+            f"eval/loss_uncond{suffix}": evaluate_loss(acc, model, stream(null), text_lm_loss),
+        }
+        if sample and sampler is not None:
+            results.update(sampler(model, step))
+        return results
+
+    return evaluate_weights
+
+
+def flops_per_item(models, data: TextCodesData) -> float:
+    """~6 N per position of the decoder (and enc_to_dec_proj), whose positions read all codebooks at once."""
+    model = models["model"]
+    decoder = num_parameters(getattr(model, "decoder", model), trainable_only=False)
+    return 6.0 * decoder / data.tokenizer.num_codebooks
+
+
+def save_processor(data: TextCodesData, model, folder: Path) -> None:
+    """The processor files (text tokenizer + feature extractor) and the generation config, beside the weights."""
+    data.processor.save_pretrained(folder)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.generation_config.save_pretrained(folder)
+
+
+def export(run, data: TextCodesData, models, folder: Path) -> None:
+    """A Hub-layout MusicgenForConditionalGeneration folder with its processor (LoRA adapters merged into a copy)."""
+    merge = getattr(run.cfg, "finetune", None) is not None and run.cfg.finetune.use_peft
+    model = run.accelerator.unwrap_model(models["model"])
+    ckpt.save_final_model(
+        run.accelerator, models["model"], folder, lambda f: save_processor(data, model, f), merge_lora=merge
+    )
+
+
+def describe(data: TextCodesData, models) -> str:
+    model = models["model"]
+    frames = max(max(data.train["num_frames"]), max(data.validation["num_frames"]))
+    return (
+        f"{len(data.train)} train / {len(data.validation)} validation clips with descriptions, up to {frames} "
+        f"frames; {num_parameters(model):,} parameters ({num_parameters(model, trainable_only=True):,} trained)"
+    )
+
+
+def load_export(folder) -> MusicgenForConditionalGeneration:
+    return MusicgenForConditionalGeneration.from_pretrained(folder)
+
+
+MUSICGEN_TEXT = Family(
+    name="musicgen_text",
+    stages=("pretrain", "finetune"),
+    preprocess=preprocess,
+    build_model=build_model,
+    batches=batches,
+    loss=loss,
+    evaluate=evaluate,
+    flops_per_item=flops_per_item,
+    export=export,
+    load_export=load_export,
+    describe=describe,
+    checkpoint_files=lambda run, data, models, folder: data.processor.save_pretrained(folder),
+    text_conditioned=True,
+    # as musicgen-dreamboothing: the decoder's attention and feed-forward, the text projection and the LM heads
+    lora_target_modules="q_proj,k_proj,v_proj,out_proj,fc1,fc2,enc_to_dec_proj,lm_heads",
+)
