@@ -140,3 +140,21 @@ def prepare_frozen(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.M
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()  # DeepSpeed's eval() returns None
     return engine
+
+
+@contextlib.contextmanager
+def whole_weights(accelerator: Accelerator) -> Iterator[None]:
+    """Inside, `from_pretrained` loads whole weights even under ZeRO-3 (which otherwise partitions them as they
+    load), for a model that must run before `prepare`: a codec encoding the data. `prepare` partitions it all the
+    same. (accelerate's `zero3_init_context_manager(enable=False)` leaves transformers' ZeRO-3 switch on.)"""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # transformers sees the run's ZeRO-3 config again

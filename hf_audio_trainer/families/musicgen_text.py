@@ -34,6 +34,7 @@ from transformers import (
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.families.musicgen import new_model_config
@@ -89,16 +90,16 @@ def check_composite(model_name_or_path: str) -> None:
 
 
 def load_composite(model_name_or_path: str, dropout: float | None = None) -> MusicgenForConditionalGeneration:
-    """Every weight of a MusicgenForConditionalGeneration from a folder or Hub id (a missing one is an error)."""
+    """Every weight of a MusicgenForConditionalGeneration from a folder or Hub id (a missing one is an error);
+    `dropout` overrides the decoder's (its layers read it from the config when they are built)."""
     check_composite(model_name_or_path)
-    model = load_pretrained(MusicgenForConditionalGeneration, model_name_or_path, "a MusicgenForConditionalGeneration")
+    config = MusicgenConfig.from_pretrained(model_name_or_path)
     if dropout is not None:
-        decoder = model.decoder.config
+        decoder = config.decoder
         decoder.dropout = decoder.attention_dropout = decoder.activation_dropout = dropout
-        for module in model.decoder.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = dropout
-    return model
+    return load_pretrained(
+        MusicgenForConditionalGeneration, model_name_or_path, "a MusicgenForConditionalGeneration", config=config
+    )
 
 
 def codec_of(model: MusicgenForConditionalGeneration) -> EncodecTokenizer:
@@ -227,7 +228,8 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.text
     base, source = None, cfg.model.model_name_or_path
     if source is not None:
-        base = load_composite(source, cfg.model.dropout)
+        with whole_weights(acc):  # the codec and the text encoder run here, before `prepare`
+            base = load_composite(source, cfg.model.dropout)
         codec, processor = codec_of(base), load_processor(source)
     elif cfg.data.tokenizer is not None:
         codec = load_audio_tokenizer(cfg.data.tokenizer)
@@ -368,11 +370,13 @@ def columns(data: TextCodesData) -> list[str]:
 def build_model(run, data: TextCodesData, model_name_or_path: str | None = None) -> dict[str, torch.nn.Module]:
     cfg = run.cfg
     if model_name_or_path is None:
-        model = new_composite(run, data.tokenizer, data.max_positions)
+        with whole_weights(run.accelerator):  # its text encoder runs below, before `prepare`
+            model = new_composite(run, data.tokenizer, data.max_positions)
     elif model_name_or_path == data.source and data.base is not None:
         model, data.base = data.base, None  # loaded once, in preprocess
     else:
-        model = load_composite(model_name_or_path, cfg.model.dropout)
+        with whole_weights(run.accelerator):
+            model = load_composite(model_name_or_path, cfg.model.dropout)
     if model.config.decoder.max_position_embeddings < data.max_positions:
         raise ConfigError(
             f"the model handles {model.config.decoder.max_position_embeddings} positions but clips need "
