@@ -3,12 +3,17 @@
 1. pretrain a tiny model with the default recipe (`--model_family musicgen_text --tokenizer CODEC`);
 2. held-out validation loss given each clip's own description, the null condition, and another clip's description
    (the descriptions shuffled among the validation clips);
-3. generation: 32 validation descriptions, each rewritten to say "clean" and "with heavy noise"; the spectral
-   flatness of clips generated from each (noise is flat, tones are not) at guidance 1 and 3, same seeds for both.
+3. generation: 32 validation descriptions, each rewritten to say "clean" and "with heavy noise", sampled at
+   guidance 1 and 3 (same seeds for both), and scored by how noisy their codes are: the mean log-ratio of each code
+   under the code histograms of the training clips described as heavily noisy against those described as clean
+   (> 0: the codes look like noisy audio). With `--acoustic`, also the spectral flatness of the decoded clips.
 
-    python benchmarks/text_conditioning.py --codec outputs/codec [--seeds 0 1 2] [--max_steps 300]
+    python benchmarks/text_conditioning.py [--codec FOLDER] [--seeds 0 1 2] [--max_steps 300] [--acoustic]
 
-CODEC is an EnCodec folder, e.g. the output of `accelerate launch recipes/codec.py` (trained on the same data).
+CODEC is an EnCodec folder (e.g. `recipes/codec.py`'s output). The default is a random EnCodec with random codebooks
+(4 x 256): its codes carry the audio's content (random projections, nearest random entry) but its decoder is random,
+so only the code-space score means something there. (The tiny codec that `recipes/codec.py` trains in 300 CPU steps
+collapses its first codebook to under 1 bit per frame, too little for the text to matter.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -73,29 +79,78 @@ def validation_losses(model, processor, clips) -> dict[str, float]:
     return results
 
 
-def flatness_by_prompt(model, processor, descriptions: list[str], guidance: float, seed: int) -> dict[str, list]:
+def random_codec(folder: Path) -> Path:
+    """A random EnCodec (16 kHz, 50 frames/s, 4 x 256) with random codebooks (a new one's are all zero)."""
+    from transformers import EncodecConfig, EncodecModel
+
+    config = EncodecConfig(
+        sampling_rate=16000, audio_channels=1, num_filters=8, hidden_size=32, codebook_size=256, codebook_dim=32,
+        upsampling_ratios=[8, 5, 4, 2], target_bandwidths=[1.6], num_lstm_layers=1, chunk_length_s=None,
+        normalize=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = EncodecModel(config)
+    for layer in model.quantizer.layers:
+        layer.codebook.embed.normal_()
+        layer.codebook.embed_avg.copy_(layer.codebook.embed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def noise_scorer(codec: EncodecTokenizer, train) -> callable:
+    """score(codes [K, T]) -> mean log p_noisy(code) / p_clean(code), from the training clips' code histograms."""
+    k = codec.num_codebooks
+    hist = {c: np.ones((k, codec.codebook_size)) for c in ("noisy", "clean")}  # add-one smoothing
+    for audio, text in zip(train["audio"], train["description"], strict=True):
+        kind = "noisy" if "heavy noise" in text else "clean" if text.endswith("clean") else None
+        if kind is not None:
+            codes = codec.encode(np.asarray(audio["array"], dtype=np.float32)).numpy()
+            for j in range(k):
+                hist[kind][j] += np.bincount(codes[j], minlength=codec.codebook_size)
+    log_ratio = np.log(hist["noisy"] / hist["noisy"].sum(1, keepdims=True)) - np.log(
+        hist["clean"] / hist["clean"].sum(1, keepdims=True)
+    )
+    return lambda codes: float(np.mean([log_ratio[j, codes[j]].mean() for j in range(k)]))
+
+
+def generate_codes(model, texts, processor, num_frames: int, guidance_scale: float) -> list[np.ndarray]:
+    """Like generate_audio, but the codes themselves (the codec's decode is bypassed)."""
+    codec = model.audio_encoder
+    original = codec.decode
+    # generate hands decode codes [1, batch, codebooks, frames]; as [batch, 1, ...] they come back per sample
+    codec.decode = lambda codes, audio_scales=None, **kw: SimpleNamespace(audio_values=codes[0][:, None])
+    try:
+        codes = generate_audio(model, texts, processor, num_frames, guidance_scale)
+    finally:
+        codec.decode = original
+    return [c.astype(np.int64) for c in codes]
+
+
+def by_prompt(model, processor, descriptions, guidance, seed, measure, generate) -> dict[str, list]:
     out = {}
     for phrase in ("clean", "with heavy noise"):
         texts = [NOISE.sub("", d) + f", {phrase}" for d in descriptions]
         torch.manual_seed(seed)
-        waves = generate_audio(model, texts, processor, num_frames=100, guidance_scale=guidance)
-        out[phrase] = [spectral_flatness(w) for w in waves]
+        out[phrase] = [measure(x) for x in generate(model, texts, processor, 100, guidance)]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--codec", required=True)
+    parser.add_argument("--codec", default=None)
+    parser.add_argument("--acoustic", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--output", default="outputs/benchmarks/text_conditioning.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     report = []
+    keep = tempfile.TemporaryDirectory()
+    codec_path = args.codec or str(random_codec(Path(keep.name) / "codec"))
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             flags = {
-                "model_family": "musicgen_text", "tokenizer": args.codec, "output_dir": tmp, "seed": seed,
+                "model_family": "musicgen_text", "tokenizer": codec_path, "output_dir": tmp, "seed": seed,
                 "max_steps": args.max_steps, "report_to": "none", "eval_steps": args.max_steps, "save_steps": 10**6,
             }  # fmt: skip
             # what `recipes/pretrain.py --flag value ...` runs: the recipe's YAML, then the flags
@@ -103,18 +158,23 @@ def main() -> None:
             pretrain(parse_config(argv, PretrainConfig, str(RECIPE_YAML)))
             model = MusicgenForConditionalGeneration.from_pretrained(tmp).eval()
             processor = AutoProcessor.from_pretrained(tmp)
-        clips = make_synthetic_dataset(num_clips=2000, validation_fraction=0.05, seed=seed)["validation"]
+        splits = make_synthetic_dataset(num_clips=2000, validation_fraction=0.05, seed=seed)
+        clips = splits["validation"]
         losses = validation_losses(model, processor, clips)
         prompts = clips["description"][:32]
+        score = noise_scorer(EncodecTokenizer(model.audio_encoder), splits["train"].select(range(600)))
+        measures = {"code_noisiness": (score, generate_codes)}
+        if args.acoustic:
+            measures["flatness"] = (spectral_flatness, generate_audio)
         row = {"seed": seed, "loss": losses}
         for guidance in (1.0, 3.0):
-            flat = flatness_by_prompt(model, processor, prompts, guidance, seed)
-            diff = np.asarray(flat["with heavy noise"]) - np.asarray(flat["clean"])
-            row[f"guidance_{guidance:g}"] = {
-                "flatness_clean": float(np.mean(flat["clean"])),
-                "flatness_noisy": float(np.mean(flat["with heavy noise"])),
-                "noisy_minus_clean": float(diff.mean()), "fraction_right_way": float((diff > 0).mean()),
-            }  # fmt: skip
+            for name, (measure, generate) in measures.items():
+                values = by_prompt(model, processor, prompts, guidance, seed, measure, generate)
+                diff = np.asarray(values["with heavy noise"]) - np.asarray(values["clean"])
+                row[f"{name}_guidance_{guidance:g}"] = {
+                    "clean": float(np.mean(values["clean"])), "noisy": float(np.mean(values["with heavy noise"])),
+                    "noisy_minus_clean": float(diff.mean()), "fraction_right_way": float((diff > 0).mean()),
+                }  # fmt: skip
         print(json.dumps(row), flush=True)
         report.append(row)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

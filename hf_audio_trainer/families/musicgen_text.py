@@ -477,6 +477,15 @@ def save_processor(data: TextCodesData, model, folder: Path) -> None:
     base.generation_config.save_pretrained(folder)
 
 
+def checkpoint_files(run, data: TextCodesData, models, folder: Path) -> None:
+    """Beside a checkpoint's weights: the config, generation config and processor, so a checkpoint (and `best/`) of
+    a full fine-tune also loads with `from_pretrained`."""
+    model = run.accelerator.unwrap_model(models["model"])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(folder)
+    save_processor(data, model, folder)
+
+
 def export(run, data: TextCodesData, models, folder: Path) -> None:
     """A Hub-layout MusicgenForConditionalGeneration folder with its processor (LoRA adapters merged into a copy)."""
     merge = getattr(run.cfg, "finetune", None) is not None and run.cfg.finetune.use_peft
@@ -511,7 +520,7 @@ MUSICGEN_TEXT = Family(
     export=export,
     load_export=load_export,
     describe=describe,
-    checkpoint_files=lambda run, data, models, folder: data.processor.save_pretrained(folder),
+    checkpoint_files=checkpoint_files,
     text_conditioned=True,
     # as musicgen-dreamboothing: the decoder's attention and feed-forward, the text projection and the LM heads
     lora_target_modules="q_proj,k_proj,v_proj,out_proj,fc1,fc2,enc_to_dec_proj,lm_heads",

@@ -150,7 +150,7 @@ def test_pretrain_from_scratch_on_the_embedded_data_trains_and_exports_a_hub_lay
     result = pretrain(
         run_settings(
             out, tokenizer=str(codec), synthetic_num_clips=48, model_size="micro", max_steps=6, eval_steps=6,
-            eval_on_start=True, learning_rate=1e-2,
+            eval_on_start=True, learning_rate=1e-2, save_steps=6,
         )
     )  # fmt: skip
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -159,6 +159,8 @@ def test_pretrain_from_scratch_on_the_embedded_data_trains_and_exports_a_hub_lay
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert all(0 <= m["train/null_condition"] <= 1 for m in metrics if "train/loss" in m)  # the dropped share
     assert MusicgenForConditionalGeneration.from_pretrained(out).config.decoder.num_codebooks == 2
+    best = MusicgenForConditionalGeneration.from_pretrained(out / "best")  # the best checkpoint loads the same way
+    assert torch.equal(best.decoder.lm_heads[0].weight, saved(out)["decoder.lm_heads.0.weight"])
 
 
 def test_bad_text_inputs_are_refused_before_training(codec, hub_model, music, tmp_path):
