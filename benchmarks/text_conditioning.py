@@ -10,9 +10,9 @@
 
     python benchmarks/text_conditioning.py [--codec FOLDER] [--seeds 0 1 2] [--max_steps 300] [--acoustic]
 
-CODEC is an EnCodec folder (e.g. `recipes/codec.py`'s output). The default is a random EnCodec with random codebooks
-(4 x 256): its codes carry the audio's content (random projections, nearest random entry) but its decoder is random,
-so only the code-space score means something there. (The tiny codec that `recipes/codec.py` trains in 300 CPU steps
+CODEC is an EnCodec folder (e.g. `recipes/codec.py`'s output). The default is a random EnCodec whose codebooks are
+drawn from its encoder's outputs (4 x 256): its codes carry the audio's content but its decoder is random, so only
+the code-space score means something there. (The tiny codec that `recipes/codec.py` trains in 300 CPU steps
 collapses its first codebook to under 1 bit per frame, too little for the text to matter.)
 """
 
@@ -79,8 +79,10 @@ def validation_losses(model, processor, clips) -> dict[str, float]:
     return results
 
 
-def random_codec(folder: Path) -> Path:
-    """A random EnCodec (16 kHz, 50 frames/s, 4 x 256) with random codebooks (a new one's are all zero)."""
+def data_codec(folder: Path, seed: int = 0) -> Path:
+    """A random EnCodec (16 kHz, 50 frames/s, 4 x 256) whose codebooks are drawn from its encoder's outputs on
+    synthetic clips, layer by layer on the residuals (EnCodec's own initialisation, without the k-means steps), so
+    its codes follow the audio; a new one's are all zero, and random-normal ones collapse onto one entry."""
     from transformers import EncodecConfig, EncodecModel
 
     config = EncodecConfig(
@@ -88,11 +90,20 @@ def random_codec(folder: Path) -> Path:
         upsampling_ratios=[8, 5, 4, 2], target_bandwidths=[1.6], num_lstm_layers=1, chunk_length_s=None,
         normalize=False,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = EncodecModel(config)
-    for layer in model.quantizer.layers:
-        layer.codebook.embed.normal_()
-        layer.codebook.embed_avg.copy_(layer.codebook.embed)
+    torch.manual_seed(seed)
+    model = EncodecModel(config).eval()
+    clips = make_synthetic_dataset(num_clips=200, seed=10_000 + seed)["train"]  # not the benchmark's clips
+    with torch.no_grad():
+        frames = torch.cat(
+            [model.encoder(torch.tensor(a["array"], dtype=torch.float32)[None, None])[0].T for a in clips["audio"]]
+        )  # [frames, dim]
+        residual = frames
+        generator = torch.Generator().manual_seed(seed)
+        for layer in model.quantizer.layers[: model.quantizer.get_num_quantizers_for_bandwidth(1.6)]:
+            entries = residual[torch.randperm(len(residual), generator=generator)[: config.codebook_size]]
+            layer.codebook.embed.copy_(entries)
+            layer.codebook.embed_avg.copy_(entries)
+            residual = residual - layer.decode(layer.encode(residual[None].transpose(1, 2)))[0].T
     model.save_pretrained(folder)
     return folder
 
@@ -146,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(2)
     report = []
     keep = tempfile.TemporaryDirectory()
-    codec_path = args.codec or str(random_codec(Path(keep.name) / "codec"))
+    codec_path = args.codec or str(data_codec(Path(keep.name) / "codec"))
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             flags = {

@@ -123,6 +123,13 @@ class TextConfig:
         default=False, metadata={"help": "Train the text encoder too (default: frozen, its outputs computed once)."}
     )
     max_text_tokens: int = field(default=128, metadata={"help": "Descriptions are cut to this many text tokens."})
+    clap_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A ClapModel (folder or Hub id, e.g. laion/clap-htsat-unfused): log eval/clap_score, the "
+            "text-audio similarity of in-loop samples to their prompts."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.text_column), "text_column must be a column name")

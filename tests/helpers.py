@@ -139,3 +139,30 @@ def described_folder(folder: Path, num_clips: int = 12, with_text: bool = True) 
         rows.append(f'clip{i}.wav,"{text}"' if with_text else f"clip{i}.wav")
     (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
     return folder
+
+
+def tiny_clap(folder: Path) -> Path:
+    """A tiny random ClapModel with its feature extractor (1-s windows at 16 kHz) and a byte-level text tokenizer
+    (ByT5's: no vocabulary file), saved as a model folder."""
+    from transformers import ByT5Tokenizer, ClapConfig, ClapFeatureExtractor, ClapModel
+
+    torch.manual_seed(0)
+    config = ClapConfig(
+        text_config={
+            "vocab_size": 384, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 160, "projection_dim": 8, "pad_token_id": 0,
+        },
+        audio_config={
+            "spec_size": 64, "num_mel_bins": 16, "window_size": 4, "depths": [1, 1], "num_attention_heads": [2, 2],
+            "patch_embeds_hidden_size": 8, "hidden_size": 16, "projection_dim": 8, "num_hidden_layers": 2,
+        },
+        projection_dim=8,
+    )  # fmt: skip
+    extractor = ClapFeatureExtractor(
+        feature_size=16, sampling_rate=16000, hop_length=160, fft_window_size=400, max_length_s=1,
+        frequency_min=0, frequency_max=8000, truncation="rand_trunc",
+    )  # fmt: skip
+    ClapModel(config).save_pretrained(folder)
+    extractor.save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+    return folder

@@ -424,26 +424,43 @@ def generate_audio(model, texts: list[str], processor, num_frames: int, guidance
 
 def evaluate(run, data: TextCodesData, models, loss_fn=None):
     """evaluate(step, suffix, sample): `eval/loss` given each clip's description and `eval/loss_uncond` given the
-    null condition; FAD of clips generated from validation descriptions (with --guidance_scale) on the `sample`
-    pass."""
+    null condition; on the `sample` pass, clips generated from validation descriptions (with --guidance_scale),
+    their FAD (--fad_embedder) and CLAP score against their prompts (--clap_model)."""
+    from hf_audio_trainer.metrics.clap import ClapScorer
     from hf_audio_trainer.samples import SampleEvaluator
 
     cfg, acc, model = run.cfg, run.accelerator, models["model"]
     lg, t = cfg.logging, cfg.training
     unwrapped = acc.unwrap_model(model)
     with_text, null = collator(data, unwrapped), collator(data, unwrapped, null=True)
-    sampler = None
+    mine = data.prompts[acc.process_index :: acc.num_processes] or data.prompts
+    generated: dict[str, list] = {}  # the last samples and their prompts, for the CLAP score
+
+    def generate(m, num_frames: int, n: int) -> list[np.ndarray]:
+        texts = [mine[i % len(mine)] for i in range(n)]
+        waves = generate_audio(m, texts, data.processor, num_frames, cfg.text.guidance_scale)
+        generated.update(texts=texts, waves=waves)
+        return waves
+
+    sampler = clap = None
     if lg.fad_embedder is not None:
-        mine = data.prompts[acc.process_index :: acc.num_processes] or data.prompts
-
-        def generate(m, num_frames: int, n: int) -> list[np.ndarray]:
-            texts = [mine[i % len(mine)] for i in range(n)]
-            return generate_audio(m, texts, data.processor, num_frames, cfg.text.guidance_scale)
-
         sampler = SampleEvaluator(
             acc, data.tokenizer, generate, data.validation, lg.fad_embedder, lg.fad_embedder_model,
             lg.num_eval_samples, lg.eval_sample_seconds, run.out, seed=t.seed,
         )  # fmt: skip
+    if cfg.text.clap_model is not None:
+        with torch.random.fork_rng():  # loading draws no numbers from training's stream
+            clap = ClapScorer(cfg.text.clap_model, acc.device)
+
+    def clap_score(step: int) -> float:
+        if sampler is None:  # no FAD pass generated clips: generate them here, seeded by the step
+            with torch.random.fork_rng():
+                torch.manual_seed(t.seed + 1_000_003 * step + acc.process_index)
+                frames = max(1, round(lg.eval_sample_seconds * data.tokenizer.frame_rate))
+                per_process = -(-lg.num_eval_samples // acc.num_processes)
+                generate(acc.unwrap_model(model), frames, per_process)
+        scores = clap(generated["waves"], data.tokenizer.sample_rate, generated["texts"])
+        return acc.gather(torch.as_tensor(scores, device=acc.device)).float().mean().item()
 
     def stream(collate):
         return lambda: eval_batches(
@@ -458,6 +475,8 @@ def evaluate(run, data: TextCodesData, models, loss_fn=None):
         }
         if sample and sampler is not None:
             results.update(sampler(model, step))
+        if sample and clap is not None:
+            results["eval/clap_score"] = clap_score(step)
         return results
 
     return evaluate_weights

@@ -20,7 +20,7 @@ from hf_audio_trainer.families.musicgen_text import (
     encode_texts,
     load_composite,
 )
-from tests.helpers import described_folder, fit_small_tokenizer, tiny_codec, tiny_musicgen
+from tests.helpers import described_folder, fit_small_tokenizer, tiny_clap, tiny_codec, tiny_musicgen
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -147,15 +147,28 @@ def test_condition_dropout_is_per_example_and_a_pure_function_of_the_data_positi
 
 def test_pretrain_from_scratch_on_the_embedded_data_trains_and_exports_a_hub_layout_model(codec, tmp_path):
     out = tmp_path / "scratch"
+    clap = tiny_clap(tmp_path / "clap")
     result = pretrain(
         run_settings(
             out, tokenizer=str(codec), synthetic_num_clips=48, model_size="micro", max_steps=6, eval_steps=6,
-            eval_on_start=True, learning_rate=1e-2, save_steps=6,
+            eval_on_start=True, learning_rate=1e-2, save_steps=6, clap_model=str(clap), fad_embedder="mel",
+            num_eval_samples=4, eval_sample_seconds=0.5,
         )
     )  # fmt: skip
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval/loss" in m]
     assert result.global_step == 6 and "eval/loss_uncond" in evals[-1]
+    # guided samples from the validation prompts, scored by FAD and by CLAP against their own prompts
+    assert all(-1 <= m["eval/clap_score"] <= 1 and m["eval/fad"] > 0 for m in evals)
+    assert len(list((out / "samples" / "step-6").glob("*.wav"))) == 4
+    # without FAD the CLAP score generates its own samples
+    alone = pretrain(
+        run_settings(
+            tmp_path / "clap-only", tokenizer=str(codec), synthetic_num_clips=48, model_size="micro", max_steps=1,
+            clap_model=str(clap), num_eval_samples=3, eval_sample_seconds=0.5, eval_steps=1,
+        )
+    )  # fmt: skip
+    assert -1 <= alone.metrics["eval/clap_score"] <= 1 and "eval/fad" not in alone.metrics
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert all(0 <= m["train/null_condition"] <= 1 for m in metrics if "train/loss" in m)  # the dropped share
     assert MusicgenForConditionalGeneration.from_pretrained(out).config.decoder.num_codebooks == 2
