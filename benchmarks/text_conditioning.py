@@ -30,16 +30,13 @@ import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from hf_audio_trainer import pretrain
+from hf_audio_trainer.codec import CodecGenerator, init_codebooks
 from hf_audio_trainer.codecs import EncodecTokenizer
 from hf_audio_trainer.config import PretrainConfig, parse_config
 from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-from hf_audio_trainer.families.musicgen_text import (
-    TextCodesCollator,
-    encode_texts,
-    generate_audio,
-    text_lm_loss,
-)
+from hf_audio_trainer.data.text import TextCollator, encode_texts
+from hf_audio_trainer.families.musicgen_text import generate_audio, text_lm_loss
 
 RECIPE_YAML = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "pretrain.yaml"
 NOISE = re.compile(r", (clean|with (light|moderate|heavy) noise)")
@@ -66,7 +63,7 @@ def validation_losses(model, processor, clips) -> dict[str, float]:
     results = {}
     for name, order, null in (("true", range(len(states)), False), ("null", range(len(states)), True),
                               ("shuffled", shuffled, False)):  # fmt: skip
-        collate = TextCodesCollator(base, cached=True, null=null)
+        collate = TextCollator(base, cached=True, null=null)
         total = count = 0.0
         for start in range(0, len(codes), 16):
             rows = [
@@ -81,8 +78,8 @@ def validation_losses(model, processor, clips) -> dict[str, float]:
 
 def data_codec(folder: Path, seed: int = 0) -> Path:
     """A random EnCodec (16 kHz, 50 frames/s, 4 x 256) whose codebooks are drawn from its encoder's outputs on
-    synthetic clips, layer by layer on the residuals (EnCodec's own initialisation, without the k-means steps), so
-    its codes follow the audio; a new one's are all zero, and random-normal ones collapse onto one entry."""
+    synthetic clips (the codec stage's `init_codebooks`), so its codes follow the audio; a new one's are all zero,
+    and random-normal ones collapse onto one entry."""
     from transformers import EncodecConfig, EncodecModel
 
     config = EncodecConfig(
@@ -93,17 +90,9 @@ def data_codec(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = EncodecModel(config).eval()
     clips = make_synthetic_dataset(num_clips=200, seed=10_000 + seed)["train"]  # not the benchmark's clips
+    audio = torch.stack([torch.tensor(a["array"][:8000], dtype=torch.float32) for a in clips["audio"]])[:, None]
     with torch.no_grad():
-        frames = torch.cat(
-            [model.encoder(torch.tensor(a["array"], dtype=torch.float32)[None, None])[0].T for a in clips["audio"]]
-        )  # [frames, dim]
-        residual = frames
-        generator = torch.Generator().manual_seed(seed)
-        for layer in model.quantizer.layers[: model.quantizer.get_num_quantizers_for_bandwidth(1.6)]:
-            entries = residual[torch.randperm(len(residual), generator=generator)[: config.codebook_size]]
-            layer.codebook.embed.copy_(entries)
-            layer.codebook.embed_avg.copy_(entries)
-            residual = residual - layer.decode(layer.encode(residual[None].transpose(1, 2)))[0].T
+        init_codebooks(CodecGenerator(model), audio, seed=seed)
     model.save_pretrained(folder)
     return folder
 

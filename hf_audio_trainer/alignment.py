@@ -228,14 +228,17 @@ class DPOObjective:
 
 
 @torch.no_grad()
-def precompute_reference_logps(reference: torch.nn.Module, dataset, collate: PreferenceCollator, device, batch_size=16):
-    """Add `ref_chosen_logps` / `ref_rejected_logps` columns, so the reference need not stay in memory."""
+def precompute_reference_logps(
+    reference: torch.nn.Module, dataset, collate: Callable, device, batch_size: int = 16, logps: Callable | None = None
+):
+    """Add `ref_chosen_logps` / `ref_rejected_logps` columns, so the reference need not stay in memory (`logps`: the
+    family's per-sequence log-probabilities, default the decoder-only MusicGen's)."""
     reference.eval()
     chosen, rejected = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate(dataset.select(range(start, min(start + batch_size, len(dataset)))).to_list())
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        c, r = sequence_logps(reference, batch).chunk(2)
+        c, r = (logps or sequence_logps)(reference, batch).chunk(2)
         chosen += c.tolist()
         rejected += r.tolist()
     return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
@@ -344,3 +347,30 @@ def mean_generation_score(
         (sample,) = generate_continuations(model, prompt_codes, num_frames, 1)
         scores.append(scorer(tokenizer.decode(torch.cat([prompt_codes, sample], -1)).numpy(), tokenizer.sample_rate))
     return float(np.mean(scores))
+
+
+def rank_generations(
+    prompts: list[str],
+    generate: Callable[[list[str]], list[torch.Tensor]],
+    decode: Callable[[torch.Tensor], np.ndarray],
+    scorer: Callable[[list[np.ndarray], list[str]], np.ndarray],
+    num_samples: int = 4,
+) -> Dataset:
+    """On-policy pairs from text prompts, as TangoFlux's CRPO makes them: `num_samples` generations per prompt
+    (`generate(texts)` -> codes [codebooks, frames] each), decoded and scored against their prompt (`scorer(waves,
+    texts)`, e.g. CLAP similarity), the best `chosen` and the worst `rejected` (TRL's columns, codes pre-tokenized).
+    A prompt whose generations all score the same gives no preference and is left out."""
+    if num_samples < 2:
+        raise ConfigError(f"num_samples={num_samples}: need at least 2 generations per prompt to rank")
+    rows = []
+    for prompt in prompts:
+        codes = generate([prompt] * num_samples)
+        scores = np.asarray(scorer([decode(c) for c in codes], [prompt] * num_samples), dtype=np.float64)
+        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+        if scores[best] == scores[worst]:
+            continue
+        rows.append({
+            "prompt": prompt, "chosen_codes": codes[best].tolist(), "rejected_codes": codes[worst].tolist(),
+            "chosen_score": float(scores[best]), "rejected_score": float(scores[worst]),
+        })  # fmt: skip
+    return Dataset.from_list(rows)

@@ -638,6 +638,7 @@ class AlignConfig(StageConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # musicgen_text: the prompts' text, guided samples
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     stage_defaults: ClassVar[dict[str, Any]] = {

@@ -65,9 +65,12 @@ def launch(args: list[str], env: dict | None = None, timeout: int = 300) -> subp
 
 
 def tiny_codec(folder: Path, num_codebooks: int = 2, codebook_size: int = 64) -> Path:
-    """A tiny random EnCodec (16 kHz, 50 frames/s) saved as a model folder. A new EncodecModel's codebooks are all
-    zero (every frame would get code 0), so they are drawn at random: the codes then vary with the audio."""
+    """A tiny random EnCodec (16 kHz, 50 frames/s) saved as a model folder, its codebooks drawn from its encoder's
+    outputs on synthetic clips (the codec stage's `init_codebooks`): a new EncodecModel's codebooks are all zero, so
+    every frame would get code 0; these codes follow the audio."""
     from transformers import EncodecConfig, EncodecModel
+
+    from hf_audio_trainer.codec import CodecGenerator, init_codebooks
 
     frame_rate = 50
     bandwidth = num_codebooks * math.log2(codebook_size) * frame_rate / 1000  # kbps of `num_codebooks` codebooks
@@ -78,9 +81,10 @@ def tiny_codec(folder: Path, num_codebooks: int = 2, codebook_size: int = 64) ->
     )  # fmt: skip
     torch.manual_seed(0)
     model = EncodecModel(config)
-    for layer in model.quantizer.layers:
-        layer.codebook.embed.normal_()
-        layer.codebook.embed_avg.copy_(layer.codebook.embed)
+    clips = make_synthetic_dataset(num_clips=40, seed=123)["train"]
+    audio = torch.stack([torch.tensor(a["array"][:8000], dtype=torch.float32) for a in clips["audio"]])[:, None]
+    with torch.no_grad():
+        init_codebooks(CodecGenerator(model), audio)
     model.save_pretrained(folder)
     return folder
 

@@ -11,9 +11,12 @@ MusicGen, LoRA or full weights).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,13 +35,26 @@ from transformers import (
 )
 
 from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.alignment import (
+    precompute_reference_logps,
+    rank_generations,
+    tokenize_preferences,
+    tonal_clarity,
+)
 from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.data.preferences import (
+    check_preference_columns,
+    drop_identical_pairs,
+    load_preference_dataset,
+    make_synthetic_preferences,
+)
+from hf_audio_trainer.data.text import IDS, STATES, TextCollator, TextPairCollator, conditioning, encode_texts
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.families.musicgen import new_model_config
-from hf_audio_trainer.loop import evaluate_loss
+from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import load_pretrained, num_parameters
 
 # A new model's T5 text encoder, by --model_size; narrower than the decoder so `enc_to_dec_proj` exists, as in
@@ -51,7 +67,6 @@ TEXT_ENCODER_SIZES = {
 }
 BYT5_VOCAB = 384
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-STATES, IDS = "text_states", "text_ids"  # the cached text encoder outputs of a row, or its token ids
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -189,7 +204,8 @@ class TextCodesData:
     source: str | None  # what `base` was loaded from
     prompts: list[str]  # the validation descriptions, which in-loop samples are generated from
     null_texts: dict[str, int]  # rows per split without a description (they train the null condition)
-    cached_states: bool  # the frozen text encoder's outputs are columns (else token ids, encoded in the step)
+    cached_states: bool | str  # the frozen encoder's outputs are columns (else ids, encoded in the step)
+    pairs: bool = False  # preference pairs (align): prompt text + chosen / rejected codes
 
 
 def text_of(run, split: Dataset, name: str) -> list[str]:
@@ -203,23 +219,6 @@ def text_of(run, split: Dataset, name: str) -> list[str]:
         f"the {name} split has no text column {t.text_column!r} (columns: {split.column_names}); name it with "
         "--text_column, or give every clip one description with --instance_prompt"
     )
-
-
-@torch.no_grad()
-def encode_texts(encoder: torch.nn.Module, ids: list[list[int]], device, batch_size: int = 64) -> list[np.ndarray]:
-    """The frozen text encoder's last hidden states of each token sequence ([tokens, d_model], float32)."""
-    encoder = encoder.to(device).eval()
-    out: list[np.ndarray] = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        width = max(1, max(len(x) for x in chunk))
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, x in enumerate(chunk):
-            tokens[i, : len(x)], mask[i, : len(x)] = torch.tensor(x, dtype=torch.long), 1
-        states = encoder(input_ids=tokens.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
-        out.extend(states[i, : len(x)].cpu().numpy() for i, x in enumerate(chunk))
-    return out
 
 
 def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
@@ -282,66 +281,108 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Batches: codes as in the musicgen family, plus the text condition (or the null one)
-# --------------------------------------------------------------------------------------------------------------------
+def prompt_texts(split: Dataset, name: str) -> list[str]:
+    """The `prompt` column of preference pairs as text (TRL's format); audio prompts are the musicgen family's."""
+    values = split["prompt"]
+    if values and not all(v is None or isinstance(v, str) for v in values):
+        raise ConfigError(
+            f"the {name} pairs' 'prompt' column holds {type(values[0]).__name__} values, not text: musicgen_text "
+            "aligns on (text prompt, chosen audio, rejected audio); for audio prompts use --model_family musicgen"
+        )
+    return ["" if v is None else v.strip() for v in values]
 
 
-def dropped(seed: int, epoch: int, row: int, probability: float) -> bool:
-    """Whether this draw of `row` trains the null condition: a pure function of (seed, epoch, row), so a resumed run
-    drops exactly the examples a straight one does, and each epoch drops others."""
-    return probability > 0 and np.random.default_rng([seed, epoch, row, 0x7E47]).random() < probability
-
-
-class TextCodesCollator:
-    """Delay-pattern code batches (`CodesCollator`) with each example's text condition: the cached encoder states
-    (`encoder_states` [batch, tokens, d]) or token ids (`text_ids`), and `text_mask`.
-
-    The null condition is zero states with a zero mask: exactly the unconditional branch that transformers'
-    `generate(guidance_scale > 1)` builds. A row drawn for dropout (`condition_dropout`, per example), a row
-    without text, and every row with `null=True` (the `eval/loss_uncond` pass) get it.
-    """
-
-    def __init__(self, codes: CodesCollator, cached: bool, dropout: float = 0.0, seed: int = 0, null: bool = False):
-        self.codes, self.cached, self.dropout, self.seed, self.null = codes, cached, dropout, seed, null
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.codes(examples)
-        key = STATES if self.cached else IDS
-        texts = [np.asarray(ex[key], dtype=np.float32 if self.cached else np.int64) for ex in examples]
-        keep = [
-            not self.null and len(x) > 0
-            and not ("row" in ex and dropped(self.seed, ex["epoch"], ex["row"], self.dropout))
-            for ex, x in zip(examples, texts, strict=True)
-        ]  # fmt: skip
-        width = max(1, max(len(x) for x in texts))
-        mask = torch.zeros(len(examples), width, dtype=torch.long)
-        if self.cached:
-            dim = next((x.shape[1] for x in texts if x.ndim == 2 and len(x)), 1)
-            values = torch.zeros(len(examples), width, dim)
+def preferences(run) -> TextCodesData:
+    """The pairs for `align`: TRL's format (a text `prompt`, `chosen` and `rejected` audio or `*_codes`), or the
+    embedded synthetic pairs (each clean clip's description; the clean clip chosen over a degraded copy), their audio
+    tokenized with the policy's codec and their prompts encoded once by its frozen text encoder."""
+    cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
+    if cfg.text.train_text_encoder:
+        raise ConfigError("--train_text_encoder: align keeps the text encoder frozen (the reference shares it)")
+    source = cfg.model.model_name_or_path
+    with whole_weights(acc):
+        base = load_composite(source, cfg.model.dropout)
+    codec, processor = codec_of(base), load_processor(source)
+    with acc.main_process_first():
+        if d.dataset_name is None:
+            pairs = make_synthetic_preferences(d.synthetic_num_pairs, cfg.training.seed, d.prompt_seconds)
+            pairs = pairs.remove_columns("prompt").rename_column("description", "prompt")
         else:
-            values = torch.zeros(len(examples), width, dtype=torch.long)
-        for i, (x, k) in enumerate(zip(texts, keep, strict=True)):
-            if k:
-                values[i, : len(x)], mask[i, : len(x)] = torch.from_numpy(x), 1
-        batch["encoder_states" if self.cached else "text_ids"] = values
-        batch["text_mask"] = mask
-        batch["sample_stats"] = {**batch.get("sample_stats", {}), "null_condition": float(len(keep) - sum(keep))}
-        return batch
+            pairs = load_preference_dataset(
+                d.dataset_name, d.dataset_config_name, d.validation_split_percentage, cfg.training.seed
+            )
+        check_preference_columns(pairs, require_prompt=True)
+        if "prompt" not in pairs["train"].column_names:
+            raise ConfigError(
+                f"the preference dataset needs a text 'prompt' column (TRL's format); found "
+                f"{pairs['train'].column_names}"
+            )
+        splits, prompts = {}, {}
+        for name in ("train", "validation"):
+            kept, dropped_pairs = drop_identical_pairs(pairs[name])
+            if dropped_pairs:
+                acc.print(f"skipped {dropped_pairs} {name} pair(s) whose chosen and rejected are identical")
+            if len(kept) == 0:
+                raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+            prompts[name] = prompt_texts(kept, name)
+            audio = kept.remove_columns([c for c in ("prompt", "prompt_codes") if c in kept.column_names])
+            coded = tokenize_preferences(audio, codec, d.max_duration_seconds, d.preprocessing_num_workers, split=name)
+            ids = [
+                processor.tokenizer(x, truncation=True, max_length=cfg.text.max_text_tokens)["input_ids"] if x else []
+                for x in prompts[name]
+            ]
+            states = encode_texts(base.text_encoder, ids, acc.device)
+            coded = coded.remove_columns("prompt_codes").add_column(STATES, [x.tolist() for x in states])
+            splits[name], same_codes = drop_identical_pairs(coded)
+            if same_codes:
+                acc.print(f"skipped {same_codes} {name} pair(s) whose chosen and rejected codes match")
+            if len(splits[name]) == 0:
+                raise ConfigError(
+                    f"every {name} pair's chosen and rejected codes match: the codec cannot tell them apart"
+                )
+    base.text_encoder.to("cpu")
+    nulls = {name: sum(1 for x in prompts[name] if not x) for name in prompts}
+    frames = max(max(len(c[0]), len(r[0])) for s in splits.values() for c, r in zip(
+        s["chosen_codes"], s["rejected_codes"], strict=True
+    ))  # fmt: skip
+    max_positions = frames + codec.num_codebooks + 1
+    return TextCodesData(
+        codec, processor, splits["train"], splits["validation"], max_positions, base, source, prompts["validation"],
+        nulls, True, pairs=True,
+    )  # fmt: skip
 
 
-def conditioning(batch: dict) -> dict:
-    """The composite's text inputs for a batch: precomputed encoder outputs, or ids the text encoder reads."""
-    if "encoder_states" in batch:
-        return {"encoder_outputs": (batch["encoder_states"],), "attention_mask": batch["text_mask"]}
-    return {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]}
+def precompute_reference(run, data: TextCodesData, reference: torch.nn.Module) -> TextCodesData:
+    """The reference's log-probabilities as columns, computed once (then only the policy stays in memory)."""
+    collate = collator(data, reference)
+    with run.accelerator.autocast():
+        splits = {
+            name: precompute_reference_logps(
+                reference,
+                getattr(data, name).select_columns(columns(data)),
+                collate,
+                run.accelerator.device,
+                logps=text_sequence_logps,
+            )  # fmt: skip
+            for name in ("train", "validation")
+        }
+    return dataclasses.replace(data, train=splits["train"], validation=splits["validation"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches: codes as in the musicgen family, plus the text condition (data/text.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def code_logits(model, batch: dict) -> torch.Tensor:
+    """The decoder's logits [sequences x codebooks, positions, vocab] for a batch's codes given its text."""
+    inputs = dict(decoder_input_ids=batch["input_ids"], decoder_attention_mask=batch["attention_mask"])
+    return model(**conditioning(batch), **inputs).logits
 
 
 def text_lm_loss(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Sum of the per-token cross-entropies of the codes given the text (the loop divides by the token count)."""
-    logits = model(
-        **conditioning(batch), decoder_input_ids=batch["input_ids"], decoder_attention_mask=batch["attention_mask"]
-    ).logits
+    logits = code_logits(model, batch)
     loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum",
         label_smoothing=label_smoothing,
@@ -349,16 +390,29 @@ def text_lm_loss(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torc
     return loss, {}
 
 
-def collator(data: TextCodesData, model, **kwargs) -> TextCodesCollator:
+def text_sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Each sequence's summed log-probability of its codes given its prompt (DPO's policy and reference terms)."""
+    logits, labels = code_logits(model, batch).float(), batch["labels"]
+    token_logps = torch.gather(logits.log_softmax(-1), -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per_row = (token_logps * (labels != -100)).sum(-1)  # rows are (sequence, codebook) pairs
+    return per_row.view(batch["attention_mask"].shape[0], -1).sum(-1)
+
+
+def collator(data: TextCodesData, model, **kwargs) -> TextCollator:
     config = getattr(model, "module", model).config.decoder
     codes = CodesCollator(
         data.tokenizer.num_codebooks, config.pad_token_id, config.bos_token_id, data.tokenizer.frame_rate
     )
-    return TextCodesCollator(codes, data.cached_states is True, **kwargs)
+    if data.pairs:
+        return TextPairCollator(codes)
+    return TextCollator(codes, data.cached_states is True, **kwargs)
 
 
 def columns(data: TextCodesData) -> list[str]:
-    extra = ["difficulty"] if "difficulty" in data.train.column_names else []
+    names = data.train.column_names
+    if data.pairs:
+        return ["chosen_codes", "rejected_codes", STATES, *[c for c in names if c.startswith("ref_")]]
+    extra = ["difficulty"] if "difficulty" in names else []
     return ["codes", STATES if data.cached_states is True else IDS, *extra]
 
 
@@ -377,6 +431,12 @@ def build_model(run, data: TextCodesData, model_name_or_path: str | None = None)
     else:
         with whole_weights(run.accelerator):
             model = load_composite(model_name_or_path, cfg.model.dropout)
+        same = model.audio_encoder.state_dict()
+        if any(not torch.equal(v, same[k]) for k, v in data.tokenizer.model.state_dict().items()):
+            raise ConfigError(
+                f"{model_name_or_path} has another codec than {data.source}: the reference and the policy must read "
+                "the same codes (pass a reference fine-tuned from the same base model)"
+            )
     if model.config.decoder.max_position_embeddings < data.max_positions:
         raise ConfigError(
             f"the model handles {model.config.decoder.max_position_embeddings} positions but clips need "
@@ -422,6 +482,41 @@ def generate_audio(model, texts: list[str], processor, num_frames: int, guidance
     return [a[0].float().cpu().numpy() for a in audio]
 
 
+@contextlib.contextmanager
+def returning_codes(model: MusicgenForConditionalGeneration):
+    """Inside, the model's `generate` returns its codes [batch, 1, codebooks, frames] instead of audio: transformers
+    always decodes them with the audio encoder and keeps no copy, and DPO needs the codes the model sampled."""
+    codec = model.audio_encoder
+    codec.decode = lambda codes, audio_scales=None, **kwargs: SimpleNamespace(audio_values=codes[0][:, None])
+    try:
+        yield
+    finally:
+        del codec.decode  # the class's method again
+
+
+def make_text_preference_pairs(
+    model, processor, prompts: list[str], scorer=None, num_samples: int = 4, seconds: float = 1.0,
+    guidance_scale: float = 3.0,
+) -> Dataset:  # fmt: skip
+    """CRPO pairs for `align --model_family musicgen_text --dataset_name` (save the result with save_to_disk):
+    `num_samples` guided generations per prompt, scored by `scorer(waves, sample_rate, texts)` (a `ClapScorer`
+    for text adherence; default: `tonal_clarity`, an acoustic score that ignores the text), best vs worst."""
+    codec = codec_of(model)
+    frames = max(1, round(seconds * codec.frame_rate))
+
+    def generate(texts: list[str]) -> list[torch.Tensor]:
+        with returning_codes(model):
+            codes = generate_audio(model, texts, processor, frames, guidance_scale)
+        return [torch.from_numpy(c).long().clamp(0, codec.codebook_size - 1) for c in codes]
+
+    def score(waves: list[np.ndarray], texts: list[str]) -> np.ndarray:
+        if scorer is None:
+            return np.asarray([tonal_clarity(w, codec.sample_rate) for w in waves])
+        return scorer(waves, codec.sample_rate, texts)
+
+    return rank_generations(prompts, generate, lambda c: codec.decode(c).numpy(), score, num_samples)
+
+
 def evaluate(run, data: TextCodesData, models, loss_fn=None):
     """evaluate(step, suffix, sample): `eval/loss` given each clip's description and `eval/loss_uncond` given the
     null condition; on the `sample` pass, clips generated from validation descriptions (with --guidance_scale),
@@ -432,7 +527,8 @@ def evaluate(run, data: TextCodesData, models, loss_fn=None):
     cfg, acc, model = run.cfg, run.accelerator, models["model"]
     lg, t = cfg.logging, cfg.training
     unwrapped = acc.unwrap_model(model)
-    with_text, null = collator(data, unwrapped), collator(data, unwrapped, null=True)
+    with_text = collator(data, unwrapped)
+    null = None if data.pairs else collator(data, unwrapped, null=True)
     mine = data.prompts[acc.process_index :: acc.num_processes] or data.prompts
     generated: dict[str, list] = {}  # the last samples and their prompts, for the CLAP score
 
@@ -469,10 +565,14 @@ def evaluate(run, data: TextCodesData, models, loss_fn=None):
         )  # fmt: skip
 
     def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
-        results = {
-            f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), text_lm_loss),
-            f"eval/loss_uncond{suffix}": evaluate_loss(acc, model, stream(null), text_lm_loss),
-        }
+        if loss_fn is not None:  # align: the DPO objective's metrics (rewards, accuracies) on held-out pairs
+            metrics = evaluate_metrics(acc, model, stream(with_text), loss_fn)
+            results = {f"eval/{k}{suffix}": v for k, v in metrics.items()}
+        else:
+            results = {
+                f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), text_lm_loss),
+                f"eval/loss_uncond{suffix}": evaluate_loss(acc, model, stream(null), text_lm_loss),
+            }
         if sample and sampler is not None:
             results.update(sampler(model, step))
         if sample and clap is not None:
@@ -529,7 +629,7 @@ def load_export(folder) -> MusicgenForConditionalGeneration:
 
 MUSICGEN_TEXT = Family(
     name="musicgen_text",
-    stages=("pretrain", "finetune"),
+    stages=("pretrain", "finetune", "align"),
     preprocess=preprocess,
     build_model=build_model,
     batches=batches,
@@ -540,6 +640,9 @@ MUSICGEN_TEXT = Family(
     load_export=load_export,
     describe=describe,
     checkpoint_files=checkpoint_files,
+    preferences=preferences,
+    sequence_logps=text_sequence_logps,
+    precompute_reference=precompute_reference,
     text_conditioned=True,
     # as musicgen-dreamboothing: the decoder's attention and feed-forward, the text projection and the LM heads
     lora_target_modules="q_proj,k_proj,v_proj,out_proj,fc1,fc2,enc_to_dec_proj,lm_heads",

@@ -19,7 +19,12 @@ def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
         f = cfg.finetune
         main = next(iter(models))
         models[main] = adapt_for_finetuning(
-            models[main], f.freeze_modules, f.use_peft, f.lora_r, f.lora_alpha, f.lora_dropout,
+            models[main],
+            f.freeze_modules,
+            f.use_peft,
+            f.lora_r,
+            f.lora_alpha,
+            f.lora_dropout,
             f.lora_target_modules or family.lora_target_modules,
         )
         return train_model(run, family, data, models, sampler, max_steps, base_model=cfg.model.model_name_or_path)

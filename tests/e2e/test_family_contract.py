@@ -35,8 +35,13 @@ def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
         # condition dropout on (high, so some rows after the resume point surely get the null condition): resume
         # must drop the same examples as the straight run
         "musicgen_text": lambda: quick_run(
-            tokenizer["encodec"], output_dir, model_family="musicgen_text", model_size="micro", learning_rate=1e-2,
-            max_duration_seconds=1.0, condition_dropout=0.5,
+            tokenizer["encodec"],
+            output_dir,
+            model_family="musicgen_text",
+            model_size="micro",
+            learning_rate=1e-2,
+            max_duration_seconds=1.0,
+            condition_dropout=0.5,
         ),  # fmt: skip
         "encodec_gan": lambda: codec_run(output_dir, discriminator_start_step=1, learning_rate=3e-3),
     }[name]()

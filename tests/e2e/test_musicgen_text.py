@@ -7,19 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoProcessor, MusicgenForConditionalGeneration, pipeline
 
-from hf_audio_trainer import finetune, pretrain
+from hf_audio_trainer import align, finetune, pretrain
+from hf_audio_trainer.alignment import tonal_clarity
+from hf_audio_trainer.codecs import EncodecTokenizer
 from hf_audio_trainer.config import ConfigError
 from hf_audio_trainer.data.codes import CodesCollator
-from hf_audio_trainer.families.musicgen_text import (
-    TextCodesCollator,
-    conditioning,
-    dropped,
-    encode_texts,
-    load_composite,
-)
+from hf_audio_trainer.data.text import TextCollator, conditioning, dropped, encode_texts
+from hf_audio_trainer.families.musicgen_text import load_composite, make_text_preference_pairs
 from tests.helpers import described_folder, fit_small_tokenizer, tiny_clap, tiny_codec, tiny_musicgen
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -117,8 +115,8 @@ def test_the_null_condition_is_what_generate_uses_for_its_unconditional_branch(h
     rng = np.random.default_rng(0)
     rows = [{"codes": rng.integers(0, 64, (k, 7)).tolist(), "text_states": s.tolist()} for s in states]
     codes = CodesCollator(k, pad, pad, 50.0)
-    null_batch = TextCodesCollator(codes, cached=True, null=True)(rows)
-    text_batch = TextCodesCollator(codes, cached=True)(rows)
+    null_batch = TextCollator(codes, cached=True, null=True)(rows)
+    text_batch = TextCollator(codes, cached=True)(rows)
     assert null_batch["text_mask"].sum() == 0 and null_batch["encoder_states"].abs().sum() == 0
     assert text_batch["text_mask"].sum() == sum(len(x) for x in ids)
 
@@ -200,3 +198,55 @@ def test_bad_text_inputs_are_refused_before_training(codec, hub_model, music, tm
         finetune({**base, "dataset_name": str(no_text)})
     # with an instance prompt, the same folder trains
     assert finetune({**base, "dataset_name": str(no_text), "instance_prompt": "my band's sound"}).global_step == 2
+
+
+def align_settings(output_dir, model, **overrides) -> dict:
+    return {
+        "model_family": "musicgen_text", "model_name_or_path": str(model), "output_dir": str(output_dir),
+        "report_to": "none", "logging_steps": 5, "save_steps": 1000, "per_device_train_batch_size": 8,
+        "max_duration_seconds": 3.0, "learning_rate": 1e-3, **overrides,
+    }  # fmt: skip
+
+
+def test_align_with_text_prompts_raises_held_out_reward_accuracy(hub_model, tmp_path):
+    # the embedded pairs: a clip's description as the prompt, the clean clip chosen over a degraded copy
+    out = tmp_path / "aligned"
+    result = align(
+        align_settings(out, hub_model, synthetic_num_pairs=64, max_steps=20, eval_steps=20, eval_on_start=True)
+    )
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in evals if "eval/rewards/accuracies" in m]
+    assert [m["step"] for m in evals] == [0, 20] and result.global_step == 20
+    # at step 0 the policy is the reference: every reward is 0 and no held-out pair is ranked right
+    assert evals[0]["eval/rewards/margins"] == 0 and evals[0]["eval/rewards/accuracies"] == 0
+    assert evals[-1]["eval/rewards/accuracies"] > 0.5 and evals[-1]["eval/rewards/margins"] > 0
+    assert MusicgenForConditionalGeneration.from_pretrained(out).config.decoder.num_codebooks == 2
+
+
+def test_on_policy_pairs_rank_generations_and_align_on_them(hub_model, tmp_path):
+    model = load_composite(str(hub_model)).eval()
+    processor = AutoProcessor.from_pretrained(hub_model)
+    prompts = ["a melody on a sine wave, clean", "an arpeggio, with heavy noise", "a chord on a square wave"] * 4
+    torch.manual_seed(0)
+    pairs = make_text_preference_pairs(model, processor, prompts, num_samples=3, seconds=0.5)
+    assert 0 < len(pairs) <= len(prompts)
+    assert all(c > r for c, r in zip(pairs["chosen_score"], pairs["rejected_score"], strict=True))
+    assert np.asarray(pairs[0]["chosen_codes"]).shape == (2, 25)  # 2 codebooks x 0.5 s at 50 frames/s
+    # the codes are what the model sampled: decoding them gives the scored audio back
+    codec = EncodecTokenizer(model.audio_encoder)
+    scores = [tonal_clarity(codec.decode(torch.tensor(c)).numpy(), 16000) for c in pairs["chosen_codes"]]
+    np.testing.assert_allclose(scores, pairs["chosen_score"], rtol=1e-5)
+    folder = tmp_path / "pairs"
+    DatasetDict({"train": pairs, "validation": pairs.select(range(2))}).save_to_disk(str(folder))
+    result = align(align_settings(tmp_path / "on-policy", hub_model, dataset_name=str(folder), max_steps=2))
+    assert result.global_step == 2
+
+
+def test_bad_align_inputs_are_refused(hub_model, tmp_path):
+    folder = tmp_path / "no-prompt"
+    rows = {"chosen_codes": [[[1, 2], [3, 4]]] * 4, "rejected_codes": [[[2, 1], [4, 3]]] * 4}
+    DatasetDict({"train": Dataset.from_dict(rows), "validation": Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    with pytest.raises(ConfigError, match=r"needs 'prompt', 'chosen' and 'rejected' columns; found \['chosen_codes'"):
+        align(align_settings(tmp_path / "a", hub_model, dataset_name=str(folder), max_steps=1))
+    with pytest.raises(ConfigError, match="align keeps the text encoder frozen"):
+        align(align_settings(tmp_path / "b", hub_model, max_steps=1, train_text_encoder=True))
