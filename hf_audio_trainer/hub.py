@@ -10,6 +10,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +189,24 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
+@dataclass(frozen=True)
+class ModelCardText:
+    """What a model card says of the model: what it is, how to load it (`{repo_id}` filled in), its Hub task."""
+
+    kind: str
+    usage: str
+    pipeline_tag: str | None = None
+
+
+LM_CARD = ModelCardText(
+    "An audio language model",
+    'from transformers import MusicgenForCausalLM\n\nmodel = MusicgenForCausalLM.from_pretrained("{repo_id}")',
+)
+CODEC_CARD = ModelCardText(
+    "A neural audio codec", 'from transformers import EncodecModel\n\nmodel = EncodecModel.from_pretrained("{repo_id}")'
+)
+
+
 def write_model_card(
     folder: str | os.PathLike,
     *,
@@ -198,8 +217,10 @@ def write_model_card(
     hyperparameters: dict,
     metrics: dict,
     tags: tuple[str, ...] | list[str] = (),
+    card: ModelCardText | None = None,
 ) -> Path:
-    """Write folder/README.md: Hub metadata, how to load the model, hyperparameter and final-metric tables."""
+    """Write folder/README.md: Hub metadata, how to load the model (`card`: the model family's words; default by
+    stage), hyperparameter and final-metric tables."""
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
     # local paths are not Hub ids: the Hub rejects them as metadata, so they only go into the text
     hub_datasets = [d for d in datasets if not os.path.exists(d)]
@@ -208,25 +229,20 @@ def write_model_card(
         tags=list(dict.fromkeys(["audio", LIBRARY_NAME, stage, *tags])),
         base_model=base_model if base_model and not os.path.exists(base_model) else None,
         datasets=hub_datasets or None,
+        pipeline_tag=card.pipeline_tag if card is not None else None,
     )
     origin = f" from `{base_model}`" if base_model else ""
     trained_on = f" on {', '.join(f'`{d}`' for d in datasets)}" if datasets else ""
-    kind, model_class = (
-        ("A neural audio codec", "EncodecModel")
-        if stage == "codec"
-        else ("An audio language model", "MusicgenForCausalLM")
-    )
+    card = card or (CODEC_CARD if stage == "codec" else LM_CARD)
     body = f"""
 # {repo_id.split("/")[-1]}
 
-{kind} trained with hf-audio-trainer, stage **{stage}**{origin}{trained_on}.
+{card.kind} trained with hf-audio-trainer, stage **{stage}**{origin}{trained_on}.
 
 ## How to load
 
 ```python
-from transformers import {model_class}
-
-model = {model_class}.from_pretrained("{repo_id}")
+{card.usage.format(repo_id=repo_id)}
 ```
 
 ## Hyperparameters
@@ -279,7 +295,9 @@ def start_pusher(cfg: StageConfig, accelerator: Accelerator) -> HubPusher | None
     return HubPusher(h.hub_model_id, token=h.hub_token, private=h.hub_private_repo, strategy=h.hub_strategy)
 
 
-def model_card_writer(cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None):
+def model_card_writer(
+    cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None, card: ModelCardText | None = None
+):
     """card(folder, metrics): the README.md model card pushed with every upload."""
 
     def card(folder: Path, metrics: dict) -> None:
@@ -291,6 +309,7 @@ def model_card_writer(cfg: StageConfig, stage: str, base_model: str | None, data
             datasets=datasets,
             hyperparameters=cfg.to_flat_dict(),
             metrics={k: v for k, v in metrics.items() if k != "step"},
+            card=card,
         )
 
     return card

@@ -89,7 +89,7 @@ def tiny_codec(folder: Path, num_codebooks: int = 2, codebook_size: int = 64) ->
     return folder
 
 
-def tiny_musicgen(folder: Path, codec: Path) -> Path:
+def tiny_musicgen(folder: Path, codec: Path, decoder_codebooks: int | None = None) -> Path:
     """A tiny random MusicgenForConditionalGeneration (T5 + the codec + a decoder) with its processor (ByT5's
     tokenizer) and generation config, in the layout of facebook/musicgen-small; built with transformers alone."""
     from transformers import (
@@ -111,8 +111,9 @@ def tiny_musicgen(folder: Path, codec: Path) -> Path:
     )
     text = T5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     decoder = MusicgenDecoderConfig(
-        vocab_size=size, num_codebooks=k, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
-        max_position_embeddings=512, pad_token_id=size, bos_token_id=size, audio_channels=1,
+        vocab_size=size, num_codebooks=decoder_codebooks or k, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, ffn_dim=64, max_position_embeddings=512, pad_token_id=size, bos_token_id=size,
+        audio_channels=1,
     )  # fmt: skip
     config = MusicgenConfig(
         text_encoder=text.to_dict(), audio_encoder=audio.config.to_dict(), decoder=decoder.to_dict()

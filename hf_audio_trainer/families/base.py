@@ -43,6 +43,7 @@ class Family:
     - `stages`: the stages it can run; any other is refused before any work.
     - `text_conditioned`: it reads the config's text section (`--text_column`, `--condition_dropout` ...); a
       family that does not refuses those flags.
+    - `model_card`: the model card's description and loading snippet (`hub.ModelCardText`).
     - `lora_target_modules`: the modules `--use_peft` adapts when `--lora_target_modules` is not given.
     """
 
@@ -68,5 +69,6 @@ class Family:
     sequence_logps: Callable[..., Any] | None = None
     precompute_reference: Callable[..., Any] | None = None
     load_clip_scorer: Callable[..., Any] | None = None
+    model_card: Any = None  # hub.ModelCardText: what the model card says and how it loads (unset: by stage)
     text_conditioned: bool = False
     lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"

@@ -54,6 +54,7 @@ from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.families.musicgen import new_model_config
+from hf_audio_trainer.hub import ModelCardText
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import load_pretrained, num_parameters
 
@@ -644,6 +645,12 @@ MUSICGEN_TEXT = Family(
     sequence_logps=text_sequence_logps,
     precompute_reference=precompute_reference,
     text_conditioned=True,
+    model_card=ModelCardText(
+        "A text-to-music model (MusicGen: T5 text encoder, EnCodec codec, decoder)",
+        'from transformers import pipeline\n\nsynthesiser = pipeline("text-to-audio", model="{repo_id}")\n'
+        'music = synthesiser("lo-fi beats with a mellow piano", forward_params={{"max_new_tokens": 256}})',
+        pipeline_tag="text-to-audio",
+    ),
     # as musicgen-dreamboothing: the decoder's attention and feed-forward, the text projection and the LM heads
     lora_target_modules="q_proj,k_proj,v_proj,out_proj,fc1,fc2,enc_to_dec_proj,lm_heads",
 )

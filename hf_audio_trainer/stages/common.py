@@ -167,7 +167,7 @@ def train_model(
         cfg, acc, global_batch, max_steps,
         save_extras=(lambda folder: files(run, data, models, folder)) if files else (lambda folder: None),
         extra_state=extra_state, ema=ema, pusher=run.pusher, export=export,
-        card=model_card_writer(cfg, run.stage, base_model, datasets),
+        card=model_card_writer(cfg, run.stage, base_model, datasets, family.model_card),
     )  # fmt: skip
     start_step = 0
     if run.resume is not None:

@@ -105,6 +105,18 @@ def test_lora_and_full_finetunes_train_the_decoder_and_export_loadable_folders(h
             assert "decoder.model.decoder.layer_norm.weight" not in changed
 
 
+def test_train_text_encoder_trains_it_from_token_ids(hub_model, music, tmp_path):
+    out = tmp_path / "with-text-encoder"
+    finetune(
+        run_settings(out, model_name_or_path=str(hub_model), dataset_name=str(music), learning_rate=1e-2,
+                     train_text_encoder=True)
+    )  # fmt: skip
+    before, after = saved(hub_model), saved(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "text_encoder.encoder.block.0.layer.0.SelfAttention.q.weight" in changed
+    assert not any(k.startswith("audio_encoder.") for k in changed)
+
+
 def test_the_null_condition_is_what_generate_uses_for_its_unconditional_branch(hub_model):
     model = load_composite(str(hub_model)).eval()
     processor = AutoProcessor.from_pretrained(hub_model)
@@ -193,6 +205,9 @@ def test_bad_text_inputs_are_refused_before_training(codec, hub_model, music, tm
     MusicgenForConditionalGeneration.from_pretrained(hub_model).save_pretrained(no_processor)
     with pytest.raises(ConfigError, match="has no processor files"):
         finetune({**base, "model_name_or_path": str(no_processor)})
+    mismatched = tiny_musicgen(tmp_path / "mismatched", codec, decoder_codebooks=3)
+    with pytest.raises(ConfigError, match="the codec makes 2 codebooks of 64 but the decoder reads 3 of 64"):
+        finetune({**base, "model_name_or_path": str(mismatched)})
     no_text = described_folder(tmp_path / "no-text", with_text=False)
     with pytest.raises(ConfigError, match="--instance_prompt"):
         finetune({**base, "dataset_name": str(no_text)})

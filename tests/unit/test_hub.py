@@ -307,6 +307,20 @@ def test_a_codec_card_says_codec_and_loads_an_encodec_model(tmp_path):
     assert f'EncodecModel.from_pretrained("{REPO}")' in text and "Musicgen" not in text
 
 
+def test_a_text_to_audio_card_names_its_base_model_task_and_pipeline(tmp_path):
+    from hf_audio_trainer.families import FAMILIES
+
+    card = FAMILIES["musicgen_text"].model_card
+    path = write_model_card(
+        tmp_path, repo_id=REPO, stage="finetune", base_model="facebook/musicgen-small", hyperparameters={},
+        metrics={}, card=card,
+    )  # fmt: skip
+    loaded = ModelCard.load(path)
+    assert loaded.data.pipeline_tag == "text-to-audio" and loaded.data.base_model == "facebook/musicgen-small"
+    assert f'pipeline("text-to-audio", model="{REPO}")' in loaded.text and "MusicgenForCausalLM" not in loaded.text
+    assert "from `facebook/musicgen-small`" in loaded.text
+
+
 @pytest.mark.skipif(
     not (os.environ.get("HF_TOKEN") and os.environ.get("HF_HUB_TEST_REPO")),
     reason="pushes to the real Hub: set HF_TOKEN and HF_HUB_TEST_REPO (a repo id it may create and delete)",
