@@ -3,10 +3,17 @@ computed once, the null condition of classifier-free guidance, and its per-examp
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import torch
 
 STATES, IDS = "text_states", "text_ids"  # a row's cached text encoder outputs [tokens, d_model], or its token ids
+
+
+def add_states(dataset: datasets.Dataset, states: list[np.ndarray]) -> datasets.Dataset:
+    """`dataset` with the encoder outputs of its rows as the STATES column, float32 (Arrow would infer float64)."""
+    feature = datasets.List(datasets.List(datasets.Value("float32")))
+    return dataset.add_column(STATES, [x.tolist() for x in states], feature=feature)
 
 
 @torch.no_grad()

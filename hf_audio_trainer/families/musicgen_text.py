@@ -38,7 +38,15 @@ from hf_audio_trainer.data.preferences import (
     load_preference_dataset,
     make_synthetic_preferences,
 )
-from hf_audio_trainer.data.text import IDS, STATES, TextCollator, TextPairCollator, conditioning, encode_texts
+from hf_audio_trainer.data.text import (
+    IDS,
+    STATES,
+    TextCollator,
+    TextPairCollator,
+    add_states,
+    conditioning,
+    encode_texts,
+)
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
@@ -141,7 +149,7 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
         else:
             for name in splits:
                 states = encode_texts(encoder, splits[name][IDS], acc.device)
-                splits[name] = splits[name].add_column(STATES, [s.tolist() for s in states])
+                splits[name] = add_states(splits[name], states)
             encoder.to("cpu")
     if any(nulls.values()):
         acc.print(f"rows without a description (trained as the null condition): {nulls}")
@@ -203,7 +211,7 @@ def preferences(run) -> TextCodesData:
                 for x in prompts[name]
             ]
             states = encode_texts(base.text_encoder, ids, acc.device)
-            coded = coded.remove_columns("prompt_codes").add_column(STATES, [x.tolist() for x in states])
+            coded = add_states(coded.remove_columns("prompt_codes"), states)
             splits[name], same_codes = drop_identical_pairs(coded)
             if same_codes:
                 acc.print(f"skipped {same_codes} {name} pair(s) whose chosen and rejected codes match")
@@ -317,7 +325,7 @@ def build_model(run, data: TextCodesData, model_name_or_path: str | None = None)
         for name in ("train", "validation"):
             split = getattr(data, name)
             states = encode_texts(model.text_encoder, split[IDS], run.accelerator.device)
-            setattr(data, name, split.add_column(STATES, [s.tolist() for s in states]))
+            setattr(data, name, add_states(split, states))
         model.text_encoder.to("cpu")
         data.cached_states = True
     frozen_parts(model, cfg.text.train_text_encoder)
