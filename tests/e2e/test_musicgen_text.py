@@ -70,6 +70,37 @@ def test_a_hub_layout_musicgen_loads_every_weight(hub_model, tmp_path):
         finetune({**run_settings(tmp_path / "a"), "model_family": "musicgen", "model_name_or_path": str(hub_model)})
 
 
+def test_checkpoints_this_family_cannot_train_are_refused_by_name(hub_model, tmp_path):
+    from transformers import MusicgenConfig, MusicgenForCausalLM, MusicgenMelodyConfig
+
+    from hf_audio_trainer.families.musicgen import build_decoder
+
+    config = MusicgenConfig.from_pretrained(hub_model)
+    config.decoder.audio_channels = 2
+    config.save_pretrained(tmp_path / "stereo")
+    with pytest.raises(ConfigError, match=r"is a stereo MusicGen \(audio_channels=2"):
+        load_composite(str(tmp_path / "stereo"))
+    melody = MusicgenMelodyConfig(
+        text_encoder=config.text_encoder.to_dict(), audio_encoder=config.audio_encoder.to_dict(),
+        decoder={**config.decoder.to_dict(), "model_type": "musicgen_melody_decoder"},
+    )  # fmt: skip
+    melody.save_pretrained(tmp_path / "melody")
+    with pytest.raises(ConfigError, match="is MusicGen Melody .* not supported"):
+        load_composite(str(tmp_path / "melody"))
+    decoder = MusicgenForCausalLM(config.decoder)
+    decoder.save_pretrained(tmp_path / "decoder")
+    with pytest.raises(ConfigError, match="decoder-only MusicGen .* --model_family musicgen"):
+        load_composite(str(tmp_path / "decoder"))
+    # and the decoder-only family refuses a decoder with a weight missing, as every family does
+    weights = load_file(str(tmp_path / "decoder" / "model.safetensors"))
+    weights.pop("lm_heads.1.weight")
+    from safetensors.torch import save_file
+
+    save_file(weights, str(tmp_path / "decoder" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="does not fit a MusicgenForCausalLM: 1 MISSING"):
+        build_decoder(str(tmp_path / "decoder"), "micro", 2, 64, 16)
+
+
 def test_finetune_at_lr_0_exports_the_input_bit_for_bit_and_the_pipeline_generates(hub_model, music, tmp_path):
     out = tmp_path / "ft"
     result = finetune(run_settings(out, model_name_or_path=str(hub_model), dataset_name=str(music), learning_rate=0.0))
