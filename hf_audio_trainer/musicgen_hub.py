@@ -115,12 +115,20 @@ def new_composite(
     return model
 
 
-def set_generation_config(model: MusicgenForConditionalGeneration, guidance_scale: float, max_positions: int) -> None:
-    """What `generate` and the pipeline use: sampling with guidance, BOS = pad = one past the last code."""
+def set_generation_config(
+    model: MusicgenForConditionalGeneration, guidance_scale: float | None, max_positions: int
+) -> None:
+    """What `generate` and the pipeline use. A loaded model keeps its own (facebook/musicgen-small's length, top-k,
+    guidance), with `guidance_scale` if given; a new one samples with guidance, BOS = pad = one past the last code."""
+    config = model.generation_config
+    if config.decoder_start_token_id is not None:  # a loaded model's own
+        if guidance_scale is not None:
+            config.guidance_scale = guidance_scale
+        return
     bos = model.config.decoder.bos_token_id
     model.generation_config = GenerationConfig(
         do_sample=True,
-        guidance_scale=guidance_scale,
+        guidance_scale=3.0 if guidance_scale is None else guidance_scale,
         max_length=max_positions,
         decoder_start_token_id=bos,
         pad_token_id=model.config.decoder.pad_token_id,

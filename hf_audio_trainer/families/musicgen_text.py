@@ -329,7 +329,9 @@ def build_model(run, data: TextCodesData, model_name_or_path: str | None = None)
         model.text_encoder.to("cpu")
         data.cached_states = True
     frozen_parts(model, cfg.text.train_text_encoder)
-    set_generation_config(model, cfg.text.guidance_scale, data.max_positions)
+    # --guidance_scale reaches a loaded model's generation config only when given (it keeps its own otherwise)
+    guidance = cfg.text.guidance_scale if model_name_or_path is None or "guidance_scale" in cfg.user_set else None
+    set_generation_config(model, guidance, data.max_positions)
     return {"model": model}
 
 

@@ -109,7 +109,8 @@ def test_finetune_at_lr_0_exports_the_input_bit_for_bit_and_the_pipeline_generat
     assert before.keys() == after.keys()
     assert max((before[k].double() - after[k].double()).abs().max().item() for k in before) == 0.0
     # transformers alone: the model, the processor and the text-to-audio pipeline, with guidance from the export
-    assert MusicgenForConditionalGeneration.from_pretrained(out).generation_config.guidance_scale == 3.0
+    generation = MusicgenForConditionalGeneration.from_pretrained(out).generation_config
+    assert (generation.guidance_scale, generation.max_length) == (3.0, 256)  # the base model's own, kept
     assert type(AutoProcessor.from_pretrained(out)).__name__ == "MusicgenProcessor"
     audio = pipeline("text-to-audio", model=str(out))("a melody on a sine wave", forward_params={"max_new_tokens": 12})
     assert audio["sampling_rate"] == 16000 and audio["audio"].size > 0 and np.isfinite(audio["audio"]).all()
@@ -117,7 +118,7 @@ def test_finetune_at_lr_0_exports_the_input_bit_for_bit_and_the_pipeline_generat
 
 def test_lora_and_full_finetunes_train_the_decoder_and_export_loadable_folders(hub_model, music, tmp_path):
     before = saved(hub_model)
-    for name, extra in {"full": {}, "lora": {"use_peft": True}}.items():
+    for name, extra in {"full": {}, "lora": {"use_peft": True, "guidance_scale": 2.0}}.items():
         out = tmp_path / name
         result = finetune(
             run_settings(out, model_name_or_path=str(hub_model), dataset_name=str(music), learning_rate=1e-2, **extra)
@@ -134,6 +135,9 @@ def test_lora_and_full_finetunes_train_the_decoder_and_export_loadable_folders(h
         MusicgenForConditionalGeneration.from_pretrained(out)
         if name == "lora":  # LayerNorms carry no adapter: LoRA leaves them as they were
             assert "decoder.model.decoder.layer_norm.weight" not in changed
+        # --guidance_scale, when given, goes into the export's generation config (merged LoRA export included)
+        generation = MusicgenForConditionalGeneration.from_pretrained(out).generation_config
+        assert generation.guidance_scale == extra.get("guidance_scale", 3.0) and generation.max_length == 256
 
 
 def test_train_text_encoder_trains_it_from_token_ids(hub_model, music, tmp_path):
