@@ -22,6 +22,7 @@ from hf_audio_trainer.metrics.embedders import (
     load_embedder,
 )
 from hf_audio_trainer.metrics.fad import fad
+from tests.helpers import tiny_clap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -207,29 +208,9 @@ def test_encodec_stereo_and_normalising_models():
 
 @pytest.fixture(scope="module")
 def clap_folder(tmp_path_factory):
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
-
-    torch.manual_seed(0)
-    config = ClapConfig(
-        text_config={
-            "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 32, "max_position_embeddings": 40, "projection_dim": 8,
-        },
-        audio_config={
-            "spec_size": 64, "num_mel_bins": 16, "window_size": 4, "depths": [1, 1], "num_attention_heads": [2, 2],
-            "patch_embeds_hidden_size": 8, "hidden_size": 16, "projection_dim": 8, "num_hidden_layers": 2,
-        },
-        projection_dim=8,
-    )  # fmt: skip
-    # 1-second windows at 16 kHz; "rand_trunc" crops longer clips at random, which the embedder must avoid.
-    extractor = ClapFeatureExtractor(
-        feature_size=16, sampling_rate=16000, hop_length=160, fft_window_size=400, max_length_s=1,
-        frequency_min=0, frequency_max=8000, truncation="rand_trunc",
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("clap")
-    ClapModel(config).save_pretrained(folder)
-    extractor.save_pretrained(folder)
-    return folder
+    # 1-second windows at 16 kHz; its extractor's "rand_trunc" crops longer clips at random, which the embedder
+    # must avoid
+    return tiny_clap(tmp_path_factory.mktemp("clap"))
 
 
 def test_clap_embeds_windows_deterministically(clap_folder):
