@@ -296,9 +296,9 @@ def start_pusher(cfg: StageConfig, accelerator: Accelerator) -> HubPusher | None
 
 
 def model_card_writer(
-    cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None, card: ModelCardText | None = None
+    cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None, text: ModelCardText | None = None
 ):
-    """card(folder, metrics): the README.md model card pushed with every upload."""
+    """card(folder, metrics): the README.md model card pushed with every upload (`text`: the family's words)."""
 
     def card(folder: Path, metrics: dict) -> None:
         write_model_card(
@@ -309,7 +309,7 @@ def model_card_writer(
             datasets=datasets,
             hyperparameters=cfg.to_flat_dict(),
             metrics={k: v for k, v in metrics.items() if k != "step"},
-            card=card,
+            card=text,
         )
 
     return card

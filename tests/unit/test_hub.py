@@ -319,6 +319,14 @@ def test_a_text_to_audio_card_names_its_base_model_task_and_pipeline(tmp_path):
     assert loaded.data.pipeline_tag == "text-to-audio" and loaded.data.base_model == "facebook/musicgen-small"
     assert f'pipeline("text-to-audio", model="{REPO}")' in loaded.text and "MusicgenForCausalLM" not in loaded.text
     assert "from `facebook/musicgen-small`" in loaded.text
+    # the same words through the writer a run's checkpointer calls at every push
+    from hf_audio_trainer.config import FinetuneConfig, resolve_config
+    from hf_audio_trainer.hub import model_card_writer
+
+    cfg = resolve_config({"model_family": "musicgen_text", "model_name_or_path": "x", "hub_model_id": REPO,
+                          "output_dir": str(tmp_path / "run")}, FinetuneConfig)  # fmt: skip
+    model_card_writer(cfg, "finetune", "facebook/musicgen-small", None, card)(tmp_path / "pushed", {"step": 3})
+    assert ModelCard.load(tmp_path / "pushed" / "README.md").data.pipeline_tag == "text-to-audio"
 
 
 @pytest.mark.skipif(
