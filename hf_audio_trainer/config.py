@@ -110,7 +110,8 @@ class TextConfig:
         default="description", metadata={"help": "Column with each clip's description (also a metadata.csv column)."}
     )
     instance_prompt: str | None = field(
-        default=None, metadata={"help": "The description of every clip, for a dataset without a text column."}
+        default=None,
+        metadata={"help": "One description for every clip (DreamBooth style; replaces the text column if any)."},
     )
     condition_dropout: float = field(
         default=0.1,

@@ -88,12 +88,13 @@ class TextCodesData:
 
 
 def text_of(run, split: Dataset, name: str) -> list[str]:
-    """Each row's description: the text column, or --instance_prompt for a dataset without one."""
+    """Each row's description: --instance_prompt when given (every clip the same, as DreamBooth does), else the text
+    column."""
     t = run.cfg.text
-    if t.text_column in split.column_names:
-        return ["" if v is None else str(v).strip() for v in split[t.text_column]]
     if t.instance_prompt is not None:
         return [t.instance_prompt] * len(split)
+    if t.text_column in split.column_names:
+        return ["" if v is None else str(v).strip() for v in split[t.text_column]]
     raise ConfigError(
         f"the {name} split has no text column {t.text_column!r} (columns: {split.column_names}); name it with "
         "--text_column, or give every clip one description with --instance_prompt"
@@ -105,6 +106,13 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     and run the frozen text encoder once over every description."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.text
     base, source = None, cfg.model.model_name_or_path
+    if source is not None and "tokenizer" in cfg.user_set:
+        raise ConfigError(
+            f"--tokenizer with --model_name_or_path: {source}'s own audio_encoder is its codec (the decoder reads its "
+            "codes); drop --tokenizer"
+        )
+    if t.instance_prompt is not None and t.text_column in clips["train"].column_names:
+        acc.print(f"--instance_prompt replaces the {t.text_column!r} column as every clip's description")
     if source is not None:
         with whole_weights(acc):  # the codec and the text encoder run here, before `prepare`
             base = load_composite(source, cfg.model.dropout)

@@ -231,6 +231,8 @@ def test_bad_text_inputs_are_refused_before_training(codec, hub_model, music, tm
         finetune({**base, "guidance_scale": 0.5})
     with pytest.raises(ConfigError, match="the musicgen family takes no text; use --model_family musicgen_text"):
         pretrain({"model_family": "musicgen", "condition_dropout": 0.2, "output_dir": str(tmp_path / "y")})
+    with pytest.raises(ConfigError, match="--tokenizer with --model_name_or_path: .* drop --tokenizer"):
+        finetune({**base, "tokenizer": str(codec)})
     with pytest.raises(ConfigError, match="needs a codec"):
         pretrain(run_settings(tmp_path / "z"))
     mel = fit_small_tokenizer(tmp_path / "mel")
@@ -300,3 +302,16 @@ def test_bad_align_inputs_are_refused(hub_model, tmp_path):
         align(align_settings(tmp_path / "a", hub_model, dataset_name=str(folder), max_steps=1))
     with pytest.raises(ConfigError, match="align keeps the text encoder frozen"):
         align(align_settings(tmp_path / "b", hub_model, max_steps=1, train_text_encoder=True))
+
+
+def test_an_instance_prompt_is_every_clips_description():
+    from types import SimpleNamespace
+
+    from hf_audio_trainer.config import TextConfig
+    from hf_audio_trainer.families.musicgen_text import text_of
+
+    split = Dataset.from_dict({"description": ["a sine melody", None, "  padded  "]})
+    run = SimpleNamespace(cfg=SimpleNamespace(text=TextConfig()))
+    assert text_of(run, split, "train") == ["a sine melody", "", "padded"]  # None and blanks: the null condition
+    run = SimpleNamespace(cfg=SimpleNamespace(text=TextConfig(instance_prompt="my band")))
+    assert text_of(run, split, "train") == ["my band"] * 3
