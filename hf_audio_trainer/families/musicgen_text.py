@@ -82,8 +82,6 @@ class TextCodesData:
     base: MusicgenForConditionalGeneration | None
     source: str | None  # what `base` was loaded from
     prompts: list[str]  # the validation descriptions, which in-loop samples are generated from
-    null_texts: dict[str, int]  # rows per split without a description (they train the null condition)
-    cached_states: bool | str  # the frozen encoder's outputs are columns (else ids, encoded in the step)
     pairs: bool = False  # preference pairs (align): prompt text + chosen / rejected codes
 
 
@@ -102,8 +100,8 @@ def text_of(run, split: Dataset, name: str) -> list[str]:
 
 
 def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
-    """Load the model (or the codec of a new one), tokenize the audio with its codec and the text with its processor,
-    and run the frozen text encoder once over every description."""
+    """Load the model (or the codec of a new one), tokenize the audio with its codec and the text with its processor
+    (`build_model` runs the frozen text encoder once over the token ids)."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.text
     base, source = None, cfg.model.model_name_or_path
     if source is not None and "tokenizer" in cfg.user_set:
@@ -114,7 +112,7 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     if t.instance_prompt is not None and t.text_column in clips["train"].column_names:
         acc.print(f"--instance_prompt replaces the {t.text_column!r} column as every clip's description")
     if source is not None:
-        with whole_weights(acc):  # the codec and the text encoder run here, before `prepare`
+        with whole_weights(acc):  # its codec (here) and text encoder (build_model) run before `prepare`
             base = load_composite(source, cfg.model.dropout)
         codec, processor = codec_of(base), load_processor(source)
     elif cfg.data.tokenizer is not None:
@@ -149,23 +147,12 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
                 split=name, keep=(IDS,),
             )  # fmt: skip
             splits[name] = split
-    cached = not t.train_text_encoder
-    if cached:
-        encoder = base.text_encoder if base is not None else None
-        if encoder is None:  # a new model: its text encoder is built (seeded) in build_model; encode there
-            cached = "pending"
-        else:
-            for name in splits:
-                states = encode_texts(encoder, splits[name][IDS], acc.device)
-                splits[name] = add_states(splits[name], states)
-            encoder.to("cpu")
     if any(nulls.values()):
         acc.print(f"rows without a description (trained as the null condition): {nulls}")
     max_positions = int(cfg.data.max_duration_seconds * codec.frame_rate) + codec.num_codebooks + 1
     return TextCodesData(
-        codec, processor, splits["train"], splits["validation"], max_positions, base, source, texts["validation"],
-        nulls, cached,
-    )  # fmt: skip
+        codec, processor, splits["train"], splits["validation"], max_positions, base, source, texts["validation"]
+    )
 
 
 def prompt_texts(split: Dataset, name: str) -> list[str]:
@@ -228,14 +215,13 @@ def preferences(run) -> TextCodesData:
                     f"every {name} pair's chosen and rejected codes match: the codec cannot tell them apart"
                 )
     base.text_encoder.to("cpu")
-    nulls = {name: sum(1 for x in prompts[name] if not x) for name in prompts}
     frames = max(max(len(c[0]), len(r[0])) for s in splits.values() for c, r in zip(
         s["chosen_codes"], s["rejected_codes"], strict=True
     ))  # fmt: skip
     max_positions = frames + codec.num_codebooks + 1
     return TextCodesData(
         codec, processor, splits["train"], splits["validation"], max_positions, base, source, prompts["validation"],
-        nulls, True, pairs=True,
+        pairs=True,
     )  # fmt: skip
 
 
@@ -292,7 +278,7 @@ def collator(data: TextCodesData, model, **kwargs) -> TextCollator:
     )
     if data.pairs:
         return TextPairCollator(codes)
-    return TextCollator(codes, data.cached_states is True, **kwargs)
+    return TextCollator(codes, STATES in data.train.column_names, **kwargs)
 
 
 def columns(data: TextCodesData) -> list[str]:
@@ -300,7 +286,7 @@ def columns(data: TextCodesData) -> list[str]:
     if data.pairs:
         return ["chosen_codes", "rejected_codes", STATES, *[c for c in names if c.startswith("ref_")]]
     extra = ["difficulty"] if "difficulty" in names else []
-    return ["codes", STATES if data.cached_states is True else IDS, *extra]
+    return ["codes", STATES if STATES in names else IDS, *extra]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -329,13 +315,12 @@ def build_model(run, data: TextCodesData, model_name_or_path: str | None = None)
             f"the model handles {model.config.decoder.max_position_embeddings} positions but clips need "
             f"{data.max_positions}; lower --max_duration_seconds"
         )
-    if data.cached_states == "pending":  # a new model: its (frozen) encoder's outputs, once
+    if not cfg.text.train_text_encoder and STATES not in data.train.column_names:
+        # the frozen text encoder's outputs, computed once (then the step reads them instead of running it)
         for name in ("train", "validation"):
             split = getattr(data, name)
-            states = encode_texts(model.text_encoder, split[IDS], run.accelerator.device)
-            setattr(data, name, add_states(split, states))
+            setattr(data, name, add_states(split, encode_texts(model.text_encoder, split[IDS], run.accelerator.device)))
         model.text_encoder.to("cpu")
-        data.cached_states = True
     frozen_parts(model, cfg.text.train_text_encoder)
     # --guidance_scale reaches a loaded model's generation config only when given (it keeps its own otherwise)
     guidance = cfg.text.guidance_scale if model_name_or_path is None or "guidance_scale" in cfg.user_set else None
