@@ -23,7 +23,6 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.data.text import TextCollator, encode_texts
 from hf_audio_trainer.families.musicgen_text import text_lm_loss
-from hf_audio_trainer.musicgen_hub import generate_audio
+from hf_audio_trainer.musicgen_hub import generate_audio, returning_codes
 
 RECIPE_YAML = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "pretrain.yaml"
 NOISE = re.compile(r", (clean|with (light|moderate|heavy) noise)")
@@ -115,15 +114,9 @@ def noise_scorer(codec: EncodecTokenizer, train) -> callable:
 
 
 def generate_codes(model, texts, processor, num_frames: int, guidance_scale: float) -> list[np.ndarray]:
-    """Like generate_audio, but the codes themselves (the codec's decode is bypassed)."""
-    codec = model.audio_encoder
-    original = codec.decode
-    # generate hands decode codes [1, batch, codebooks, frames]; as [batch, 1, ...] they come back per sample
-    codec.decode = lambda codes, audio_scales=None, **kw: SimpleNamespace(audio_values=codes[0][:, None])
-    try:
+    """Like generate_audio, but the codes the model sampled."""
+    with returning_codes(model):
         codes = generate_audio(model, texts, processor, num_frames, guidance_scale)
-    finally:
-        codec.decode = original
     return [c.astype(np.int64) for c in codes]
 
 
