@@ -42,8 +42,8 @@ def single(tmp_path_factory, one_torch_thread):
 
 @pytest.mark.parametrize(
     "strategy",
-    ["ddp", pytest.param("zero3", marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                                           reason="deepspeed not installed"))],
+    ["ddp", pytest.param("zero3", marks=[pytest.mark.long, pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")])],
 )  # fmt: skip
 def test_two_processes_finetune_and_align_like_one(single, strategy):
     root, common, pairs = single

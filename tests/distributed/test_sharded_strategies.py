@@ -66,6 +66,8 @@ def shared(tmp_path_factory):
 
 def strategy_param(name: str):
     marks = [needs_deepspeed] if name.startswith("zero") else []
+    if name in ("zero3", "fsdp2"):  # the two longest: the second CI pass (`-m long`)
+        marks.append(pytest.mark.long)
     return pytest.param(name, marks=marks, id=name)
 
 

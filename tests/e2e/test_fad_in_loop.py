@@ -42,6 +42,7 @@ def test_fad_is_logged_at_every_evaluation_without_changing_training(tokenizer, 
     assert len(list((tmp_path / "cache" / "fad").glob("fad_reference_*.safetensors"))) == 1  # computed once
 
 
+@pytest.mark.long
 def test_crepe_fad_ranks_real_clips_below_noise_and_an_untrained_model(tokenizer):
     crepe = load_embedder("crepe")
     clips = make_synthetic_dataset(num_clips=96, seed=5)["train"]

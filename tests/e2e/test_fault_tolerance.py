@@ -75,6 +75,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tokenizer, tmp_path):
     assert not (out / "model.safetensors").exists()  # unfinished: no final model pretends to be one
 
 
+@pytest.mark.long
 def test_kill_9_at_random_moments_then_resume_ends_exactly_like_a_straight_run(tokenizer, tmp_path):
     straight = pretrain(settings(tokenizer, tmp_path / "straight", max_steps=48))
     out = tmp_path / "killed"
@@ -120,6 +121,7 @@ def test_a_checkpoint_from_before_the_first_evaluation_resumes_through_an_evalua
     assert verify_checkpoint(out / "best")["best"]["step"] in (24, 30)
 
 
+@pytest.mark.long
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_run_does_not_block_the_next(tokenizer, tmp_path):
     out = tmp_path / "run"
     first = start(settings(tokenizer, out, max_steps=1000, save_steps=2))

@@ -49,6 +49,7 @@ def one_line_error(done: subprocess.CompletedProcess, recipe: str = "pretrain") 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_every_recipe_runs_with_only_max_steps(tmp_path):
     # the README's way in: `accelerate launch recipes/<stage>.py`, with nothing but a short length (and the model to
     # start from); defaults that count steps (warm-up 30, the discriminator's start at 50) are fitted, not refused
