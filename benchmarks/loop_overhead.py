@@ -21,7 +21,8 @@ import torch
 from accelerate import Accelerator
 
 from hf_audio_trainer.codecs import MelKMeansTokenizer
-from hf_audio_trainer.data.codes import CodesCollator, tokenize_dataset
+from hf_audio_trainer.data.codes import CodesCollator
+from hf_audio_trainer.data.preprocess import encode_waves
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.families.musicgen import build_decoder, lm_loss
 from hf_audio_trainer.loop import LoopSettings, train
@@ -34,7 +35,7 @@ def make_batches(steps: int, batch_size: int, model_size: str):
     data = make_synthetic_dataset(num_clips=int(steps * batch_size / 0.95) + 2, seed=0)["train"]
     waves = [a["array"] for a in data.select(range(200))["audio"]]
     tokenizer = MelKMeansTokenizer.fit(waves, sample_rate=16000, seed=0)
-    codes = tokenize_dataset(data, tokenizer)
+    codes = {"codes": [c.tolist() for c in encode_waves(tokenizer, [a["array"] for a in data["audio"]])]}
     model = build_decoder(None, model_size, tokenizer.num_codebooks, tokenizer.codebook_size, 200, dropout=0.0)
     collate = CodesCollator(tokenizer.num_codebooks, model.config.pad_token_id, model.config.bos_token_id, 50.0)
     rows = codes["codes"]

@@ -23,6 +23,7 @@ from hf_audio_trainer.errors import ConfigError, MissingError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+DEFAULT_SEGMENT_SECONDS = 30.0  # MusicGen's context
 
 
 def _check(condition: bool, message: str) -> None:
@@ -81,8 +82,29 @@ class DataConfig:
         default=5.0, metadata={"help": "Percent of train held out when the dataset has no validation split."}
     )
     synthetic_num_clips: int = field(default=2000, metadata={"help": "Clips in the embedded synthetic dataset."})
-    max_duration_seconds: float = field(default=30.0, metadata={"help": "Longer clips are cut to this length."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    max_duration_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Tracks are cut to this length before tokenizing; unset: whole tracks, trained in windows."},
+    )
+    segment_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Training window: each draw of a track trains on a window this long, at a start drawn from "
+            "(seed, epoch, row); validation uses each track's middle window. Unset: --max_duration_seconds if set, "
+            f"else {DEFAULT_SEGMENT_SECONDS:g} s (MusicGen's context)."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader workers decoding audio for tokenizing (the codec runs on the device)."},
+    )
+    preprocessing_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where tokenized datasets are cached (keyed by data, codec and settings; reused by every run, "
+            "stage and rank); unset: hf_audio_trainer/ in the datasets cache (HF_DATASETS_CACHE)."
+        },
+    )
     tokenizer: str | None = field(
         default=None,
         metadata={"help": "A saved audio tokenizer (folder or Hub id, mel_kmeans or EnCodec); unset: fit mel k-means."},
@@ -96,10 +118,16 @@ class DataConfig:
             f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
         )
         _check(self.synthetic_num_clips >= 2, f"synthetic_num_clips={self.synthetic_num_clips}: must be >= 2")
-        _check(self.max_duration_seconds > 0, f"max_duration_seconds={self.max_duration_seconds}: must be > 0")
+        for name in ("max_duration_seconds", "segment_seconds"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"{name}={getattr(self, name)}: must be > 0")
         _check(self.num_codebooks >= 1, f"num_codebooks={self.num_codebooks}: must be >= 1")
         _check(2 <= self.codebook_size <= 32768, f"codebook_size={self.codebook_size}: must be in [2, 32768]")
         _check(bool(self.audio_column), "audio_column must be a column name")
+
+    @property
+    def window_seconds(self) -> float:
+        """The training window's length in seconds (see `segment_seconds`)."""
+        return self.segment_seconds or self.max_duration_seconds or DEFAULT_SEGMENT_SECONDS
 
 
 @dataclass
@@ -163,6 +191,14 @@ class CurriculumConfig:
         default=None, metadata={"help": "Reference run folder (model + tokenizer/) for difficulty_method model_loss."}
     )
     group_by_length: bool = field(default=False, metadata={"help": "Batch clips of similar length (less padding)."})
+    curriculum_segments: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-length curriculum: --curriculum's pacing grows the training window (short windows "
+            "first, the full --segment_seconds from --curriculum_steps on) instead of opening harder clips; the "
+            "batch is measured in tokens (--max_tokens_per_batch)."
+        },
+    )
     high_quality_only: bool = field(
         default=False, metadata={"help": "Train only on rows whose `quality` column is 'clean'."}
     )
@@ -295,6 +331,13 @@ class TrainingConfig:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; -1: use num_train_epochs."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to run when max_steps is -1."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Clips per device per micro-batch."})
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch by duration: a micro-batch holds as many clips (of similar length) as fit this many "
+            "padded tokens (frames x codebooks); replaces per_device_train_batch_size. Unset: fixed-size batches."
+        },
+    )
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Clips per device per eval batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     mixed_precision: str | None = field(
@@ -308,6 +351,10 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps == -1 or self.max_steps > 0, f"max_steps={self.max_steps}: must be > 0, or -1")
         _check(self.num_train_epochs > 0, f"num_train_epochs={self.num_train_epochs}: must be > 0")
+        _check(
+            self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
+            f"max_tokens_per_batch={self.max_tokens_per_batch}: must be >= 1",
+        )
         _check(self.max_consecutive_skips >= 0, f"max_consecutive_skips={self.max_consecutive_skips}: must be >= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be >= 1")
@@ -453,6 +500,8 @@ class StageConfig:
     defaults: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     notes: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
+    # whether the stage can batch by duration (--max_tokens_per_batch): the code-sequence stages can
+    batches_by_duration: ClassVar[bool] = False
     # flag -> value defaults of this stage that differ from the sections' own (subclasses override)
     stage_defaults: ClassVar[dict[str, Any]] = {}
     # (section, flag, the refusal when the user's value does not fit): settings counted in steps, which must fit in
@@ -473,6 +522,24 @@ class StageConfig:
                 not given or FAMILIES[family].text_conditioned,
                 f"{', '.join(given)}: the {family} family takes no text; use --model_family musicgen_text",
             )
+        _check(
+            self.training.max_tokens_per_batch is None or self.batches_by_duration,
+            f"--max_tokens_per_batch: the {type(self).__name__.removesuffix('Config').lower()} stage batches a fixed "
+            "number of examples; use --per_device_train_batch_size",
+        )
+        curriculum = getattr(self, "curriculum", None)
+        if curriculum is not None:
+            _check(
+                not curriculum.curriculum_segments or curriculum.curriculum not in ("none", "anti"),
+                "--curriculum_segments grows the window with --curriculum's pacing; set --curriculum linear "
+                "(or root, geometric, step)",
+            )
+            _check(
+                curriculum.curriculum == "none" or curriculum.curriculum_segments
+                or self.training.max_tokens_per_batch is None,
+                "--max_tokens_per_batch with a difficulty --curriculum is not supported (the curriculum draws a "
+                "fixed number of clips per step); use one of them, or --curriculum_segments",
+            )  # fmt: skip
         if self.optim.learning_rate == 0:
             self.notes.append("learning_rate=0: the weights will not change (a check that the pipeline runs)")
         if self.training.max_steps > 0:
@@ -512,6 +579,8 @@ class PretrainConfig(StageConfig):
     text: TextConfig = field(default_factory=TextConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    batches_by_duration: ClassVar[bool] = True
 
 
 @dataclass
@@ -556,6 +625,8 @@ class FinetuneConfig(StageConfig):
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+
+    batches_by_duration: ClassVar[bool] = True
 
     stage_defaults: ClassVar[dict[str, Any]] = {
         "output_dir": "outputs/finetune",

@@ -39,6 +39,27 @@ class AudioTokenizer(ABC):
         """Encode several clips; a clip shorter than one frame gives [num_codebooks, 0] instead of an error."""
         return [self.encode(w) if self.num_frames(len(w)) > 0 else self._empty_codes() for w in waveforms]
 
+    def encoder_on(self, device: torch.device | str) -> AudioTokenizer:
+        """A tokenizer that encodes on `device` (codes still come back on the CPU); this one where it is already."""
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of what decides the codes (weights and settings): two tokenizers with one encode alike."""
+        import hashlib
+
+        digest = hashlib.sha256(type(self).__name__.encode())
+        for name, value in sorted(self._identity().items()):
+            digest.update(name.encode())
+            if isinstance(value, torch.Tensor):
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+        return digest.hexdigest()
+
+    def _identity(self) -> dict:
+        """Name -> tensor or plain value of everything the codes depend on (for `fingerprint`)."""
+        raise NotImplementedError
+
     @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.FloatTensor:
         """Decode codes [num_codebooks, frames] into a mono float waveform [samples] at `sample_rate`."""

@@ -79,6 +79,47 @@ class EncodecTokenizer(AudioTokenizer):
         return out.audio_codes[0, 0].long().cpu()  # [chunks=1, batch=1, codebooks, frames] -> [codebooks, frames]
 
     @torch.no_grad()
+    def encode_batch(self, waveforms: list[np.ndarray | torch.Tensor]) -> list[torch.LongTensor]:
+        """Encode clips in one padded forward pass (callers batch clips of similar length: less padding).
+
+        A clip's codes match its own `encode` except in its last frames, which see the zero padding after it through
+        the encoder's non-causal convolutions where its own pass sees the convolutions' edge padding.
+        """
+        waves = [_as_mono(w) for w in waveforms]
+        out = [self._empty_codes() for _ in waves]
+        kept = [i for i, w in enumerate(waves) if w.numel()]
+        if not kept:
+            return out
+        weight = next(self.model.parameters())
+        padded = torch.nn.utils.rnn.pad_sequence([waves[i] for i in kept], batch_first=True)
+        mask = torch.zeros(padded.shape, dtype=torch.bool)
+        for row, i in enumerate(kept):
+            mask[row, : len(waves[i])] = True
+        codes = (
+            self.model.encode(
+                padded[:, None].to(weight.device, weight.dtype),
+                mask[:, None].to(weight.device),
+                bandwidth=self.bandwidth,
+            )
+            .audio_codes[0]
+            .long()
+            .cpu()
+        )  # [chunks=1, batch, codebooks, frames] -> [batch, codebooks, frames]
+        for row, i in enumerate(kept):
+            out[i] = codes[row, :, : self.num_frames(len(waves[i]))].contiguous()
+        return out
+
+    def encoder_on(self, device: torch.device | str) -> EncodecTokenizer:
+        if next(self.model.parameters()).device == torch.device(device):
+            return self
+        import copy
+
+        return EncodecTokenizer(copy.deepcopy(self.model).to(device), self.bandwidth)
+
+    def _identity(self) -> dict:
+        return {"bandwidth": self.bandwidth, **self.model.state_dict()}
+
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.FloatTensor:
         """Decode codes [num_codebooks, frames] into frames * hop_length samples."""
         codes = self._check_codes(codes)

@@ -188,7 +188,7 @@ class MelKMeansTokenizer(AudioTokenizer):
 
     def encode_batch(self, waveforms: list[np.ndarray | torch.Tensor]) -> list[torch.LongTensor]:
         """Encode many clips with batched STFTs and one chunked nearest-centroid search over all their frames."""
-        waves = [_as_mono(w) for w in waveforms]
+        waves = [_as_mono(w).to(self.mean.device) for w in waveforms]
         if not waves:
             return []
         frames = self._log_mel_batch(waves)
@@ -199,7 +199,23 @@ class MelKMeansTokenizer(AudioTokenizer):
             index = _assign(residual, centroids)
             residual = residual - centroids[index]
             codes.append(index)
-        return [c.contiguous() for c in torch.stack(codes).split(lengths, dim=1)]
+        return [c.cpu().contiguous() for c in torch.stack(codes).split(lengths, dim=1)]
+
+    def encoder_on(self, device: torch.device | str) -> MelKMeansTokenizer:
+        if self.mean.device == torch.device(device):
+            return self
+        import copy
+
+        moved = copy.copy(self)
+        for name in ("codebooks", "mean", "std", "window", "mel_fb"):
+            setattr(moved, name, getattr(self, name).to(device))
+        return moved
+
+    def _identity(self) -> dict:
+        settings = ("sample_rate", "n_fft", "hop_length", "n_mels")
+        return {"codebooks": self.codebooks, "mean": self.mean, "std": self.std} | {
+            k: getattr(self, k) for k in settings
+        }
 
     def decode(self, codes: torch.Tensor) -> torch.FloatTensor:
         """Decode codes [num_codebooks, frames] into frames * hop_length samples via Griffin-Lim."""
@@ -217,7 +233,7 @@ class MelKMeansTokenizer(AudioTokenizer):
 
     def _log_mel_batch(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """Log-mel frames [len // hop_length, n_mels] of each clip, in input order."""
-        out = [torch.zeros(0, self.n_mels) for _ in waves]
+        out = [torch.zeros(0, self.n_mels, device=self.mean.device) for _ in waves]
         # Longest first, batched up to a sample budget: little padding, few ops, moderate allocations.
         order = sorted((i for i, w in enumerate(waves) if self.num_frames(len(w)) > 0), key=lambda i: -len(waves[i]))
         while order:

@@ -6,6 +6,7 @@ datasets 5.x decodes ``Audio`` features only through torchcodec, so every Audio 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -132,6 +133,15 @@ def _audio_folder(root: Path, audio_column: str) -> datasets.Dataset:
         columns = {c: table[c].tolist() for c in table.columns if c != "file_name"}
     paths = [{"bytes": None, "path": str((root / name).resolve())} for name in files]
     ds = datasets.Dataset.from_dict({audio_column: paths, **columns})
+    # The rows hold paths, so their hash alone would miss a file edited in place: the caches keyed on this
+    # fingerprint (tokenized codes) must see the files' sizes and modification times too.
+    digest = hashlib.sha256(ds._fingerprint.encode())
+    for name in files:
+        stat = (root / name).stat()
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    if metadata.is_file():
+        digest.update(metadata.read_bytes())
+    ds._fingerprint = digest.hexdigest()[:16]
     # Casting the {"bytes", "path"} struct works on Arrow storage alone; Audio's encode_example would need torchcodec.
     return ds.cast_column(audio_column, datasets.Audio(decode=False))
 
@@ -193,6 +203,7 @@ def load_audio_dataset(
     seed: int = 0,
     dataset_config_name: str | None = None,
     synthetic_num_clips: int = 2000,
+    cache_dir: str | os.PathLike | None = None,
 ) -> datasets.DatasetDict:
     """Train and validation splits from the synthetic set, a save_to_disk folder, an audio folder or a Hub id."""
     if not 0 < validation_split_percentage <= 50:
@@ -200,7 +211,10 @@ def load_audio_dataset(
     if dataset_name in (None, "synthetic"):
         name = "synthetic"
         loaded = make_synthetic_dataset(
-            num_clips=synthetic_num_clips, validation_fraction=validation_split_percentage / 100, seed=seed
+            num_clips=synthetic_num_clips,
+            validation_fraction=validation_split_percentage / 100,
+            seed=seed,
+            cache_dir=cache_dir,
         )
     else:
         name = dataset_name

@@ -9,9 +9,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from hf_audio_trainer.codecs import AudioTokenizer
-from hf_audio_trainer.data.audio import decode_audio
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.data.segments import take_window, window_start
 
 _MAIN_PID = os.getpid()  # datasets forks its num_proc workers after this module is imported
 
@@ -22,58 +20,6 @@ def one_thread_in_workers() -> None:
     # torch op once the parent has run one; with one thread torch runs ops inline. The workers share the cores anyway.
     if os.getpid() != _MAIN_PID:
         torch.set_num_threads(1)
-
-
-def tokenize_dataset(
-    dataset: Dataset,
-    tokenizer: AudioTokenizer,
-    audio_column: str = "audio",
-    max_duration_seconds: float = 30.0,
-    num_proc: int | None = None,
-    split: str = "train",
-    keep: tuple[str, ...] = (),
-) -> Dataset:
-    """Decode, resample, cut and encode every clip into a `codes` column ([num_codebooks][frames], int); the
-    columns in `keep` (a text description) stay beside it, with difficulty and quality."""
-    max_samples = int(max_duration_seconds * tokenizer.sample_rate)
-
-    def encode(batch: dict, indices: list[int]) -> dict:
-        one_thread_in_workers()
-        waves = [
-            decode_audio(value, tokenizer.sample_rate, where=f"{split} row {i}")[:max_samples]
-            for value, i in zip(batch[audio_column], indices, strict=True)
-        ]
-        codes = tokenizer.encode_batch(waves)
-        return {"codes": [c.to(torch.int16).tolist() for c in codes], "num_frames": [c.shape[-1] for c in codes]}
-
-    encoded = dataset.map(
-        encode,
-        batched=True,
-        batch_size=64,
-        with_indices=True,
-        remove_columns=[c for c in dataset.column_names if c not in ("difficulty", "quality", *keep)],
-        num_proc=num_proc,
-        desc=f"Tokenizing {split}",
-    )
-    frames = np.asarray(encoded["num_frames"])
-    too_short = np.flatnonzero(frames == 0)
-    if len(too_short):
-        names = _clip_names(dataset, audio_column, too_short[:5])
-        raise ConfigError(
-            f"{len(too_short)} {split} clip(s) are shorter than one tokenizer frame "
-            f"({tokenizer.hop_length} samples at {tokenizer.sample_rate} Hz), e.g. {names}; "
-            "remove them from the dataset (e.g. dataset.filter on the duration)"
-        )
-    return encoded
-
-
-def _clip_names(dataset: Dataset, audio_column: str, rows: np.ndarray) -> list[str]:
-    names = []
-    for row in rows.tolist():
-        value = dataset[row][audio_column]
-        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-        names.append(f"row {row}" + (f" ({path})" if path else ""))
-    return names
 
 
 def delay_pattern(codes: np.ndarray, pad_id: int) -> np.ndarray:
@@ -124,8 +70,11 @@ class CodesCollator:
             "num_samples": len(examples),
             "audio_seconds": frames / self.frame_rate,
         }
-        if "difficulty" in examples[0]:  # the curriculum's footprint: the loop logs the mean difficulty trained on
-            batch["sample_stats"] = {"mean_difficulty": float(sum(ex["difficulty"] for ex in examples))}
+        # per-clip sums the loop logs as means: the windows' length (a sequence-length curriculum's footprint) and
+        # the curriculum's, the difficulty trained on
+        batch["sample_stats"] = {"mean_clip_seconds": sum(len(ex["codes"][0]) for ex in examples) / self.frame_rate}
+        if "difficulty" in examples[0]:
+            batch["sample_stats"]["mean_difficulty"] = float(sum(ex["difficulty"] for ex in examples))
         return batch
 
 
@@ -137,27 +86,48 @@ def batch_stream(
     start_step: int = 0,
     columns: list[str] | None = None,
     positions: bool = False,
+    segment_frames: int | None = None,
+    seed: int = 0,
 ) -> Iterator[dict]:
     """Endless micro-batches for this rank, starting right after optimizer step `start_step` (no replay).
 
+    The sampler is a `CurriculumSampler` (micro-batches of `micro_batch_size` clips) or a `TokenBudgetSampler` (as many
+    clips as fit its token budget, and a window length per step). `segment_frames`: each track is cut to a window
+    of that many frames at a start drawn from (seed, epoch, row) (`data.segments`); None keeps whole tracks.
     `positions`: each example also carries its row and the epoch it is drawn in (`row`, `epoch`), for what must be
     a pure function of the data position (classifier-free guidance's condition dropout).
     """
-    sampler.load_state_dict(sampler.state_at_step(start_step))
     columns = columns or [c for c in ("codes", "difficulty") if c in dataset.column_names]
     rows = dataset.select_columns(columns)
+    plan = (
+        sampler.micro_batches(start_step)
+        if hasattr(sampler, "micro_batches")
+        else _fixed_size(sampler, micro_batch_size, start_step, segment_frames)
+    )
+    for indices, frames, epoch in plan:
+        picked = rows[indices]  # one read per micro-batch, column-wise
+        per_row = zip(*(picked[c] for c in columns), strict=True)
+        examples = [dict(zip(columns, values, strict=True)) for values in per_row]
+        if frames is not None and "codes" in columns:
+            for example, row in zip(examples, indices, strict=True):
+                codes = example["codes"]
+                start = window_start(seed, epoch, row, len(codes[0]), frames)
+                example["codes"] = take_window(codes, start, frames)
+        if positions:
+            for example, row in zip(examples, indices, strict=True):
+                example.update(row=row, epoch=epoch)
+        yield collate(examples)
+
+
+def _fixed_size(sampler, micro_batch_size: int, start_step: int, segment_frames: int | None):
+    """(indices, window frames, epoch) of a CurriculumSampler's micro-batches of `micro_batch_size` clips."""
+    sampler.load_state_dict(sampler.state_at_step(start_step))
     while True:
         indices: list[int] = []
         for index in sampler:
             indices.append(index)
             if len(indices) == micro_batch_size:
-                picked = rows[indices]  # one read per micro-batch, column-wise
-                per_row = zip(*(picked[c] for c in columns), strict=True)
-                examples = [dict(zip(columns, values, strict=True)) for values in per_row]
-                if positions:
-                    for example, row in zip(examples, indices, strict=True):
-                        example.update(row=row, epoch=sampler.epoch)
-                yield collate(examples)
+                yield indices, segment_frames, sampler.epoch
                 indices = []
         sampler.set_epoch(sampler.epoch + 1)
 

@@ -18,15 +18,20 @@ on a log (decibel) scale, as loudness is heard, and is 0 for clean clips. ``note
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
 from datasets.table import InMemoryTable
 
 # Bump when the generator's output changes, so fingerprints (and any map() caches keyed on them) change too.
 SYNTHETIC_VERSION = 1
+SPLITS = ("train", "validation")
+WRITE_CHUNK = 512  # clips generated and written at a time into the cache files
 MAX_POLYPHONY = 4
 MIN_NOISE = 0.003
 MAX_NOISE = 0.25
@@ -421,8 +426,10 @@ def make_synthetic_dataset(
     max_duration: float = 3.0,
     validation_fraction: float = 0.05,
     seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
 ) -> datasets.DatasetDict:
-    """The seeded synthetic music dataset with "train" and "validation" splits."""
+    """The seeded synthetic music dataset with "train" and "validation" splits; with `cache_dir`, generated once
+    into Arrow files there and memory-mapped (in memory otherwise)."""
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     if sample_rate < 1000:
@@ -433,8 +440,10 @@ def make_synthetic_dataset(
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     num_val = min(max(round(num_clips * validation_fraction), 1), num_clips - 1)
     val_ids = set(np.random.default_rng(seed).permutation(num_clips)[:num_val].tolist())
-    clips = [(i, make_clip(i, sample_rate, min_duration, max_duration, seed)) for i in range(num_clips)]
     key = f"{SYNTHETIC_VERSION}-{num_clips}-{sample_rate}-{min_duration}-{max_duration}-{validation_fraction}-{seed}"
+    if cache_dir is not None:
+        return _written(num_clips, val_ids, key, Path(cache_dir), (sample_rate, min_duration, max_duration, seed))
+    clips = [(i, make_clip(i, sample_rate, min_duration, max_duration, seed)) for i in range(num_clips)]
     return datasets.DatasetDict(
         {
             split: _dataset(
@@ -443,3 +452,28 @@ def make_synthetic_dataset(
             for split in ("train", "validation")
         }
     )
+
+
+def _written(num_clips: int, val_ids: set[int], key: str, cache_dir: Path, clip_args: tuple) -> datasets.DatasetDict:
+    """The splits generated straight into Arrow files under `cache_dir` (once) and memory-mapped: RAM stays flat
+    however many clips there are."""
+    files = {split: cache_dir / f"synthetic-{_fingerprint(key, split)}-{split}.arrow" for split in SPLITS}
+    if not all(f.is_file() for f in files.values()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = {split: f.with_name(f.name + f".tmp{os.getpid()}") for split, f in files.items()}
+        writers = {split: ArrowWriter(features=FEATURES, path=str(path)) for split, path in tmp.items()}
+        for start in range(0, num_clips, WRITE_CHUNK):
+            clips = [(i, make_clip(i, *clip_args)) for i in range(start, min(start + WRITE_CHUNK, num_clips))]
+            for split, writer in writers.items():
+                mine = [c for c in clips if (c[0] in val_ids) == (split == "validation")]
+                if mine:
+                    writer.write_table(pa.Table.from_batches([_table(mine)]))
+        for split, writer in writers.items():
+            writer.finalize()
+            writer.close()
+            os.replace(tmp[split], files[split])
+    splits = {}
+    for split, path in files.items():
+        splits[split] = datasets.Dataset.from_file(str(path), info=datasets.DatasetInfo(features=FEATURES))
+        splits[split]._fingerprint = _fingerprint(key, split)  # the in-memory build's: caches keyed on it are shared
+    return datasets.DatasetDict(splits)

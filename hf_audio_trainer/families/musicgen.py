@@ -28,13 +28,15 @@ from hf_audio_trainer.alignment import (
 )
 from hf_audio_trainer.codecs import AudioTokenizer, MelKMeansTokenizer, load_audio_tokenizer
 from hf_audio_trainer.data.audio import decode_audio
-from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import (
     check_preference_columns,
     drop_identical_pairs,
     load_preference_dataset,
     make_synthetic_preferences,
 )
+from hf_audio_trainer.data.preprocess import encode_dataset
+from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
@@ -42,6 +44,7 @@ from hf_audio_trainer.models import load_pretrained, num_parameters
 
 TOKENIZER_DIR = "tokenizer"  # a model folder keeps its tokenizer here
 FIT_CLIPS = 500  # clips a new mel k-means tokenizer is fitted on
+FIT_SECONDS = 30.0  # of each
 SAMPLE_RATE = 16000  # of a new mel k-means tokenizer
 
 # Sizes of a new model. "tiny" trains in a few minutes on two CPU cores.
@@ -232,6 +235,7 @@ class CodesData:
     max_positions: int
     columns: list[str] | None = None  # the columns a training batch reads (None: codes, and difficulty if any)
     collate_rows: type | None = None  # wraps the codes collator for rows that are not plain clips (preference pairs)
+    segment_frames: int | None = None  # the training window (None: whole sequences, as preference pairs are)
 
 
 def model_tokenizer(model_name_or_path: str) -> str:
@@ -270,7 +274,10 @@ def prepare_tokenizer(run, train_set: Dataset) -> AudioTokenizer:
         rng = np.random.default_rng(cfg.training.seed)
         rows = rng.permutation(len(train_set))[:FIT_CLIPS].tolist()
         audio = train_set.select(rows)[cfg.data.audio_column]
-        waves = [decode_audio(a, SAMPLE_RATE, where=f"train row {r}") for a, r in zip(audio, rows, strict=True)]
+        fit_samples = int(FIT_SECONDS * SAMPLE_RATE)  # the start of a long track is enough to fit on
+        waves = [
+            decode_audio(a, SAMPLE_RATE, where=f"train row {r}")[:fit_samples] for a, r in zip(audio, rows, strict=True)
+        ]
         tokenizer = MelKMeansTokenizer.fit(
             waves,
             sample_rate=SAMPLE_RATE,
@@ -289,21 +296,26 @@ def preprocess(run, clips: dict[str, Dataset]) -> CodesData:
     if cfg.model.model_name_or_path is not None:
         refuse_composite(cfg.model.model_name_or_path)
     tokenizer = prepare_tokenizer(run, clips["train"])
+    d = cfg.data
+    splits = {
+        name: encode_dataset(
+            clips[name],
+            tokenizer,
+            accelerator,
+            d.audio_column,
+            d.max_duration_seconds,
+            d.preprocessing_num_workers,
+            split=name,
+            cache_dir=d.preprocessing_cache_dir,
+        )  # fmt: skip
+        for name in ("train", "validation")
+    }
+    segment_frames = max(1, int(d.window_seconds * tokenizer.frame_rate))
     with accelerator.main_process_first():
-        splits = {
-            name: tokenize_dataset(
-                clips[name],
-                tokenizer,
-                cfg.data.audio_column,
-                cfg.data.max_duration_seconds,
-                cfg.data.preprocessing_num_workers,
-                split=name,
-            )  # fmt: skip
-            for name in ("train", "validation")
-        }
+        splits["validation"] = middle_windows(splits["validation"], segment_frames)
     # positions: BOS + frames + the delay of the last codebook
-    max_positions = int(cfg.data.max_duration_seconds * tokenizer.frame_rate) + tokenizer.num_codebooks + 1
-    return CodesData(tokenizer, splits["train"], splits["validation"], max_positions)
+    max_positions = segment_frames + tokenizer.num_codebooks + 1
+    return CodesData(tokenizer, splits["train"], splits["validation"], max_positions, segment_frames=segment_frames)
 
 
 def folder_fingerprint(folder: str) -> str:
@@ -392,7 +404,10 @@ def collator(data: CodesData, model: torch.nn.Module):
 def batches(run, data: CodesData, models, sampler, start_step: int):
     collate = collator(data, run.accelerator.unwrap_model(models["model"]))
     micro_batch = run.cfg.training.per_device_train_batch_size
-    return batch_stream(data.train, sampler, micro_batch, collate, start_step, data.columns)
+    return batch_stream(
+        data.train, sampler, micro_batch, collate, start_step, data.columns, segment_frames=data.segment_frames,
+        seed=run.cfg.training.seed,
+    )  # fmt: skip
 
 
 def loss(run, data: CodesData, models):

@@ -31,13 +31,15 @@ from hf_audio_trainer.alignment import (
     tokenize_preferences,
 )
 from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
-from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches, tokenize_dataset
+from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import (
     check_preference_columns,
     drop_identical_pairs,
     load_preference_dataset,
     make_synthetic_preferences,
 )
+from hf_audio_trainer.data.preprocess import encode_dataset
+from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.text import (
     IDS,
     STATES,
@@ -83,6 +85,7 @@ class TextCodesData:
     source: str | None  # what `base` was loaded from
     prompts: list[str]  # the validation descriptions, which in-loop samples are generated from
     pairs: bool = False  # preference pairs (align): prompt text + chosen / rejected codes
+    segment_frames: int | None = None  # the training window (None: whole sequences, as preference pairs are)
 
 
 def text_of(run, split: Dataset, name: str) -> list[str]:
@@ -133,26 +136,30 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     texts = {name: text_of(run, clips[name], name) for name in ("train", "validation")}
     text_tokenizer = processor.tokenizer
     splits, nulls = {}, {}
-    with acc.main_process_first():
-        for name in ("train", "validation"):
-            ids = [
-                text_tokenizer(x, truncation=True, max_length=t.max_text_tokens)["input_ids"] if x else []
-                for x in texts[name]
-            ]
-            nulls[name] = sum(1 for x in ids if not x)
+    d = cfg.data
+    for name in ("train", "validation"):
+        ids = [
+            text_tokenizer(x, truncation=True, max_length=t.max_text_tokens)["input_ids"] if x else []
+            for x in texts[name]
+        ]
+        nulls[name] = sum(1 for x in ids if not x)
+        with acc.main_process_first():
             split = clips[name].remove_columns([c for c in (IDS, STATES) if c in clips[name].column_names])
             split = split.add_column(IDS, ids)
-            split = tokenize_dataset(
-                split, codec, cfg.data.audio_column, cfg.data.max_duration_seconds, cfg.data.preprocessing_num_workers,
-                split=name, keep=(IDS,),
-            )  # fmt: skip
-            splits[name] = split
+        splits[name] = encode_dataset(
+            split, codec, acc, d.audio_column, d.max_duration_seconds, d.preprocessing_num_workers, split=name,
+            keep=(IDS,), cache_dir=d.preprocessing_cache_dir,
+        )  # fmt: skip
     if any(nulls.values()):
         acc.print(f"rows without a description (trained as the null condition): {nulls}")
-    max_positions = int(cfg.data.max_duration_seconds * codec.frame_rate) + codec.num_codebooks + 1
+    segment_frames = max(1, int(d.window_seconds * codec.frame_rate))
+    with acc.main_process_first():
+        splits["validation"] = middle_windows(splits["validation"], segment_frames)
+    max_positions = segment_frames + codec.num_codebooks + 1
     return TextCodesData(
-        codec, processor, splits["train"], splits["validation"], max_positions, base, source, texts["validation"]
-    )
+        codec, processor, splits["train"], splits["validation"], max_positions, base, source, texts["validation"],
+        segment_frames=segment_frames,
+    )  # fmt: skip
 
 
 def prompt_texts(split: Dataset, name: str) -> list[str]:
@@ -334,8 +341,9 @@ def batches(run, data: TextCodesData, models, sampler, start_step: int):
         data, run.accelerator.unwrap_model(models["model"]), dropout=t.text.condition_dropout, seed=t.training.seed
     )
     return batch_stream(
-        data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data), positions=True
-    )
+        data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data), positions=True,
+        segment_frames=data.segment_frames, seed=t.training.seed,
+    )  # fmt: skip
 
 
 def loss(run, data: TextCodesData, models):

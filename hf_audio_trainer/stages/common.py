@@ -72,9 +72,16 @@ def load_clips(run: Run, select: Callable[[Run, dict[str, Dataset]], dict[str, D
         clips = load_audio_dataset(
             d.dataset_name, audio_column=d.audio_column, validation_split_percentage=d.validation_split_percentage,
             seed=cfg.training.seed, dataset_config_name=d.dataset_config_name,
-            synthetic_num_clips=d.synthetic_num_clips,
+            synthetic_num_clips=d.synthetic_num_clips, cache_dir=preprocessing_cache(d),
         )  # fmt: skip
         return select(run, clips) if select is not None else clips
+
+
+def preprocessing_cache(data_config) -> Path:
+    """Where this run's data caches go (generated synthetic clips, tokenized codes)."""
+    from hf_audio_trainer.data.preprocess import default_cache_dir
+
+    return Path(getattr(data_config, "preprocessing_cache_dir", None) or default_cache_dir())
 
 
 def run_length(run: Run, sampler: CurriculumSampler) -> int:
@@ -175,7 +182,11 @@ def train_model(
         if family.load_checkpoint_state is not None:
             family.load_checkpoint_state(data, ckpt.verify_checkpoint(run.resume), run.resume)
     acc.init_trackers(run.stage, config=cfg.to_flat_dict())
-    acc.print(f"{summary or family.describe(data, models)}; global batch {global_batch}; {max_steps} steps")
+    budget = cfg.training.max_tokens_per_batch if hasattr(sampler, "micro_batches") else None
+    batch = f"global batch {global_batch}" if budget is None else (
+        f"global batch {global_batch // cfg.training.per_device_train_batch_size} micro-batches of <= {budget} tokens"
+    )  # fmt: skip
+    acc.print(f"{summary or family.describe(data, models)}; {batch}; {max_steps} steps")
 
     batches = family.batches(run, data, models, sampler, start_step)
     loss_fn = loss_fn or family.loss(run, data, models)

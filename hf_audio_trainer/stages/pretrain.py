@@ -3,10 +3,13 @@ optionally easiest clips first (curriculum)."""
 
 from __future__ import annotations
 
+import numpy as np
 from datasets import Dataset
 
+from hf_audio_trainer.batching import TokenBudgetSampler
 from hf_audio_trainer.config import PretrainConfig, resolve_config
 from hf_audio_trainer.curriculum import CurriculumSampler
+from hf_audio_trainer.data.segments import segment_schedule
 from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families import Family, family_for
@@ -34,7 +37,7 @@ def prepare_training(run: Run, family: Family):
     """What pretrain and finetune train on: the selected clips as the family reads them, their order (curriculum),
     the run's length, and the family's networks (new, or loaded from --model_name_or_path)."""
     data = family.preprocess(run, load_clips(run, select=lambda r, clips: select_rows(r, family, clips)))
-    sampler = curriculum_sampler(run, data.train)
+    sampler = curriculum_sampler(run, data)
     max_steps = run_length(run, sampler)
     return data, sampler, max_steps, family.build_model(run, data, run.cfg.model.model_name_or_path)
 
@@ -54,7 +57,8 @@ def select_rows(run: Run, family: Family, clips: dict[str, Dataset]) -> dict[str
             model_name_or_path=c.difficulty_model, num_proc=cfg.data.preprocessing_num_workers,
             clip_scorer=family.load_clip_scorer,
         )  # fmt: skip
-    if (c.curriculum != "none" or c.max_difficulty is not None) and "difficulty" not in train.column_names:
+    paced = c.curriculum != "none" and not c.curriculum_segments  # a sequence-length curriculum paces windows
+    if (paced or c.max_difficulty is not None) and "difficulty" not in train.column_names:
         raise ConfigError(
             f"--curriculum {c.curriculum} / --max_difficulty need a difficulty score per clip, but the dataset has no "
             "'difficulty' column: pass --difficulty_method acoustic (or column, model_loss) to score it, or add a "
@@ -82,13 +86,34 @@ def select_rows(run: Run, family: Family, clips: dict[str, Dataset]) -> dict[str
     return {"train": train, "validation": validation}
 
 
-def curriculum_sampler(run: Run, train: Dataset) -> CurriculumSampler:
+def curriculum_sampler(run: Run, data) -> CurriculumSampler | TokenBudgetSampler:
     """The data order: the curriculum's pacing over difficulty (a plain seeded shuffle with `none`), one global
-    order split by rank, optionally batching clips of similar length."""
-    acc, c = run.accelerator, run.cfg.curriculum
+    order split by rank, optionally batching clips of similar length; or, with --max_tokens_per_batch, batches by
+    duration (their windows growing under --curriculum_segments)."""
+    acc, c, t, train = run.accelerator, run.cfg.curriculum, run.cfg.training, data.train
+    window = getattr(data, "segment_frames", None)
+    frames = train["num_frames"] if c.group_by_length or t.max_tokens_per_batch or c.curriculum_segments else None
+    if c.curriculum_segments or t.max_tokens_per_batch is not None:
+        codebooks = data.tokenizer.num_codebooks
+        if t.max_tokens_per_batch is None:  # the fixed batch's tokens, as a budget: steps stay comparable
+            t.max_tokens_per_batch = t.per_device_train_batch_size * window * codebooks
+            acc.print(
+                f"--curriculum_segments: batching by tokens, {t.max_tokens_per_batch} per micro-batch "
+                f"(--per_device_train_batch_size x a full window of {window} frames x {codebooks} codebooks)"
+            )
+        schedule = segment_schedule(
+            window, c.curriculum if c.curriculum_segments else None, c.curriculum_start_fraction, c.curriculum_steps
+        )
+        return TokenBudgetSampler(
+            frames, t.max_tokens_per_batch, codebooks, t.gradient_accumulation_steps, acc.num_processes,
+            acc.process_index, seed=t.seed, segment_frames=schedule,
+        )  # fmt: skip
     difficulties = train["difficulty"] if "difficulty" in train.column_names else [0.0] * len(train)
+    lengths = None
+    if c.group_by_length:
+        lengths = np.minimum(frames, window) if window is not None else frames
     return CurriculumSampler(
         difficulties, global_batch_size(run), pacing=c.curriculum, start_fraction=c.curriculum_start_fraction,
         curriculum_steps=c.curriculum_steps, num_replicas=acc.num_processes, rank=acc.process_index,
-        seed=run.cfg.training.seed, lengths=train["num_frames"] if c.group_by_length else None,
+        seed=t.seed, lengths=lengths,
     )  # fmt: skip

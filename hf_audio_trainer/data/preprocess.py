@@ -1,0 +1,243 @@
+"""Preprocessing done once, for every run, stage and rank: audio -> codes on the accelerator, cached on disk.
+
+Each rank encodes its own share of the rows (chunks c with c % world == rank) on `accelerator.device`, clips of
+similar length batched together, and writes each chunk as an Arrow file (atomically: written beside, then renamed).
+The folder is named by a fingerprint of what the codes depend on: the dataset's fingerprint, the codec's weights and
+the settings. So a second run, another stage and every rank read the same codes (one process computed each row, so
+ranks can never disagree over a near-tie), and a preprocessing run that was interrupted resumes at the first chunk
+it had not written. The result is memory-mapped, so RAM does not grow with the dataset.
+
+`datasets.map` cannot give this: it runs on one process, its cache key needs a picklable function (a codec on a
+device is not: "Parameter 'function' ... couldn't be hashed", a random key, a new pass every run), and an
+interrupted map starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+from hf_audio_trainer.codecs import AudioTokenizer
+from hf_audio_trainer.data.audio import decode_audio
+from hf_audio_trainer.errors import ConfigError
+
+CACHE_VERSION = 1  # bump when the cached columns change meaning
+CHUNK_ROWS = 256  # rows per cache file: the unit of resumption and of the rank split
+BATCH_SECONDS = 320.0  # padded audio per codec forward pass (clips of similar length share one)
+PIECE_SECONDS = 300.0  # a longer track is encoded in pieces of this length, so memory is bounded by the piece
+DONE = "done.json"
+CODES_FEATURES = {
+    "codes": datasets.List(datasets.List(datasets.Value("int16"))),
+    "num_frames": datasets.Value("int32"),
+}
+
+
+def default_cache_dir() -> Path:
+    """Where preprocessed datasets live unless --preprocessing_cache_dir says otherwise (beside datasets' cache)."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_audio_trainer"
+
+
+def fingerprint(*parts) -> str:
+    """A stable hash of plain values (strings, numbers, lists, dicts)."""
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_chunks(
+    dataset: Dataset,
+    encode_chunk: Callable[[int, int], tuple[pa.Table, float]],
+    key: str,
+    accelerator: Accelerator,
+    cache_dir: str | os.PathLike | None,
+    desc: str,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Dataset:
+    """`encode_chunk(start, stop)` (rows [start, stop) -> a table of new columns and the audio-seconds it read)
+    over all rows, every rank its share, each chunk written once under `cache_dir/key`; returns the concatenated,
+    memory-mapped result."""
+    folder = Path(cache_dir or default_cache_dir()) / key
+    num_chunks = -(-len(dataset) // chunk_rows)
+    files = [folder / f"chunk-{c:06d}-of-{num_chunks:06d}.arrow" for c in range(num_chunks)]
+    # the main process's view decides whether to compute, so every rank reaches the same barriers even while
+    # another run finishes the same cache
+    done = [(folder / DONE).is_file()]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(done)
+    if not done[0]:
+        folder.mkdir(parents=True, exist_ok=True)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = [c for c in range(rank, num_chunks, world) if not files[c].is_file()]
+        _write_chunks(mine, files, encode_chunk, chunk_rows, len(dataset), accelerator, desc)
+        accelerator.wait_for_everyone()
+    # Without a filesystem shared by all nodes, a rank sees only its own node's chunks: it computes the rest
+    # (correct, if slower; a shared filesystem, or preprocessing on one node first, avoids the repeat).
+    missing = [c for c in range(num_chunks) if not files[c].is_file()]
+    if missing:
+        print(f"{desc}: {len(missing)} chunk(s) that other processes wrote are not on this filesystem; computing them")
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_chunks(missing, files, encode_chunk, chunk_rows, len(dataset), accelerator, desc)
+    if not (folder / DONE).is_file():
+        _atomic_write(folder / DONE, json.dumps({"rows": len(dataset), "chunks": num_chunks}).encode())
+    parts = [Dataset.from_file(str(f)) for f in files]
+    result = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(result) != len(dataset):
+        raise ConfigError(
+            f"the preprocessing cache {folder} holds {len(result)} rows for a dataset of {len(dataset)}; delete that "
+            "folder and run again"
+        )
+    return result
+
+
+def _write_chunks(chunks, files, encode_chunk, chunk_rows, num_rows, accelerator, desc) -> None:
+    bar = tqdm(total=len(chunks), desc=desc, unit="chunk", disable=not accelerator.is_local_main_process)
+    started, seconds = time.perf_counter(), 0.0
+    for c in chunks:
+        table, audio_seconds = encode_chunk(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))
+        tmp = files[c].with_name(files[c].name + f".tmp{os.getpid()}")
+        with ArrowWriter(path=str(tmp), features=datasets.Features.from_arrow_schema(table.schema)) as writer:
+            writer.write_table(table)
+            writer.finalize()
+        os.replace(tmp, files[c])  # a chunk file exists only when complete: an interrupted run redoes just this one
+        seconds += audio_seconds
+        hours_per_second = seconds / 3600 / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix_str(f"{hours_per_second:.3g} audio-h/s")
+        bar.update()
+    bar.close()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Audio -> codes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Rows of one chunk decoded to mono waveforms (in DataLoader workers when there are some)."""
+
+    def __init__(self, dataset: Dataset, audio_column: str, start: int, sample_rate: int, max_samples, split: str):
+        self.dataset, self.column, self.start = dataset.select_columns([audio_column]), audio_column, start
+        self.sample_rate, self.max_samples, self.split = sample_rate, max_samples, split
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        row = self.start + i
+        wave = decode_audio(self.dataset[row][self.column], self.sample_rate, where=f"{self.split} row {row}")
+        return wave[: self.max_samples] if self.max_samples is not None else wave
+
+
+def _similar_length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Indices longest first, in batches whose padded size (count x longest) stays within `budget` samples."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    while order:
+        size = max(1, budget // max(lengths[order[0]], 1))
+        yield order[:size]
+        order = order[size:]
+
+
+def encode_waves(tokenizer: AudioTokenizer, waves: list[np.ndarray]) -> list[np.ndarray]:
+    """Codes [codebooks, frames] (int16) of each wave: similar lengths batched, long tracks in pieces."""
+    piece = int(PIECE_SECONDS * tokenizer.sample_rate) // tokenizer.hop_length * tokenizer.hop_length
+    pieces, owner = [], []  # each wave as pieces of at most `piece` samples (whole frames, so codes line up)
+    for i, w in enumerate(waves):
+        for start in range(0, max(len(w), 1), piece):
+            pieces.append(w[start : start + piece])
+            owner.append(i)
+    codes: list = [None] * len(pieces)
+    budget = int(BATCH_SECONDS * tokenizer.sample_rate)
+    for batch in _similar_length_batches([len(p) for p in pieces], budget):
+        for i, c in zip(batch, tokenizer.encode_batch([pieces[i] for i in batch]), strict=True):
+            codes[i] = c.numpy().astype(np.int16)
+    joined: list[list[np.ndarray]] = [[] for _ in waves]
+    for i, c in zip(owner, codes, strict=True):
+        joined[i].append(c)
+    return [np.concatenate(parts, axis=1) for parts in joined]
+
+
+def codes_table(codes: list[np.ndarray], extra: dict[str, list], features: datasets.Features) -> pa.Table:
+    """`codes` ([codebooks][frames] int16) and `num_frames` built from numpy (no Python lists of ints), with the
+    `extra` columns; typed by `features`."""
+    num_codebooks = codes[0].shape[0] if codes else 0
+    frames = np.asarray([c.shape[1] for c in codes], dtype=np.int32)
+    flat = np.concatenate([c.reshape(-1) for c in codes]) if codes else np.zeros(0, np.int16)
+    inner_offsets = np.concatenate([[0], np.cumsum(np.repeat(frames, num_codebooks))]).astype(np.int32)
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat, pa.int16()))
+    outer = pa.ListArray.from_arrays(pa.array(np.arange(len(codes) + 1, dtype=np.int32) * num_codebooks), inner)
+    extra_features = datasets.Features({name: features[name] for name in extra})
+    others = pa.Table.from_pydict(extra_features.encode_batch(extra), schema=extra_features.arrow_schema)
+    columns = {"codes": outer, "num_frames": pa.array(frames)}
+    if extra:
+        columns.update({name: others.column(name) for name in extra})
+    return pa.table(columns).cast(features.arrow_schema)
+
+
+def _names(dataset: Dataset, audio_column: str, rows: list[int]) -> str:
+    """'row 3 (clip_03.wav), row 9' for an error message."""
+    names = []
+    for row in rows:
+        value = dataset[row][audio_column]
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        names.append(f"row {row}" + (f" ({os.path.basename(path)})" if path else ""))
+    return ", ".join(names)
+
+
+def encode_dataset(
+    dataset: Dataset,
+    tokenizer: AudioTokenizer,
+    accelerator: Accelerator,
+    audio_column: str = "audio",
+    max_duration_seconds: float | None = None,
+    num_workers: int | None = None,
+    split: str = "train",
+    keep: tuple[str, ...] = (),
+    cache_dir: str | os.PathLike | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Dataset:
+    """Every clip's `codes` ([num_codebooks][frames], int16) and `num_frames`, with the `keep` columns (and
+    difficulty, quality) beside them; computed on the accelerator across ranks, once (see the module docstring)."""
+    kept = [c for c in dataset.column_names if c in ("difficulty", "quality", *keep)]
+    max_samples = None if max_duration_seconds is None else int(max_duration_seconds * tokenizer.sample_rate)
+    key = fingerprint(
+        "codes", split, dataset._fingerprint, tokenizer.fingerprint(), audio_column, max_samples, kept,
+        PIECE_SECONDS, BATCH_SECONDS, chunk_rows, str(accelerator.device.type),
+    )  # fmt: skip
+    features = datasets.Features({**CODES_FEATURES, **{c: dataset.features[c] for c in kept}})
+    encoder = None
+
+    def encode_chunk(start: int, stop: int) -> tuple[pa.Table, float]:
+        nonlocal encoder
+        encoder = encoder or tokenizer.encoder_on(accelerator.device)
+        rows = _Decoded(dataset, audio_column, start, tokenizer.sample_rate, max_samples, split)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(rows, range(stop - start)), batch_size=None, num_workers=num_workers or 0,
+        )  # fmt: skip
+        waves = list(loader)
+        with torch.no_grad():
+            codes = encode_waves(encoder, waves)
+        empty = [start + i for i, c in enumerate(codes) if c.shape[1] == 0]
+        if empty:
+            raise ConfigError(
+                f"{split} clip(s) {_names(dataset, audio_column, empty[:5])} are shorter than one tokenizer frame "
+                f"({tokenizer.hop_length} samples at {tokenizer.sample_rate} Hz); remove them from the dataset (e.g. "
+                "dataset.filter on the duration)"
+            )
+        extra = dataset.select_columns(kept)[start:stop] if kept else {}
+        return codes_table(codes, extra, features), sum(len(w) for w in waves) / tokenizer.sample_rate
+
+    return cached_chunks(dataset, encode_chunk, key, accelerator, cache_dir, f"Tokenizing {split}", chunk_rows)
