@@ -98,6 +98,16 @@ class DataConfig:
         default=None,
         metadata={"help": "DataLoader workers decoding audio for tokenizing (the codec runs on the device)."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --dataset_name (a folder of parquet or webdataset .tar shards with a validation split, or "
+            "a Hub id) instead of loading it: shards split across ranks, tokenized a batch at a time, exact resume."
+        },
+    )
+    streaming_validation_rows: int = field(
+        default=256, metadata={"help": "With --streaming: the first rows of the validation split evaluated on."}
+    )
     preprocessing_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -118,6 +128,11 @@ class DataConfig:
             f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
         )
         _check(self.synthetic_num_clips >= 2, f"synthetic_num_clips={self.synthetic_num_clips}: must be >= 2")
+        _check(
+            not self.streaming or self.dataset_name not in (None, "synthetic"),
+            "--streaming needs --dataset_name: a folder of parquet or webdataset .tar shards, or a Hub id",
+        )
+        _check(self.streaming_validation_rows >= 1, "streaming_validation_rows must be >= 1")
         for name in ("max_duration_seconds", "segment_seconds"):
             _check(getattr(self, name) is None or getattr(self, name) > 0, f"{name}={getattr(self, name)}: must be > 0")
         _check(self.num_codebooks >= 1, f"num_codebooks={self.num_codebooks}: must be >= 1")
@@ -528,6 +543,23 @@ class StageConfig:
             "number of examples; use --per_device_train_batch_size",
         )
         curriculum = getattr(self, "curriculum", None)
+        if getattr(getattr(self, "data", None), "streaming", False):
+            _check(
+                self.batches_by_duration and getattr(self, "finetune", None) is None,
+                "--streaming is for pretraining on large data; fine-tune on a loaded dataset",
+            )
+            _check(
+                curriculum.curriculum == "none"
+                and curriculum.difficulty_method is None
+                and curriculum.max_difficulty is None
+                and not curriculum.high_quality_only,
+                "--curriculum, --difficulty_method, --max_difficulty and --high_quality_only need every clip's scores "
+                "before training, which a stream does not have; drop them with --streaming (or load the dataset)",
+            )
+            _check(
+                self.training.max_tokens_per_batch is None,
+                "--max_tokens_per_batch with --streaming is not supported; use --per_device_train_batch_size",
+            )
         if curriculum is not None:
             _check(
                 not curriculum.curriculum_segments or curriculum.curriculum not in ("none", "anti"),

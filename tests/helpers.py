@@ -171,3 +171,32 @@ def tiny_clap(folder: Path) -> Path:
     extractor.save_pretrained(folder)
     ByT5Tokenizer().save_pretrained(folder)
     return folder
+
+
+def parquet_shards(folder: Path, train_shards: int = 4, rows_per_shard: int = 16, validation_rows: int = 8) -> Path:
+    """Synthetic clips as parquet shards the way `datasets` writes an Audio column ({"bytes", "path"} structs):
+    train-0000N-of-0000M.parquet and validation-00000-of-00001.parquet, a streamable dataset folder."""
+    import io
+
+    import datasets
+    import soundfile as sf
+
+    clips = make_synthetic_dataset(num_clips=train_shards * rows_per_shard + validation_rows + 1, seed=2)["train"]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def encoded(a) -> dict:
+        out = io.BytesIO()
+        sf.write(out, a["array"], a["sampling_rate"], format="WAV")
+        return {"bytes": out.getvalue(), "path": None}
+
+    rows = [{"audio": encoded(a), "description": d} for a, d in zip(clips["audio"], clips["description"], strict=True)]
+    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"audio": struct, "description": datasets.Value("string")})
+    parts = [("train", i, rows[i * rows_per_shard : (i + 1) * rows_per_shard]) for i in range(train_shards)]
+    parts.append(("validation", 0, rows[train_shards * rows_per_shard :][:validation_rows]))
+    for split, i, part in parts:
+        count = train_shards if split == "train" else 1
+        # cast on Arrow storage: encoding an Audio value in Python would need torchcodec
+        shard = datasets.Dataset.from_list(part, features=features).cast_column("audio", datasets.Audio(decode=False))
+        shard.to_parquet(str(folder / f"{split}-{i:05d}-of-{count:05d}.parquet"))
+    return folder

@@ -43,6 +43,7 @@ class Family:
     - `stages`: the stages it can run; any other is refused before any work.
     - `text_conditioned`: it reads the config's text section (`--text_column`, `--condition_dropout` ...); a
       family that does not refuses those flags.
+    - `streams`: it trains on `--streaming` data (its `preprocess` and `batches` take a `ShardStream` as train).
     - `model_card`: the model card's description and loading snippet (`hub.ModelCardText`).
     - `lora_target_modules`: the modules `--use_peft` adapts when `--lora_target_modules` is not given.
     """
@@ -71,4 +72,5 @@ class Family:
     load_clip_scorer: Callable[..., Any] | None = None
     model_card: Any = None  # hub.ModelCardText: what the model card says and how it loads (unset: by stage)
     text_conditioned: bool = False
+    streams: bool = False  # trains on --streaming data: its preprocess and batches take a ShardStream as train
     lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"

@@ -37,6 +37,8 @@ from hf_audio_trainer.data.preferences import (
 )
 from hf_audio_trainer.data.preprocess import encode_dataset
 from hf_audio_trainer.data.segments import middle_windows
+from hf_audio_trainer.data.streamed import first_rows, streamed_batches
+from hf_audio_trainer.data.streaming import ShardStream
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
@@ -295,8 +297,22 @@ def preprocess(run, clips: dict[str, Dataset]) -> CodesData:
     cfg, accelerator = run.cfg, run.accelerator
     if cfg.model.model_name_or_path is not None:
         refuse_composite(cfg.model.model_name_or_path)
-    tokenizer = prepare_tokenizer(run, clips["train"])
     d = cfg.data
+    stream = clips["train"] if isinstance(clips["train"], ShardStream) else None
+    if stream is not None:  # tokenized a micro-batch at a time; a new tokenizer is fitted on its first clips
+        fitting = run.resume is None and d.tokenizer is None and cfg.model.model_name_or_path is None
+        clips = {**clips, "train": first_rows(stream, FIT_CLIPS, d.audio_column) if fitting else None}
+    tokenizer = prepare_tokenizer(run, clips["train"])
+    if stream is not None:
+        segment_frames = max(1, int(d.window_seconds * tokenizer.frame_rate))
+        validation = encode_dataset(
+            clips["validation"], tokenizer, accelerator, d.audio_column, d.max_duration_seconds,
+            d.preprocessing_num_workers, split="validation", cache_dir=d.preprocessing_cache_dir,
+        )  # fmt: skip
+        with accelerator.main_process_first():
+            validation = middle_windows(validation, segment_frames)
+        max_positions = segment_frames + tokenizer.num_codebooks + 1
+        return CodesData(tokenizer, stream, validation, max_positions, segment_frames=segment_frames)
     splits = {
         name: encode_dataset(
             clips[name],
@@ -404,6 +420,13 @@ def collator(data: CodesData, model: torch.nn.Module):
 def batches(run, data: CodesData, models, sampler, start_step: int):
     collate = collator(data, run.accelerator.unwrap_model(models["model"]))
     micro_batch = run.cfg.training.per_device_train_batch_size
+    if isinstance(data.train, ShardStream):
+        d = run.cfg.data
+        encoder = data.tokenizer.encoder_on(run.accelerator.device)
+        return streamed_batches(
+            sampler, encoder, collate, micro_batch, start_step, d.audio_column, data.segment_frames,
+            d.max_duration_seconds,
+        )  # fmt: skip
     return batch_stream(
         data.train, sampler, micro_batch, collate, start_step, data.columns, segment_frames=data.segment_frames,
         seed=run.cfg.training.seed,
@@ -467,9 +490,13 @@ def export(run, data: CodesData, models, folder: Path) -> None:
 
 def describe(data: CodesData, models) -> str:
     model = models["model"]
-    frames = max(max(data.train["num_frames"]), max(data.validation["num_frames"]))
+    if isinstance(data.train, ShardStream):
+        train = f"{data.train.rows_per_rank(0)} streamed train clips per process"
+    else:
+        train = f"{len(data.train)} train clips, up to {max(data.train['num_frames'])} frames"
     return (
-        f"{len(data.train)} train / {len(data.validation)} validation clips, up to {frames} frames; "
+        f"{train} / {len(data.validation)} validation clips; "
+        f"{f'windows of {data.segment_frames} frames; ' if data.segment_frames else ''}"
         f"{num_parameters(model):,} parameters ({num_parameters(model, trainable_only=True):,} trained)"
     )
 
@@ -498,4 +525,5 @@ MUSICGEN = Family(
     sequence_logps=sequence_logps,
     precompute_reference=precompute_reference,
     load_clip_scorer=load_clip_scorer,
+    streams=True,
 )

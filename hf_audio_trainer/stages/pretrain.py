@@ -10,6 +10,8 @@ from hf_audio_trainer.batching import TokenBudgetSampler
 from hf_audio_trainer.config import PretrainConfig, resolve_config
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.segments import segment_schedule
+from hf_audio_trainer.data.streamed import StreamPlan, open_stream
+from hf_audio_trainer.data.streaming import ShardStream
 from hf_audio_trainer.difficulty import score_difficulty
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families import Family, family_for
@@ -36,7 +38,13 @@ def pretrain(config: PretrainConfig | dict | str | None = None) -> RunResult:
 def prepare_training(run: Run, family: Family):
     """What pretrain and finetune train on: the selected clips as the family reads them, their order (curriculum),
     the run's length, and the family's networks (new, or loaded from --model_name_or_path)."""
-    data = family.preprocess(run, load_clips(run, select=lambda r, clips: select_rows(r, family, clips)))
+    if run.cfg.data.streaming:
+        if not family.streams:
+            raise ConfigError(f"--streaming: the {family.name} family trains on loaded data; drop --streaming")
+        clips = stream_clips(run)
+    else:
+        clips = load_clips(run, select=lambda r, clips: select_rows(r, family, clips))
+    data = family.preprocess(run, clips)
     sampler = curriculum_sampler(run, data)
     max_steps = run_length(run, sampler)
     return data, sampler, max_steps, family.build_model(run, data, run.cfg.model.model_name_or_path)
@@ -86,11 +94,24 @@ def select_rows(run: Run, family: Family, clips: dict[str, Dataset]) -> dict[str
     return {"train": train, "validation": validation}
 
 
-def curriculum_sampler(run: Run, data) -> CurriculumSampler | TokenBudgetSampler:
+def stream_clips(run: Run) -> dict:
+    """--streaming: this rank's stream of the training shards, and the first validation rows as a Dataset."""
+    d, acc = run.cfg.data, run.accelerator
+    train, validation = open_stream(
+        d.dataset_name, d.audio_column, run.cfg.training.seed, acc.process_index, acc.num_processes,
+        d.streaming_validation_rows,
+    )  # fmt: skip
+    acc.print(f"streaming {len(train.shards)} shards ({sum(train.rows)} rows), {train.rows_per_rank(0)} per process")
+    return {"train": train, "validation": validation}
+
+
+def curriculum_sampler(run: Run, data) -> CurriculumSampler | TokenBudgetSampler | StreamPlan:
     """The data order: the curriculum's pacing over difficulty (a plain seeded shuffle with `none`), one global
     order split by rank, optionally batching clips of similar length; or, with --max_tokens_per_batch, batches by
     duration (their windows growing under --curriculum_segments)."""
     acc, c, t, train = run.accelerator, run.cfg.curriculum, run.cfg.training, data.train
+    if isinstance(train, ShardStream):
+        return StreamPlan(train, t.per_device_train_batch_size * t.gradient_accumulation_steps)
     window = getattr(data, "segment_frames", None)
     frames = train["num_frames"] if c.group_by_length or t.max_tokens_per_batch or c.curriculum_segments else None
     if c.curriculum_segments or t.max_tokens_per_batch is not None:

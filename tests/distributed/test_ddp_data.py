@@ -43,3 +43,27 @@ def test_two_processes_by_duration_equal_one_process(tmp_path):
     pretrain(quick_run(tokenizer, tmp_path / "single", gradient_accumulation_steps=4, **common))
     diff = max_abs_diff(weights(tmp_path / "ddp"), weights(tmp_path / "single"))
     assert diff < 1e-5, diff
+
+
+def test_two_processes_stream_their_own_shards_and_resume_exactly(tmp_path):
+    from tests.helpers import parquet_shards
+
+    tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
+    shards = parquet_shards(tmp_path / "shards")  # 4 train shards of 16 rows: 2 per process, 8 steps of 4 an epoch
+    common = dict(
+        dataset_name=str(shards), streaming=True, max_steps=10, save_steps=5, per_device_train_batch_size=4,
+        model_size="micro", segment_seconds=1.0, dropout=0.1,
+    )  # fmt: skip
+    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29547"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+    straight = quick_run(tokenizer, tmp_path / "straight", **common)  # past the end of epoch 0
+    done = launch([*config, "recipes/pretrain.py", *as_flags(straight)], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streaming 4 shards (64 rows), 32 per process" in done.stdout
+    middle = str(tmp_path / "straight" / "checkpoint-5")
+    resumed = quick_run(tokenizer, tmp_path / "resumed", resume_from_checkpoint=middle, **common)
+    done = launch([*config, "recipes/pretrain.py", *as_flags(resumed)], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "resumed" / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert max_abs_diff(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6

@@ -67,7 +67,9 @@ def test_long_tracks_train_on_windows_resume_exactly_and_reuse_the_cache(tokeniz
     written = [f.stat().st_mtime_ns for f in cache]
     resumed = pretrain(
         quick_run(
-            tokenizer, tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"),
+            tokenizer,
+            tmp_path / "resumed",
+            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"),
             **settings,
         )  # fmt: skip
     )
@@ -94,8 +96,15 @@ def test_batches_by_duration_and_a_sequence_length_curriculum(tokenizer, tmp_pat
     assert rows and all(t <= 2000 for t in per_batch)
     grown = pretrain(
         quick_run(
-            tokenizer, tmp_path / "curriculum", max_steps=8, curriculum="linear", curriculum_segments=True,
-            curriculum_steps=6, curriculum_start_fraction=0.25, segment_seconds=1.0, model_size="micro",
+            tokenizer,
+            tmp_path / "curriculum",
+            max_steps=8,
+            curriculum="linear",
+            curriculum_segments=True,
+            curriculum_steps=6,
+            curriculum_start_fraction=0.25,
+            segment_seconds=1.0,
+            model_size="micro",
             per_device_train_batch_size=4,
         )  # fmt: skip
     )
@@ -104,3 +113,29 @@ def test_batches_by_duration_and_a_sequence_length_curriculum(tokenizer, tmp_pat
                in m]  # fmt: skip
     # windows grow from 0.25 s to the full 1 s (clips shorter than a window stay whole)
     assert len(seconds) == 8 and seconds[0] <= 0.25 + 1e-9 < 0.9 < seconds[-1] <= 1.0
+
+
+def test_streaming_trains_and_resumes_exactly_without_replay(tokenizer, tmp_path):
+    from tests.helpers import parquet_shards
+
+    shards = parquet_shards(tmp_path / "shards")
+    settings = dict(
+        dataset_name=str(shards), streaming=True, max_steps=6, save_steps=3, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, model_size="micro", segment_seconds=1.0, eval_steps=3,
+        preprocessing_cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    straight = pretrain(quick_run(tokenizer, tmp_path / "straight", **settings))
+    assert straight.global_step == 6  # 64 rows, 8 a step: 8 steps an epoch, so this stays in epoch 0
+    resumed = pretrain(
+        quick_run(
+            tokenizer,
+            tmp_path / "resumed",
+            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"),
+            **settings,
+        )  # fmt: skip
+    )
+    assert resumed.global_step == 6
+    assert max_abs_diff(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
+    assert resumed.metrics["eval/loss"] == pytest.approx(straight.metrics["eval/loss"], abs=1e-6)
+    longer = pretrain(quick_run(tokenizer, tmp_path / "two_epochs", **{**settings, "max_steps": 12}))
+    assert longer.global_step == 12  # through the end of the epoch into the next
