@@ -491,12 +491,12 @@ def export(run, data: CodesData, models, folder: Path) -> None:
 def describe(data: CodesData, models) -> str:
     model = models["model"]
     if isinstance(data.train, ShardStream):
-        train = f"{data.train.rows_per_rank(0)} streamed train clips per process"
+        clips = f"{data.train.rows_per_rank(0)} streamed train clips per process / {len(data.validation)} validation"
     else:
-        train = f"{len(data.train)} train clips, up to {max(data.train['num_frames'])} frames"
+        frames = max(max(data.train["num_frames"]), max(data.validation["num_frames"]))
+        clips = f"{len(data.train)} train / {len(data.validation)} validation clips, up to {frames} frames"
     return (
-        f"{train} / {len(data.validation)} validation clips; "
-        f"{f'windows of {data.segment_frames} frames; ' if data.segment_frames else ''}"
+        f"{clips}; {f'windows of {data.segment_frames} frames; ' if data.segment_frames else ''}"
         f"{num_parameters(model):,} parameters ({num_parameters(model, trainable_only=True):,} trained)"
     )
 

@@ -139,3 +139,11 @@ def test_streaming_trains_and_resumes_exactly_without_replay(tokenizer, tmp_path
     assert resumed.metrics["eval/loss"] == pytest.approx(straight.metrics["eval/loss"], abs=1e-6)
     longer = pretrain(quick_run(tokenizer, tmp_path / "two_epochs", **{**settings, "max_steps": 12}))
     assert longer.global_step == 12  # through the end of the epoch into the next
+
+
+def test_streaming_a_folder_without_shards_names_the_formats(tokenizer, long_tracks, tmp_path):
+    from hf_audio_trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="parquet"):
+        pretrain(quick_run(tokenizer, tmp_path / "out", dataset_name=str(long_tracks), streaming=True, max_steps=1))
+    assert read_metrics(tmp_path / "out") == []

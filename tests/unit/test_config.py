@@ -228,3 +228,22 @@ def test_the_model_family_is_chosen_by_name_and_a_stage_it_cannot_run_is_refused
         align({"model_family": "encodec_gan", "model_name_or_path": "x", "output_dir": "/nonexistent/never"})
     with pytest.raises(ConfigError, match="the encodec_gan family cannot run the pretrain stage"):
         pretrain({"model_family": "encodec_gan", "output_dir": "/nonexistent/never"})
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "overrides", "message"),
+    [
+        (PretrainConfig, {"curriculum_segments": True}, "--curriculum_segments grows the window with --curriculum"),
+        (PretrainConfig, {"max_tokens_per_batch": 0}, "max_tokens_per_batch=0: must be >= 1"),
+        (PretrainConfig, {"max_tokens_per_batch": 999, "curriculum": "linear"}, "with a difficulty --curriculum"),
+        (AlignConfig, {"max_tokens_per_batch": 999}, "the align stage batches a fixed number of examples"),
+        (PretrainConfig, {"segment_seconds": 0.0}, "segment_seconds=0.0: must be > 0"),
+        (PretrainConfig, {"streaming": True}, "--streaming needs --dataset_name"),
+        (PretrainConfig, {"streaming": True, "dataset_name": "x/y", "curriculum": "linear"}, "a stream does not"),
+        (PretrainConfig, {"streaming": True, "dataset_name": "x/y", "max_tokens_per_batch": 99}, "not supported"),
+        (FinetuneConfig, {"streaming": True, "dataset_name": "x/y"}, "--streaming is for pretraining"),
+    ],
+)
+def test_data_at_scale_settings_that_cannot_work_are_refused(config_cls, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(overrides, config_cls)
