@@ -170,15 +170,29 @@ def encode_waves(tokenizer: AudioTokenizer, waves: list[np.ndarray]) -> list[np.
     return [np.concatenate(parts, axis=1) for parts in joined]
 
 
+def nested_lists(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """A list<list<value>> Arrow array of 2-D numpy arrays (rows of each), built without Python lists."""
+    rows = np.asarray([a.shape[0] for a in arrays], dtype=np.int64)
+    widths = [np.full(a.shape[0], a.shape[1], dtype=np.int64) for a in arrays]
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    inner_offsets = np.concatenate([[0], *widths]).cumsum().astype(np.int32)
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat, value_type))
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], rows]).cumsum().astype(np.int32)), inner)
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a network's weights (what its outputs depend on)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def codes_table(codes: list[np.ndarray], extra: dict[str, list], features: datasets.Features) -> pa.Table:
     """`codes` ([codebooks][frames] int16) and `num_frames` built from numpy (no Python lists of ints), with the
     `extra` columns; typed by `features`."""
-    num_codebooks = codes[0].shape[0] if codes else 0
     frames = np.asarray([c.shape[1] for c in codes], dtype=np.int32)
-    flat = np.concatenate([c.reshape(-1) for c in codes]) if codes else np.zeros(0, np.int16)
-    inner_offsets = np.concatenate([[0], np.cumsum(np.repeat(frames, num_codebooks))]).astype(np.int32)
-    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat, pa.int16()))
-    outer = pa.ListArray.from_arrays(pa.array(np.arange(len(codes) + 1, dtype=np.int32) * num_codebooks), inner)
+    outer = nested_lists(codes, pa.int16())
     extra_features = datasets.Features({name: features[name] for name in extra})
     others = pa.Table.from_pydict(extra_features.encode_batch(extra), schema=extra_features.arrow_schema)
     columns = {"codes": outer, "num_frames": pa.array(frames)}
@@ -241,3 +255,32 @@ def encode_dataset(
         return codes_table(codes, extra, features), sum(len(w) for w in waves) / tokenizer.sample_rate
 
     return cached_chunks(dataset, encode_chunk, key, accelerator, cache_dir, f"Tokenizing {split}", chunk_rows)
+
+
+def encode_text_states(
+    dataset: Dataset,
+    encoder: torch.nn.Module,
+    accelerator: Accelerator,
+    ids_column: str,
+    states_column: str,
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Dataset:
+    """`dataset` with a frozen text encoder's last hidden states of each row's token ids ([tokens][d_model],
+    float32) beside it, computed on the accelerator across ranks, once (cached like the codes)."""
+    from hf_audio_trainer.data.text import encode_texts
+
+    key = fingerprint("text_states", split, dataset._fingerprint, module_fingerprint(encoder), ids_column, chunk_rows)
+    ids = dataset.select_columns([ids_column])
+
+    def encode_chunk(start: int, stop: int) -> tuple[pa.Table, float]:
+        states = encode_texts(encoder, ids[start:stop][ids_column], accelerator.device)
+        width = encoder.config.d_model if hasattr(encoder.config, "d_model") else encoder.config.hidden_size
+        states = [s if len(s) else np.zeros((0, width), np.float32) for s in states]
+        table = pa.table({states_column: nested_lists(states, pa.float32())})
+        features = datasets.Features({states_column: datasets.List(datasets.List(datasets.Value("float32")))})
+        return table.cast(features.arrow_schema), 0.0
+
+    states = cached_chunks(dataset, encode_chunk, key, accelerator, cache_dir, f"Text states {split}", chunk_rows)
+    return datasets.concatenate_datasets([dataset, states], axis=1)

@@ -158,7 +158,7 @@ def check_model_fits_tokenizer(
     if config.max_position_embeddings < max_positions:
         raise ConfigError(
             f"the model handles {config.max_position_embeddings} positions but clips need {max_positions}; "
-            "lower --max_duration_seconds"
+            "lower --segment_seconds"
         )
 
 

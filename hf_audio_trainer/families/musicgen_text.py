@@ -38,7 +38,7 @@ from hf_audio_trainer.data.preferences import (
     load_preference_dataset,
     make_synthetic_preferences,
 )
-from hf_audio_trainer.data.preprocess import encode_dataset
+from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states
 from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.text import (
     IDS,
@@ -320,13 +320,16 @@ def build_model(run, data: TextCodesData, model_name_or_path: str | None = None)
     if model.config.decoder.max_position_embeddings < data.max_positions:
         raise ConfigError(
             f"the model handles {model.config.decoder.max_position_embeddings} positions but clips need "
-            f"{data.max_positions}; lower --max_duration_seconds"
+            f"{data.max_positions}; lower --segment_seconds"
         )
     if not cfg.text.train_text_encoder and STATES not in data.train.column_names:
         # the frozen text encoder's outputs, computed once (then the step reads them instead of running it)
         for name in ("train", "validation"):
-            split = getattr(data, name)
-            setattr(data, name, add_states(split, encode_texts(model.text_encoder, split[IDS], run.accelerator.device)))
+            split = encode_text_states(
+                getattr(data, name), model.text_encoder, run.accelerator, IDS, STATES, split=name,
+                cache_dir=cfg.data.preprocessing_cache_dir,
+            )  # fmt: skip
+            setattr(data, name, split)
         model.text_encoder.to("cpu")
     frozen_parts(model, cfg.text.train_text_encoder)
     # --guidance_scale reaches a loaded model's generation config only when given (it keeps its own otherwise)

@@ -127,3 +127,25 @@ def test_encodec_batches_like_it_encodes_alone(tmp_path):
     # the padding after the shorter clip reaches only its last frames, through the non-causal convolutions
     assert torch.equal(batched[1][:, :20], alone[:, :20])
     assert codec.fingerprint() == EncodecTokenizer.from_pretrained(tmp_path / "codec").fingerprint()
+
+
+def test_text_states_equal_the_encoder_and_are_computed_once(tmp_path):
+    import datasets
+    from transformers import T5Config, T5EncoderModel
+
+    from hf_audio_trainer.data.text import encode_texts
+
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    ids = [[5, 6, 7], [], [9] * 11, [4, 4]]
+    rows = datasets.Dataset.from_dict({"text_ids": ids, "codes": [[[1]], [[2]], [[3]], [[4]]]})
+    acc = Accelerator(cpu=True)
+    out = preprocess.encode_text_states(rows, encoder, acc, "text_ids", "text_states", cache_dir=tmp_path, chunk_rows=3)
+    assert out.column_names == ["text_ids", "codes", "text_states"]
+    for got, want in zip(out["text_states"], encode_texts(encoder, ids, "cpu"), strict=True):
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float32).reshape(want.shape), want, rtol=1e-6, atol=1e-6)
+    assert len(out[1]["text_states"]) == 0  # an empty description has no states (the null condition)
+    with torch.no_grad():
+        encoder.shared.weight.add_(1.0)  # other weights: another cache
+    preprocess.encode_text_states(rows, encoder, acc, "text_ids", "text_states", cache_dir=tmp_path, chunk_rows=3)
+    assert len(list(tmp_path.glob("*/done.json"))) == 2
