@@ -76,13 +76,20 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tokenizer, tmp_path):
 
 
 @pytest.mark.long
-def test_kill_9_at_random_moments_then_resume_ends_exactly_like_a_straight_run(tokenizer, tmp_path):
-    straight = pretrain(settings(tokenizer, tmp_path / "straight", max_steps=48))
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_kill_9_at_random_moments_then_resume_ends_exactly_like_a_straight_run(tokenizer, tmp_path, streaming):
+    data = {}
+    if streaming:  # 4 parquet shards of 16 rows, 4 a step: 48 steps are 3 epochs of the stream
+        from tests.helpers import parquet_shards
+
+        shards = parquet_shards(tmp_path / "shards")
+        data = dict(dataset_name=str(shards), streaming=True, per_device_train_batch_size=4, segment_seconds=1.0)
+    straight = pretrain(settings(tokenizer, tmp_path / "straight", max_steps=48, **data))
     out = tmp_path / "killed"
     rng = random.Random(0)
     for _ in range(10):
         resume = ["--resume_from_checkpoint", "latest"] if list_checkpoints(out) else ["--overwrite_output_dir", "true"]
-        process = start(settings(tokenizer, out, max_steps=48), *resume)
+        process = start(settings(tokenizer, out, max_steps=48, **data), *resume)
         # the moments come from the run's own progress, not the clock, so a fast or a loaded machine sees the same
         # schedule: 0-2 new checkpoints (one per step; 0: still starting up), then a random part of a step (~20 ms
         # here), which lands some kills in the middle of a checkpoint write
@@ -95,7 +102,7 @@ def test_kill_9_at_random_moments_then_resume_ends_exactly_like_a_straight_run(t
         for checkpoint in list_checkpoints(out):  # `latest` and every other listed checkpoint stay readable
             verify_checkpoint(checkpoint)
     resume = ["--resume_from_checkpoint", "latest"] if list_checkpoints(out) else ["--overwrite_output_dir", "true"]
-    final = start(settings(tokenizer, out, max_steps=48), *resume)
+    final = start(settings(tokenizer, out, max_steps=48, **data), *resume)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
     assert max_abs_diff(weights(tmp_path / "straight"), weights(out)) < 1e-6
     assert straight.global_step == 48
