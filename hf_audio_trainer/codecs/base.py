@@ -47,6 +47,8 @@ class AudioTokenizer(ABC):
         """A hash of what decides the codes (weights and settings): two tokenizers with one encode alike."""
         import hashlib
 
+        if getattr(self, "_fingerprint", None) is not None:  # weights do not change after loading: hash them once
+            return self._fingerprint
         digest = hashlib.sha256(type(self).__name__.encode())
         for name, value in sorted(self._identity().items()):
             digest.update(name.encode())
@@ -54,7 +56,8 @@ class AudioTokenizer(ABC):
                 digest.update(value.detach().cpu().contiguous().numpy().tobytes())
             else:
                 digest.update(repr(value).encode())
-        return digest.hexdigest()
+        self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def _identity(self) -> dict:
         """Name -> tensor or plain value of everything the codes depend on (for `fingerprint`)."""
