@@ -26,7 +26,8 @@ MAX_POOL = 4096  # bounds the per-micro-batch sort when clips are tiny next to t
 
 
 class TokenBudgetSampler:
-    """This rank's micro-batches: (row indices, window frames) with clips x longest x tokens_per_frame <= budget.
+    """This rank's micro-batches: (row indices, window frames) with clips x (longest + extra_frames) x
+    tokens_per_frame <= budget (`extra_frames`: what the collator adds to every clip, MusicGen's delay pattern).
 
     `lengths` are the tracks' frames; a clip's length at a step is min(length, segment_frames(step)). Each micro-batch
     starts from the oldest clip of a pool filled in the epoch's random order, and takes its neighbours by length
@@ -44,20 +45,22 @@ class TokenBudgetSampler:
         rank: int = 0,
         seed: int = 0,
         segment_frames: Callable[[int], int] | int | None = None,
+        extra_frames: int = 0,
     ):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if isinstance(segment_frames, int) or segment_frames is None:
             fixed = int(self.lengths.max()) if segment_frames is None else segment_frames
             segment_frames = lambda step: fixed  # noqa: E731
         self.segment_frames = segment_frames
-        self.max_tokens, self.tokens_per_frame = max_tokens, tokens_per_frame
+        self.max_tokens, self.tokens_per_frame, self.extra_frames = max_tokens, tokens_per_frame, extra_frames
         self.accumulation, self.num_replicas, self.rank, self.seed = micro_batches_per_step, num_replicas, rank, seed
         self.per_step = micro_batches_per_step * num_replicas
         longest = int(min(self.lengths.max(), max(segment_frames(0), segment_frames(10**12))))
-        if longest * tokens_per_frame > max_tokens:
+        if (longest + extra_frames) * tokens_per_frame > max_tokens:
             raise ConfigError(
-                f"max_tokens_per_batch={max_tokens} is smaller than one window ({longest} frames x {tokens_per_frame} "
-                f"codebooks = {longest * tokens_per_frame} tokens); raise it or lower --segment_seconds"
+                f"max_tokens_per_batch={max_tokens} is smaller than one window ({longest} frames + {extra_frames} of "
+                f"delay, x {tokens_per_frame} codebooks = {(longest + extra_frames) * tokens_per_frame} tokens); raise "
+                "it or lower --segment_seconds"
             )
         self._plans: list[list[list[np.ndarray]]] = []  # epoch -> steps -> micro-batches, computed in order
         if not self.plan(0):
@@ -90,7 +93,8 @@ class TokenBudgetSampler:
             segment = self.segment_frames(first_step + len(steps))
             if segment not in sized:
                 clip_lengths = np.minimum(self.lengths, segment)
-                typical = max(1, self.max_tokens // (self.tokens_per_frame * max(1, int(np.median(clip_lengths)))))
+                typical_frames = max(1, int(np.median(clip_lengths))) + self.extra_frames
+                typical = max(1, self.max_tokens // (self.tokens_per_frame * typical_frames))
                 sized[segment] = clip_lengths, min(POOL_BATCHES * typical, MAX_POOL)
             clip_lengths, want = sized[segment]
             step = []
@@ -117,7 +121,8 @@ class TokenBudgetSampler:
             for lo, hi in ((low, high + 1), (low - 1, high)):  # try the next-longer, then the next-shorter
                 if lo < 0 or hi >= len(by_length):
                     continue
-                if (hi - lo + 1) * int(lengths[by_length[hi]]) * self.tokens_per_frame <= self.max_tokens:
+                padded = int(lengths[by_length[hi]]) + self.extra_frames
+                if (hi - lo + 1) * padded * self.tokens_per_frame <= self.max_tokens:
                     low, high, grew = lo, hi, True
                     break
             if not grew:

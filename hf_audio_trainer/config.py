@@ -350,7 +350,8 @@ class TrainingConfig:
         default=None,
         metadata={
             "help": "Batch by duration: a micro-batch holds as many clips (of similar length) as fit this many "
-            "padded tokens (frames x codebooks); replaces per_device_train_batch_size. Unset: fixed-size batches."
+            "padded tokens (clips x (longest + delay) frames x codebooks, as collated); replaces "
+            "per_device_train_batch_size. Unset: fixed-size batches."
         },
     )
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Clips per device per eval batch."})

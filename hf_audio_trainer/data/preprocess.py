@@ -248,7 +248,11 @@ def encode_dataset(
         # one column-wise read per chunk, as numpy: row by row as Python lists costs more than the codec itself
         values = list(audio[start:stop][audio_column])
         rows = _Decoded(values, start, tokenizer.sample_rate, max_samples, split)
-        loader = torch.utils.data.DataLoader(rows, batch_size=None, num_workers=num_workers or 0)
+        # its own generator: a DataLoader draws its base seed from torch's global RNG, and the model is initialised
+        # from that RNG after preprocessing, so a cold cache would otherwise change the initial weights
+        loader = torch.utils.data.DataLoader(
+            rows, batch_size=None, num_workers=num_workers or 0, generator=torch.Generator().manual_seed(0)
+        )
         waves = list(loader)
         with torch.no_grad():
             codes = encode_waves(encoder, waves)

@@ -117,17 +117,18 @@ def curriculum_sampler(run: Run, data) -> CurriculumSampler | TokenBudgetSampler
     if c.curriculum_segments or t.max_tokens_per_batch is not None:
         codebooks = data.tokenizer.num_codebooks
         if t.max_tokens_per_batch is None:  # the fixed batch's tokens, as a budget: steps stay comparable
-            t.max_tokens_per_batch = t.per_device_train_batch_size * window * codebooks
+            t.max_tokens_per_batch = t.per_device_train_batch_size * (window + codebooks - 1) * codebooks
             acc.print(
                 f"--curriculum_segments: batching by tokens, {t.max_tokens_per_batch} per micro-batch "
-                f"(--per_device_train_batch_size x a full window of {window} frames x {codebooks} codebooks)"
+                f"(--per_device_train_batch_size x a full window of {window} frames + the delay x {codebooks} "
+                "codebooks)"
             )
         schedule = segment_schedule(
             window, c.curriculum if c.curriculum_segments else None, c.curriculum_start_fraction, c.curriculum_steps
         )
         return TokenBudgetSampler(
             frames, t.max_tokens_per_batch, codebooks, t.gradient_accumulation_steps, acc.num_processes,
-            acc.process_index, seed=t.seed, segment_frames=schedule,
+            acc.process_index, seed=t.seed, segment_frames=schedule, extra_frames=codebooks - 1,  # the delay pattern
         )  # fmt: skip
     difficulties = train["difficulty"] if "difficulty" in train.column_names else [0.0] * len(train)
     lengths = None

@@ -147,3 +147,11 @@ def test_streaming_a_folder_without_shards_names_the_formats(tokenizer, long_tra
     with pytest.raises(ConfigError, match="parquet"):
         pretrain(quick_run(tokenizer, tmp_path / "out", dataset_name=str(long_tracks), streaming=True, max_steps=1))
     assert read_metrics(tmp_path / "out") == []
+
+
+def test_a_cold_and_a_warm_cache_start_from_the_same_weights(tokenizer, tmp_path):
+    # preprocessing must not draw from the RNG the model is initialised from
+    settings = dict(max_steps=1, learning_rate=0.0, model_size="micro", preprocessing_cache_dir=str(tmp_path / "c"))
+    pretrain(quick_run(tokenizer, tmp_path / "cold", **settings))
+    pretrain(quick_run(tokenizer, tmp_path / "warm", **settings))
+    assert max_abs_diff(weights(tmp_path / "cold"), weights(tmp_path / "warm")) == 0.0

@@ -85,3 +85,18 @@ def test_refusals_name_the_fix():
         TokenBudgetSampler([100, 500], 1000, K, 1, segment_frames=400)
     with pytest.raises(ConfigError, match="do not fill one step"):
         TokenBudgetSampler([100, 100], 400, K, micro_batches_per_step=4)
+
+
+def test_the_budget_counts_what_the_collator_pads_to():
+    import torch
+
+    from hf_audio_trainer.data.codes import CodesCollator
+
+    lens = lengths(400, seed=6)
+    sampler = TokenBudgetSampler(lens, 4000, K, micro_batches_per_step=1, seed=6, extra_frames=K - 1)
+    collate = CodesCollator(K, pad_id=256, bos_id=256, frame_rate=50.0)
+    sizes = []
+    for indices, _, _ in (next(s) for s in [sampler.micro_batches()] * 40):
+        batch = collate([{"codes": torch.zeros(K, int(lens[i]), dtype=torch.long).tolist()} for i in indices])
+        sizes.append(batch["input_ids"].numel())  # clips x codebooks x (longest + K - 1 delay positions)
+    assert max(sizes) <= 4000 < max(sizes) * 1.5  # within the budget, and filling most of it
