@@ -15,7 +15,7 @@ ROWS = 40  # in 5 chunks of 8: rank 0 encodes 0, 2, 4 (24 rows), rank 1 encodes 
 @pytest.mark.parametrize("shared", [True, False])
 def test_each_rank_encodes_its_share_and_all_read_the_same_codes(tmp_path, shared):
     tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
-    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", str(29543 + shared)]
+    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", str(29573 + shared)]
     script = ["tests/distributed/preprocess_on_ranks.py", str(tokenizer), str(tmp_path), str(int(shared))]
     done = launch([*config, *script], env={"ACCELERATE_USE_CPU": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -32,7 +32,7 @@ def test_two_processes_by_duration_equal_one_process(tmp_path):
     tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
     common = dict(max_steps=4, save_steps=4, max_tokens_per_batch=1200, model_size="micro")
     ddp = quick_run(tokenizer, tmp_path / "ddp", gradient_accumulation_steps=2, **common)
-    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29541"]
+    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29571"]
     done = launch([*config, "recipes/pretrain.py", *as_flags(ddp)], env={"ACCELERATE_USE_CPU": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / "checkpoint-4" / "trainer_state.json").read_text())
@@ -54,7 +54,7 @@ def test_two_processes_stream_their_own_shards_and_resume_exactly(tmp_path):
         dataset_name=str(shards), streaming=True, max_steps=10, save_steps=5, per_device_train_batch_size=4,
         model_size="micro", segment_seconds=1.0, dropout=0.1,
     )  # fmt: skip
-    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29547"]
+    config = ["--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29577"]
     env = {"ACCELERATE_USE_CPU": "true"}
     straight = quick_run(tokenizer, tmp_path / "straight", **common)  # past the end of epoch 0
     done = launch([*config, "recipes/pretrain.py", *as_flags(straight)], env=env)
