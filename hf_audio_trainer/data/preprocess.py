@@ -259,9 +259,9 @@ def encode_dataset(
         empty = [start + i for i, c in enumerate(codes) if c.shape[1] == 0]
         if empty:
             raise ConfigError(
-                f"{split} clip(s) {_names(dataset, audio_column, empty[:5])} are shorter than one tokenizer frame "
-                f"({tokenizer.hop_length} samples at {tokenizer.sample_rate} Hz); remove them from the dataset (e.g. "
-                "dataset.filter on the duration)"
+                f"{len(empty)} {split} clip(s) are shorter than one tokenizer frame ({tokenizer.hop_length} samples "
+                f"at {tokenizer.sample_rate} Hz): {_names(dataset, audio_column, empty[:5])}; remove them from the "
+                "dataset (e.g. dataset.filter on the duration)"
             )
         extra = dataset.select_columns(kept)[start:stop] if kept else {}
         return codes_table(codes, extra, features), sum(len(w) for w in waves) / tokenizer.sample_rate
