@@ -43,7 +43,10 @@ class ModelConfig:
 
     model_family: str = field(
         default="musicgen",
-        metadata={"help": "The model family (see families.FAMILIES): musicgen, or musicgen_text (text-conditioned)."},
+        metadata={
+            "help": "The model family (see families.FAMILIES): musicgen, musicgen_text (text-conditioned), or flow "
+            "(text-to-audio latent flow matching, a diffusers DiT)."
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -180,6 +183,48 @@ class TextConfig:
         _check(0.0 <= self.condition_dropout < 1.0, f"condition_dropout={self.condition_dropout}: must be in [0, 1)")
         _check(self.guidance_scale >= 1.0, f"guidance_scale={self.guidance_scale}: must be >= 1 (1 is no guidance)")
         _check(self.max_text_tokens >= 1, f"max_text_tokens={self.max_text_tokens}: must be >= 1")
+
+
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")  # diffusers' training_utils names
+
+
+@dataclass
+class FlowConfig:
+    """The flow family: its latent space (a VAE) and the rectified-flow objective and sampler (diffusers' names)."""
+
+    vae: str | None = field(
+        default=None,
+        metadata={
+            "help": "An AutoencoderOobleck (folder or Hub id, or a pipeline folder with vae/) whose latents the DiT "
+            "models; unset: the weight-free block DCT (lossless, --latent_hop_length samples a frame)."
+        },
+    )
+    latent_hop_length: int = field(
+        default=64, metadata={"help": "Samples per latent frame of the weight-free block DCT (its latent channels)."}
+    )
+    sample_rate: int = field(
+        default=16000, metadata={"help": "Sample rate of the weight-free block DCT (a --vae has its own)."}
+    )
+    weighting_scheme: str = field(
+        default="logit_normal",
+        metadata={"help": "Timestep density / loss weighting (SD3's): logit_normal, mode, sigma_sqrt, cosmap, none."},
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
+    logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
+    mode_scale: float = field(default=1.29, metadata={"help": "Scale of the 'mode' timestep density."})
+    num_inference_steps: int = field(default=25, metadata={"help": "Sampler steps of in-loop samples and the export."})
+
+    def __post_init__(self) -> None:
+        _check(
+            self.weighting_scheme in WEIGHTING_SCHEMES,
+            f"weighting_scheme={self.weighting_scheme!r}: choose one of {list(WEIGHTING_SCHEMES)}",
+        )
+        _check(self.logit_std > 0, f"logit_std={self.logit_std}: must be > 0")
+        _check(self.num_inference_steps >= 1, f"num_inference_steps={self.num_inference_steps}: must be >= 1")
+        _check(
+            self.latent_hop_length >= 2 and self.latent_hop_length % 2 == 0,
+            f"latent_hop_length={self.latent_hop_length}: must be an even number of samples >= 2",
+        )
 
 
 @dataclass
@@ -322,6 +367,13 @@ class EMAConfig:
     ema_update_every: int = field(default=1, metadata={"help": "Update the EMA every N optimizer steps."})
     ema_start_step: int = field(default=0, metadata={"help": "Until this step the EMA copies the weights."})
     ema_warmup: bool = field(default=False, metadata={"help": "Ramp the decay up as (1 + n) / (10 + n)."})
+    ema_power: float | None = field(
+        default=None,
+        metadata={
+            "help": "Ramp the decay up as 1 - (1 + n)^-power, capped at --ema_decay (diffusers' EMAModel and "
+            "Karras et al.'s power schedule: 2/3 for long runs, 3/4 for short ones)."
+        },
+    )
     ema_offload: bool = field(default=False, metadata={"help": "Keep the EMA on the CPU (saves GPU memory)."})
     final_model: str = field(
         default="raw", metadata={"help": "Which weights the output folder holds: raw or ema (the other: ema/)."}
@@ -332,6 +384,11 @@ class EMAConfig:
         _check(self.ema_update_every >= 1, f"ema_update_every={self.ema_update_every}: must be >= 1")
         _check(self.ema_start_step >= 0, f"ema_start_step={self.ema_start_step}: must be >= 0")
         _check(self.final_model in ("raw", "ema"), f"final_model={self.final_model!r}: choose raw or ema")
+        _check(self.ema_power is None or self.ema_power > 0, f"ema_power={self.ema_power}: must be > 0")
+        _check(
+            self.ema_power is None or not self.ema_warmup,
+            "--ema_warmup and --ema_power are two warm-up schedules; choose one",
+        )
         _check(self.ema or self.final_model == "raw", "final_model=ema needs --ema")
 
 
@@ -538,6 +595,16 @@ class StageConfig:
                 not given or FAMILIES[family].text_conditioned,
                 f"{', '.join(given)}: the {family} family takes no text; use --model_family musicgen_text",
             )
+        model = getattr(self, "model", None)
+        for section in ("flow",):  # a family's own section: its flags mean nothing to another family
+            own = getattr(self, section, None)
+            given = [f"--{f.name}" for f in dataclasses.fields(own)] if own is not None else []
+            given = [g for g in given if g[2:] in self.user_set]
+            _check(
+                not given or model.model_family == section,
+                f"{', '.join(given)}: the {model.model_family if model else '?'} family does not read them; they "
+                f"are the {section} family's (--model_family {section})",
+            )
         _check(
             self.training.max_tokens_per_batch is None or self.batches_by_duration,
             f"--max_tokens_per_batch: the {type(self).__name__.removesuffix('Config').lower()} stage batches a fixed "
@@ -610,6 +677,7 @@ class PretrainConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -655,6 +723,7 @@ class FinetuneConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
@@ -744,6 +813,7 @@ class AlignConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     text: TextConfig = field(default_factory=TextConfig)  # musicgen_text: the prompts' text, guided samples
+    flow: FlowConfig = field(default_factory=FlowConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     stage_defaults: ClassVar[dict[str, Any]] = {

@@ -65,6 +65,8 @@ class EMA:
             init is worthless).
         warmup: if True, the decay ramps up as min(decay, (1 + n) / (10 + n)) with n the number of updates
             (off by default, so one update gives exactly `d * ema + (1 - d) * param`).
+        power: if set, the decay ramps up as min(decay, 1 - (1 + n) ** -power) instead (diffusers' `EMAModel`
+            with inv_gamma 1; Karras et al.'s power schedule).
         device: where the average lives; "cpu" offloads it (the update then costs a copy per update).
     """
 
@@ -76,6 +78,7 @@ class EMA:
         start_step: int = 0,
         warmup: bool = False,
         device: str | torch.device | None = None,
+        power: float | None = None,
     ):
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"EMA decay={decay}: must be in [0, 1)")
@@ -85,6 +88,7 @@ class EMA:
         self.update_every = update_every
         self.start_step = start_step
         self.warmup = warmup
+        self.power = power
         self.device = device
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = self._params(model)
@@ -102,6 +106,8 @@ class EMA:
         return local_shard(param).detach()
 
     def current_decay(self) -> float:
+        if self.power is not None:  # diffusers' EMAModel (inv_gamma 1): short averages early, long ones later
+            return min(self.decay, 1.0 - (1.0 + self.num_updates) ** -self.power)
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
@@ -164,4 +170,6 @@ def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
     if not e.ema:
         return None
     device = "cpu" if e.ema_offload else None
-    return EMA(model, e.ema_decay, e.ema_update_every, e.ema_start_step, e.ema_warmup, device=device)
+    return EMA(
+        model, e.ema_decay, e.ema_update_every, e.ema_start_step, e.ema_warmup, device=device, power=e.ema_power
+    )

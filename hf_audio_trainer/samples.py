@@ -54,6 +54,7 @@ class SampleEvaluator:
         output_dir: str | os.PathLike = ".",
         num_saved: int = 4,
         seed: int = 0,
+        column: str = "codes",
     ):
         self.accelerator, self.tokenizer, self.generate = accelerator, tokenizer, generate
         with self.own_rng(seed):  # building a network (crepe) draws initial weights: not from training's stream
@@ -64,7 +65,7 @@ class SampleEvaluator:
         key = f"{val_set._fingerprint}|{self.embedder.name}|{tokenizer.sample_rate}|{type(tokenizer).__name__}"
 
         def reference_embeddings() -> np.ndarray:
-            waves = [tokenizer.decode(torch.tensor(codes)).numpy() for codes in val_set["codes"]]
+            waves = [tokenizer.decode(torch.tensor(codes)).numpy() for codes in val_set[column]]
             return self.embedder.embed(waves, tokenizer.sample_rate)
 
         # the main process computes and caches, the others read the cache

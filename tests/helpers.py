@@ -30,7 +30,7 @@ def quick_run(tokenizer: Path, output_dir: Path, **overrides) -> dict:
     """Settings for a few-step run on the synthetic data with a tiny model."""
     return {
         "synthetic_num_clips": NUM_CLIPS,
-        "tokenizer": str(tokenizer),
+        **({"tokenizer": str(tokenizer)} if tokenizer is not None else {}),  # the flow family has no tokenizer
         "output_dir": str(output_dir),
         "report_to": "none",
         "logging_steps": 1,
@@ -45,6 +45,14 @@ def quick_run(tokenizer: Path, output_dir: Path, **overrides) -> dict:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A model folder's weights; a diffusers pipeline folder's trained parts (transformer, projection_model)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return {
+            f"{part}.{k}": v
+            for part in ("transformer", "projection_model")
+            for k, v in load_file(str(folder / part / "diffusion_pytorch_model.safetensors")).items()
+        }
     return load_file(str(folder / "model.safetensors"))
 
 

@@ -108,11 +108,13 @@ def batch_stream(
         picked = rows[indices]  # one read per micro-batch, column-wise
         per_row = zip(*(picked[c] for c in columns), strict=True)
         examples = [dict(zip(columns, values, strict=True)) for values in per_row]
-        if frames is not None and "codes" in columns:
+        windowed = next((c for c in ("codes", "latents") if c in columns), None)
+        if frames is not None and windowed is not None:
             for example, row in zip(examples, indices, strict=True):
-                codes = example["codes"]
+                codes = example[windowed]
                 start = window_start(seed, epoch, row, len(codes[0]), frames)
-                example["codes"] = take_window(codes, start, frames)
+                example[windowed] = take_window(codes, start, frames)
+                example["window_start"] = start
         if positions:
             for example, row in zip(examples, indices, strict=True):
                 example.update(row=row, epoch=epoch)

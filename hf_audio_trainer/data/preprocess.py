@@ -44,6 +44,8 @@ CODES_FEATURES = {
     "codes": datasets.List(datasets.List(datasets.Value("int16"))),
     "num_frames": datasets.Value("int32"),
 }
+# what an encoder makes, by the column it is stored in: discrete codes (int16) or continuous latents (float32)
+VALUE_TYPES = {"codes": (np.int16, pa.int16(), "int16"), "latents": (np.float32, pa.float32(), "float32")}
 
 
 def default_cache_dir() -> Path:
@@ -158,8 +160,9 @@ def _similar_length_batches(lengths: list[int], budget: int) -> Iterator[list[in
         order = order[size:]
 
 
-def encode_waves(tokenizer: AudioTokenizer, waves: list[np.ndarray]) -> list[np.ndarray]:
-    """Codes [codebooks, frames] (int16) of each wave: similar lengths batched, long tracks in pieces."""
+def encode_waves(tokenizer: AudioTokenizer, waves: list[np.ndarray], dtype=np.int16) -> list[np.ndarray]:
+    """Codes [codebooks, frames] (int16; latents [channels, frames] with `dtype` float32) of each wave: similar
+    lengths batched, long tracks in pieces."""
     piece = int(PIECE_SECONDS * tokenizer.sample_rate) // tokenizer.hop_length * tokenizer.hop_length
     pieces, owner = [], []  # each wave as pieces of at most `piece` samples (whole frames, so codes line up)
     for i, w in enumerate(waves):
@@ -170,7 +173,7 @@ def encode_waves(tokenizer: AudioTokenizer, waves: list[np.ndarray]) -> list[np.
     budget = int(BATCH_SECONDS * tokenizer.sample_rate)
     for batch in _similar_length_batches([len(p) for p in pieces], budget):
         for i, c in zip(batch, tokenizer.encode_batch([pieces[i] for i in batch]), strict=True):
-            codes[i] = c.numpy().astype(np.int16)
+            codes[i] = c.numpy().astype(dtype)
     joined: list[list[np.ndarray]] = [[] for _ in waves]
     for i, c in zip(owner, codes, strict=True):
         joined[i].append(c)
@@ -195,14 +198,16 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def codes_table(codes: list[np.ndarray], extra: dict[str, list], features: datasets.Features) -> pa.Table:
-    """`codes` ([codebooks][frames] int16) and `num_frames` built from numpy (no Python lists of ints), with the
-    `extra` columns; typed by `features`."""
+def codes_table(
+    codes: list[np.ndarray], extra: dict[str, list], features: datasets.Features, values: str = "codes"
+) -> pa.Table:
+    """`codes` ([codebooks][frames] int16; or `latents`, float32) and `num_frames` built from numpy (no Python lists
+    of numbers), with the `extra` columns; typed by `features`."""
     frames = np.asarray([c.shape[1] for c in codes], dtype=np.int32)
-    outer = nested_lists(codes, pa.int16())
+    outer = nested_lists(codes, VALUE_TYPES[values][1])
     extra_features = datasets.Features({name: features[name] for name in extra})
     others = pa.Table.from_pydict(extra_features.encode_batch(extra), schema=extra_features.arrow_schema)
-    columns = {"codes": outer, "num_frames": pa.array(frames)}
+    columns = {values: outer, "num_frames": pa.array(frames)}
     if extra:
         columns.update({name: others.column(name) for name in extra})
     return pa.table(columns).cast(features.arrow_schema)
@@ -229,16 +234,20 @@ def encode_dataset(
     keep: tuple[str, ...] = (),
     cache_dir: str | os.PathLike | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    values: str = "codes",
 ) -> Dataset:
     """Every clip's `codes` ([num_codebooks][frames], int16) and `num_frames`, with the `keep` columns (and
-    difficulty, quality) beside them; computed on the accelerator across ranks, once (see the module docstring)."""
+    difficulty, quality) beside them; computed on the accelerator across ranks, once (see the module docstring).
+    `values="latents"`: a continuous encoder's `latents` ([channels][frames], float32) instead of codes."""
     kept = [c for c in dataset.column_names if c in ("difficulty", "quality", *keep)]
+    kind = values
     max_samples = None if max_duration_seconds is None else int(max_duration_seconds * tokenizer.sample_rate)
     key = fingerprint(
-        "codes", split, dataset._fingerprint, tokenizer.fingerprint(), audio_column, max_samples, kept,
+        values, split, dataset._fingerprint, tokenizer.fingerprint(), audio_column, max_samples, kept,
         PIECE_SECONDS, BATCH_SECONDS, chunk_rows, str(accelerator.device.type),
     )  # fmt: skip
-    features = datasets.Features({**CODES_FEATURES, **{c: dataset.features[c] for c in kept}})
+    stored = {values: datasets.List(datasets.List(datasets.Value(VALUE_TYPES[values][2]))), "num_frames": CODES_FEATURES["num_frames"]}
+    features = datasets.Features({**stored, **{c: dataset.features[c] for c in kept}})
     audio = dataset.select_columns([audio_column]).with_format("numpy")
     encoder = None
 
@@ -255,7 +264,7 @@ def encode_dataset(
         )
         waves = list(loader)
         with torch.no_grad():
-            codes = encode_waves(encoder, waves)
+            codes = encode_waves(encoder, waves, VALUE_TYPES[kind][0])
         empty = [start + i for i, c in enumerate(codes) if c.shape[1] == 0]
         if empty:
             raise ConfigError(
@@ -264,7 +273,7 @@ def encode_dataset(
                 "dataset (e.g. dataset.filter on the duration)"
             )
         extra = dataset.select_columns(kept)[start:stop] if kept else {}
-        return codes_table(codes, extra, features), sum(len(w) for w in waves) / tokenizer.sample_rate
+        return codes_table(codes, extra, features, kind), sum(len(w) for w in waves) / tokenizer.sample_rate
 
     return cached_chunks(dataset, encode_chunk, key, accelerator, cache_dir, f"Tokenizing {split}", chunk_rows)
 

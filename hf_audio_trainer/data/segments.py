@@ -43,17 +43,20 @@ def take_window(codes: list, start: int, segment_frames: int) -> list:
     return [codebook[start : start + segment_frames] for codebook in codes]
 
 
-def middle_windows(dataset: Dataset, segment_frames: int, split: str = "validation") -> Dataset:
-    """Each track cut to its middle window (tracks no longer than a window stay whole): fixed validation windows."""
+def middle_windows(
+    dataset: Dataset, segment_frames: int, split: str = "validation", column: str = "codes"
+) -> Dataset:
+    """Each track cut to its middle window (tracks no longer than a window stay whole): fixed validation windows
+    (`column`: the codes, or a continuous family's latents)."""
     if not len(dataset) or max(dataset["num_frames"]) <= segment_frames:
         return dataset
 
     def cut(batch: dict) -> dict:
         codes = []
-        for track, frames in zip(batch["codes"], batch["num_frames"], strict=True):
+        for track, frames in zip(batch[column], batch["num_frames"], strict=True):
             start = max(frames - segment_frames, 0) // 2
             codes.append(take_window(track, start, segment_frames))
-        return {"codes": codes, "num_frames": [min(f, segment_frames) for f in batch["num_frames"]]}
+        return {column: codes, "num_frames": [min(f, segment_frames) for f in batch["num_frames"]]}
 
     return dataset.map(cut, batched=True, batch_size=256, desc=f"Cutting {split} tracks to their middle window")
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.families.encodec_gan import ENCODEC_GAN
+from hf_audio_trainer.families.flow import FLOW
 from hf_audio_trainer.families.musicgen import MUSICGEN
 from hf_audio_trainer.families.musicgen_text import MUSICGEN_TEXT
 
-FAMILIES: dict[str, Family] = {"musicgen": MUSICGEN, "musicgen_text": MUSICGEN_TEXT, "encodec_gan": ENCODEC_GAN}
+FAMILIES: dict[str, Family] = {
+    "musicgen": MUSICGEN, "musicgen_text": MUSICGEN_TEXT, "encodec_gan": ENCODEC_GAN, "flow": FLOW
+}
 
 
 def family_for(name: str, stage: str) -> Family:

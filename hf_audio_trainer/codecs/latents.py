@@ -1,0 +1,223 @@
+"""Continuous latent spaces for the diffusion family: a diffusers `AutoencoderOobleck` (Stable Audio's VAE) wrapped
+with the tokenizer interface the preprocessing path reads (`encode_batch`, `encoder_on`, `fingerprint`), and the
+weight-free default: an Oobleck whose weights are set by hand to an orthonormal block DCT, so it is lossless, needs
+no training or download, and is still a VAE `StableAudioPipeline` decodes.
+
+Latents are normalised per channel (zero mean, unit variance over the training data, as diffusion expects). The
+statistics are folded into the VAE itself (the encoder's last and the decoder's first convolution are affine in
+the latent), so the exported VAE encodes to and decodes from the normalised space: the pipeline needs no extra
+scaling step, and `latents.json` beside it records the statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import numpy as np
+import torch
+
+from hf_audio_trainer.codecs.base import AudioTokenizer
+from hf_audio_trainer.errors import ConfigError
+
+# a Snake activation x + sin^2(a x) / b is the identity to float precision with this log-scale b
+SNAKE_OFF = 40.0
+
+
+class LatentSpace(AudioTokenizer):
+    """Mono waveform <-> continuous latents [channels, frames] through a VAE (the posterior's mean, so latents are
+    computed once and cached); `decode` turns latents back into audio."""
+
+    codebook_size = 0  # continuous: no codes
+
+    def __init__(self, vae, name: str = "vae"):
+        from diffusers import AutoencoderOobleck
+
+        if not isinstance(vae, AutoencoderOobleck):
+            raise ConfigError(f"--vae: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE)")
+        if vae.config.audio_channels != 1:
+            raise ConfigError(
+                f"--vae has {vae.config.audio_channels} audio channels; this toolkit trains on mono audio (pass a "
+                "mono AutoencoderOobleck)"
+            )
+        self.vae = vae.eval().requires_grad_(False)
+        self.name = name
+        self.sample_rate = int(vae.config.sampling_rate)
+        self.hop_length = int(vae.hop_length)
+        self.num_codebooks = int(vae.config.decoder_input_channels)  # the latent channels
+
+    @property
+    def channels(self) -> int:
+        return self.num_codebooks
+
+    def encode(self, waveform: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.encode_batch([waveform])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, waveforms: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Latents [channels, len // hop_length] of each clip (float32, on the CPU), similar lengths padded together."""
+        device = next(self.vae.parameters()).device
+        frames = [self.num_frames(len(w)) for w in waveforms]
+        width = max(frames, default=0) * self.hop_length
+        if width == 0:
+            return [torch.zeros(self.channels, 0) for _ in waveforms]
+        batch = torch.zeros(len(waveforms), 1, width)
+        for i, (w, n) in enumerate(zip(waveforms, frames, strict=True)):
+            w = torch.as_tensor(np.asarray(w, dtype=np.float32))[: n * self.hop_length]
+            batch[i, 0, : len(w)] = w
+        latents = self.vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
+        return [latents[i, :, :n] for i, n in enumerate(frames)]
+
+    def encoder_on(self, device: torch.device | str) -> LatentSpace:
+        if next(self.vae.parameters()).device == torch.device(device):
+            return self
+        moved = copy.copy(self)
+        moved.vae = clone_vae(self.vae).to(device)
+        return moved
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """A mono waveform (float32, CPU) from latents [channels, frames] (or [batch, channels, frames])."""
+        device = next(self.vae.parameters()).device
+        x = torch.as_tensor(latents, dtype=torch.float32)
+        single = x.ndim == 2
+        audio = self.vae.decode((x[None] if single else x).to(device)).sample.float().cpu()[:, 0]
+        return audio[0] if single else audio
+
+    def _identity(self) -> dict:
+        return {"sample_rate": self.sample_rate, "hop_length": self.hop_length, **self.vae.state_dict()}
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.vae.save_pretrained(path)
+
+    def _empty_codes(self) -> torch.Tensor:
+        return torch.zeros(self.channels, 0)
+
+
+def clone_vae(vae):
+    """A copy of a VAE (deepcopy cannot copy weight-normalised convolutions), made without drawing from torch's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        copied = type(vae).from_config(vae.config)
+    copied.load_state_dict(vae.state_dict())
+    return copied.to(next(vae.parameters()).device).eval().requires_grad_(False)
+
+
+def load_latent_space(vae: str | None, sample_rate: int, hop_length: int) -> LatentSpace:
+    """The VAE of --vae (an AutoencoderOobleck folder or Hub id, or a pipeline folder's vae/), else the weight-free
+    block DCT at `sample_rate` with `hop_length`-sample frames."""
+    if vae is None:
+        return LatentSpace(block_dct_vae(sample_rate, hop_length), name=f"block-dct-{hop_length}")
+    from diffusers import AutoencoderOobleck
+
+    subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
+    try:
+        model = AutoencoderOobleck.from_pretrained(vae, subfolder=subfolder)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ConfigError(
+            f"--vae {vae}: could not load an AutoencoderOobleck ({str(err).splitlines()[0]}); pass a folder or Hub id "
+            "of one (e.g. a stabilityai/stable-audio-open-1.0 download, subfolder vae/), or drop --vae for the "
+            "weight-free block DCT"
+        ) from None
+    return LatentSpace(model, name=str(vae))
+
+
+def _dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix D [n, n]: coefficients = D @ block, block = D.T @ coefficients."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi / n * (i + 0.5) * k) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.float()
+
+
+def _set_conv(conv: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Give a weight-normalised convolution exactly `weight` (g = |v| per output slice; zero slices get g = 0)."""
+    dims = tuple(range(1, weight.ndim))
+    norm = weight.norm(dim=dims, keepdim=True)
+    conv.weight_v.data.copy_(torch.where(norm > 0, weight, torch.ones_like(weight)))
+    v_norm = conv.weight_v.data.norm(dim=dims, keepdim=True)
+    conv.weight_g.data.copy_(torch.where(norm > 0, v_norm, torch.zeros_like(norm)))
+    if conv.bias is not None:
+        conv.bias.data.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+
+
+def block_dct_vae(sample_rate: int, hop_length: int):
+    """An AutoencoderOobleck that is an orthonormal DCT of each `hop_length`-sample block (one downsampling stage;
+    Snake activations switched off, residual units zeroed): `hop_length` latent channels, lossless, weight-free."""
+    from diffusers import AutoencoderOobleck
+
+    if hop_length % 2 or hop_length < 2:
+        raise ConfigError(f"latent_hop_length={hop_length}: must be an even number of samples >= 2")
+    n = hop_length
+    with torch.random.fork_rng(devices=[]):  # every weight is set below: draw nothing from training's stream
+        vae = AutoencoderOobleck(
+            encoder_hidden_size=2 * n, downsampling_ratios=[n], channel_multiples=[1], decoder_channels=n,
+            decoder_input_channels=n, audio_channels=1, sampling_rate=sample_rate,
+        )  # fmt: skip
+    d, pad = _dct_matrix(n), math.ceil(n / 2)
+    with torch.no_grad():
+        for name, module in vae.named_modules():
+            if type(module).__name__ == "Snake1d":
+                module.alpha.zero_()
+                module.beta.fill_(SNAKE_OFF)
+            if type(module).__name__ == "OobleckResidualUnit":  # its branch adds zero: the unit is the identity
+                _set_conv(module.conv2, torch.zeros_like(module.conv2.weight), None)
+        enc, dec = vae.encoder, vae.decoder
+        # encoder: the waveform into channel 0, then block n = samples [n*hop, (n+1)*hop) as channels, then the DCT
+        w = torch.zeros_like(enc.conv1.weight)
+        w[0, 0, 3] = 1.0
+        _set_conv(enc.conv1, w)
+        block = enc.block[0].conv1
+        w = torch.zeros_like(block.weight)
+        for c in range(n):
+            w[c, 0, pad + c] = 1.0
+        _set_conv(block, w)
+        w = torch.zeros_like(enc.conv2.weight)  # [2n (mean, scale), 2n (the first n hold the block), 3]
+        w[:n, :n, 1] = d
+        _set_conv(enc.conv2, w)
+        # decoder: latents through unchanged, then the inverse DCT spread back over each block's samples
+        w = torch.zeros_like(dec.conv1.weight)
+        w[:, :, 3] = torch.eye(n)
+        _set_conv(dec.conv1, w)
+        up = dec.block[0].conv_t1  # ConvTranspose1d weight [in, out, 2 * hop]
+        w = torch.zeros_like(up.weight)
+        w[:, 0, pad : pad + n] = d
+        _set_conv(up, w)
+        w = torch.zeros_like(dec.conv2.weight)
+        w[0, 0, 3] = 1.0
+        _set_conv(dec.conv2, w)
+    return vae.eval()
+
+
+def latent_statistics(latents, max_rows: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of [channels][frames] latents (of the first `max_rows` rows: enough for a stable
+    estimate, and the same on every rank)."""
+    total = sq = count = 0.0
+    for row in latents[:max_rows]:
+        x = np.asarray(row, dtype=np.float64)
+        total, sq, count = total + x.sum(1), sq + (x * x).sum(1), count + x.shape[1]
+    if not count:
+        raise ConfigError("no latent frames to compute the latent statistics from: the training clips are empty")
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-5 * max(float(std.max()), 1e-12)).astype(np.float32)
+
+
+def fold_statistics(vae, mean: np.ndarray, std: np.ndarray):
+    """A copy of `vae` whose latents are (z - mean) / std: the encoder's last convolution (its mean half) and the
+    decoder's first one absorb the affine map, so encode and decode stay inverse to each other."""
+    vae = clone_vae(vae)
+    m, s = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    n = len(m)
+    with torch.no_grad():
+        enc = vae.encoder.conv2
+        w, b = enc.weight.detach().clone(), enc.bias.detach().clone()
+        w[:n] /= s[:, None, None]
+        b[:n] = (b[:n] - m) / s
+        _set_conv(enc, w, b)
+        dec = vae.decoder.conv1  # y = W z' + b with z' = s z + m  ->  W diag(s), b + W m
+        w, b = dec.weight.detach().clone(), dec.bias.detach().clone()
+        b = b + torch.einsum("oik,i->o", w, m)
+        _set_conv(dec, w * s[None, :, None], b)
+    return vae

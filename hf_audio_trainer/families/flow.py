@@ -1,0 +1,752 @@
+"""Flow: text-to-audio latent flow matching, Stable Audio style, on diffusers.
+
+A diffusers `StableAudioDiTModel` models the continuous latents of a VAE (`codecs/latents.py`: any
+`AutoencoderOobleck`, or the weight-free block DCT), conditioned on text (cross-attention on a frozen T5's states,
+projected by diffusers' `StableAudioProjectionModel`) and on duration (seconds start / total: cross-attention tokens
+and the global token, as Stable Audio does). The objective is rectified flow: x_t = (1 - s) x_0 + s e, the model
+predicts the velocity e - x_0 at timestep 1000 s, with s drawn from SD3's densities (`--weighting_scheme`, diffusers'
+`compute_density_for_timestep_sampling`); padded latent frames are masked out of the loss, which sums over latent
+frames so accumulation and DDP stay exact. Noise and timesteps are a pure function of (seed, epoch, row), and the
+validation set's of (seed, row): the validation loss is measured at the same noisy points at every evaluation.
+
+The null condition of classifier-free guidance is what `StableAudioPipeline` uses for its unconditional branch:
+every cross-attention token zero, the global (duration) token kept. The export is a `StableAudioPipeline` folder
+(with a flow scheduler), which diffusers loads and runs without this package. Runs pretrain, finetune (from such a
+folder) and align (Diffusion-DPO, Wallace et al. 2023).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.codecs.latents import LatentSpace, fold_statistics, latent_statistics, load_latent_space
+from hf_audio_trainer.data.codes import batch_stream, eval_batches
+from hf_audio_trainer.data.preferences import (
+    check_preference_columns,
+    drop_identical_pairs,
+    load_preference_dataset,
+    make_synthetic_preferences,
+)
+from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, encode_waves
+from hf_audio_trainer.data.segments import middle_windows
+from hf_audio_trainer.data.text import IDS, STATES, dropped, encode_texts
+from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.hub import ModelCardText
+from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
+from hf_audio_trainer.models import load_pretrained, num_parameters
+
+NUM_TRAIN_TIMESTEPS = 1000  # the model reads timestep 1000 s, as diffusers' flow schedulers produce
+STATS_ROWS = 256  # training clips the latent statistics are estimated from
+NOISE_SALT, EVAL_SALT = 0xF10, 0xE7A1  # keep the noise streams apart from the other (seed, epoch, row) draws
+PIPELINE_PARTS = ("transformer", "projection_model", "text_encoder", "tokenizer", "vae", "scheduler")
+
+# Sizes of a new DiT (and its new T5 text encoder: musicgen_hub.TEXT_ENCODER_SIZES). "small" is ~100M parameters.
+DIT_SIZES = {
+    "micro": dict(num_layers=1, attention_head_dim=8, num_attention_heads=2, num_key_value_attention_heads=1,
+                  cross_attention_dim=16, time_proj_dim=16, conditioning_dim=16),
+    "tiny": dict(num_layers=4, attention_head_dim=32, num_attention_heads=4, num_key_value_attention_heads=2,
+                 cross_attention_dim=128, time_proj_dim=64, conditioning_dim=128),
+    "small": dict(num_layers=12, attention_head_dim=64, num_attention_heads=12, num_key_value_attention_heads=6,
+                  cross_attention_dim=768, time_proj_dim=256, conditioning_dim=768),
+    "medium": dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, num_key_value_attention_heads=12,
+                   cross_attention_dim=768, time_proj_dim=256, conditioning_dim=768),  # Stable Audio Open's DiT
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model: the DiT and the conditioners, trained together
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FlowModel(torch.nn.Module):
+    """`StableAudioDiTModel` + `StableAudioProjectionModel` as one network: velocity of latents x_t [B, C, T] at
+    timesteps [B], given text states [B, L, d] (mask [B, L]), duration (seconds start / total [B]) and `keep` [B] (0:
+    the null condition). It builds the DiT's inputs exactly as `StableAudioPipeline` does."""
+
+    def __init__(self, transformer, projection):
+        super().__init__()
+        self.transformer, self.projection = transformer, projection
+
+    @property
+    def config(self):  # what trackers and the model card read
+        return self.transformer.config
+
+    def forward(self, x_t, timesteps, text_states, text_mask, keep, seconds_start, seconds_total):
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        projection = self.projection
+        text = projection(text_hidden_states=text_states).text_hidden_states * text_mask.unsqueeze(-1).to(x_t.dtype)
+        seconds = projection(start_seconds=seconds_start, end_seconds=seconds_total)
+        start, end = seconds.seconds_start_hidden_states, seconds.seconds_end_hidden_states
+        cross = torch.cat([text, start, end], dim=1) * keep.to(x_t.dtype)[:, None, None]
+        rotary = get_1d_rotary_pos_embed(
+            self.transformer.config.attention_head_dim // 2, x_t.shape[2] + 1, use_real=True,
+            repeat_interleave_real=False,
+        )  # fmt: skip
+        return self.transformer(
+            x_t, timesteps, encoder_hidden_states=cross, global_hidden_states=torch.cat([start, end], dim=2),
+            rotary_embedding=tuple(r.to(x_t.device) for r in rotary), return_dict=False,
+        )[0]  # fmt: skip
+
+    def save_pretrained(self, folder, state_dict=None, safe_serialization=True, **kwargs) -> None:
+        """The pipeline's `transformer/` and `projection_model/` folders (from a gathered `state_dict` if given)."""
+        if state_dict is not None:
+            for name in ("transformer", "projection"):
+                part = {k.split(".", 1)[1]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+                getattr(self, name).save_pretrained(Path(folder) / PART_DIRS[name], state_dict=part)
+            return
+        self.transformer.save_pretrained(Path(folder) / "transformer")
+        self.projection.save_pretrained(Path(folder) / "projection_model")
+
+
+PART_DIRS = {"transformer": "transformer", "projection": "projection_model"}
+
+
+def new_flow_model(size: str, channels: int, frames: int, text_dim: int, max_seconds: float) -> FlowModel:
+    from diffusers import StableAudioDiTModel
+    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+
+    if size not in DIT_SIZES:
+        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(DIT_SIZES)}")
+    s = dict(DIT_SIZES[size])
+    cond = s.pop("conditioning_dim")
+    transformer = StableAudioDiTModel(
+        sample_size=frames, in_channels=channels, out_channels=channels, cross_attention_input_dim=cond,
+        global_states_input_dim=2 * cond, **s,
+    )  # fmt: skip
+    # Stable Audio feeds timesteps in [0, 1] to its random Fourier features; diffusers' flow schedulers give 1000 s,
+    # so the (frozen) frequencies are scaled to match: the same features over the same range of noise levels
+    with torch.no_grad():
+        transformer.time_proj.weight.div_(NUM_TRAIN_TIMESTEPS)
+    projection = StableAudioProjectionModel(text_dim, cond, 0, max(1, int(np.ceil(max_seconds))))
+    return FlowModel(transformer, projection)
+
+
+def load_flow_model(source: str) -> FlowModel:
+    """The DiT and the conditioners of a pipeline folder or Hub id, every weight fitting (never re-initialised)."""
+    from diffusers import StableAudioDiTModel
+    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+
+    check_flow_pipeline(source)
+    transformer = load_pretrained(StableAudioDiTModel, source, "a StableAudioDiTModel", subfolder="transformer")
+    projection = load_pretrained(
+        StableAudioProjectionModel, source, "a StableAudioProjectionModel", subfolder="projection_model"
+    )
+    return FlowModel(transformer, projection)
+
+
+def check_flow_pipeline(source: str) -> None:
+    """Refuse what this family cannot continue: no pipeline folder, or one trained with another objective."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = Path(source) / "model_index.json"
+        index = index if index.is_file() else Path(hf_hub_download(source, "model_index.json"))
+        parts = json.loads(index.read_text())
+    except Exception:
+        raise ConfigError(
+            f"--model_name_or_path {source}: not a StableAudioPipeline folder or Hub id (no model_index.json); pass "
+            "the output folder of a flow run"
+        ) from None
+    missing = [p for p in PIPELINE_PARTS if p not in parts]
+    scheduler = parts.get("scheduler", [None, None])[1]
+    if missing:
+        raise ConfigError(f"--model_name_or_path {source}: its pipeline has no {', '.join(missing)}")
+    if scheduler not in FLOW_SCHEDULERS:
+        raise ConfigError(
+            f"--model_name_or_path {source} samples with {scheduler}: it was not trained with rectified flow (Stable "
+            "Audio Open is a v-objective model), so the flow objective would start it from a mismatch; fine-tune a "
+            "flow run's export"
+        )
+
+
+FLOW_SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+
+
+def export_scheduler(num_inference_steps: int):
+    """The exported pipeline's sampler. `StableAudioPipeline` calls `scheduler.scale_model_input`, which diffusers'
+    FlowMatchEulerDiscreteScheduler lacks, so the export carries UniPC on flow sigmas (prediction: velocity); in-loop
+    samples use FlowMatchEulerDiscreteScheduler."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=1.0,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data: audio -> latents through the VAE, text -> the frozen T5's states; both computed once and cached
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentData:
+    """Latent splits with their text states, and what made them (the latent space, the text encoder)."""
+
+    latents: LatentSpace
+    text_encoder: torch.nn.Module
+    text_tokenizer: object
+    train: Dataset
+    validation: Dataset
+    segment_frames: int | None
+    max_seconds: float  # the longest duration the conditioner encodes
+    prompts: list[str]  # validation descriptions, which in-loop samples are generated from
+    prompt_states: list[np.ndarray]
+    statistics: dict  # the latent statistics folded into the VAE
+    pairs: bool = False
+
+
+def text_parts(run, source: str | None):
+    """The frozen text encoder and its tokenizer: a checkpoint's or pipeline's, or a new T5 over ByT5's bytes."""
+    from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+
+    from hf_audio_trainer.musicgen_hub import BYT5_VOCAB, TEXT_ENCODER_SIZES
+
+    cfg = run.cfg
+    if source is not None:
+        encoder = load_pretrained(T5EncoderModel, source, "a T5EncoderModel", subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    else:
+        size = cfg.model.model_size
+        encoder = T5EncoderModel(T5Config(vocab_size=BYT5_VOCAB, dropout_rate=0.0, **TEXT_ENCODER_SIZES[size]))
+        tokenizer = ByT5Tokenizer(model_max_length=cfg.text.max_text_tokens)
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+def text_of(run, split: Dataset, name: str) -> list[str]:
+    from hf_audio_trainer.families.musicgen_text import text_of as musicgen_text_of
+
+    return musicgen_text_of(run, split, name)
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The pipeline's tokenization (its model_max_length); an empty description is the null condition (no ids)."""
+    return [tokenizer(x, truncation=True, max_length=tokenizer.model_max_length)["input_ids"] if x else [] for x in texts]
+
+
+def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpace, dict]:
+    """A checkpoint's or pipeline's (normalised) VAE as it is; else --vae or the block DCT, with the statistics of
+    the first training clips folded in."""
+    cfg, f = run.cfg, run.cfg.flow
+    if source is not None:
+        space = load_latent_space(str(source), 0, 0)
+        stats_file = Path(source) / "latents.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        return space, stats
+    from hf_audio_trainer.data.audio import decode_audio
+
+    raw = load_latent_space(f.vae, f.sample_rate, f.latent_hop_length)
+    rows = list(range(min(STATS_ROWS, len(clips))))
+    audio = clips.select(rows)[cfg.data.audio_column]
+    fit = 30 * raw.sample_rate  # the start of a long track is enough
+    waves = [decode_audio(a, raw.sample_rate, where=f"train row {r}")[:fit] for a, r in zip(audio, rows, strict=True)]
+    with torch.no_grad():
+        latents = encode_waves(raw.encoder_on(run.accelerator.device), waves, np.float32)
+    mean, std = latent_statistics(latents)
+    space = LatentSpace(fold_statistics(raw.vae, mean, std), name=raw.name)
+    return space, {"mean": mean.tolist(), "std": std.tolist(), "vae": raw.name, "rows": len(rows)}
+
+
+def preprocess(run, clips: dict[str, Dataset]) -> LatentData:
+    """Latents of both splits (through the normalised VAE) and the frozen text encoder's states of their
+    descriptions, computed once on the accelerator across ranks and cached."""
+    cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
+    source = run.resume if run.resume is not None else cfg.model.model_name_or_path
+    if source is not None and run.resume is None:
+        check_flow_pipeline(str(source))
+    text_encoder, tokenizer = text_parts(run, str(source) if source is not None else None)
+    latents, stats = latent_space_for(run, clips["train"], source)
+    splits, prompts = {}, []
+    for name in ("train", "validation"):
+        texts = text_of(run, clips[name], name)
+        prompts = texts
+        with acc.main_process_first():
+            split = clips[name].remove_columns([c for c in (IDS, STATES) if c in clips[name].column_names])
+            split = split.add_column(IDS, token_ids(tokenizer, texts))
+        split = encode_dataset(
+            split, latents, acc, d.audio_column, d.max_duration_seconds, d.preprocessing_num_workers, split=name,
+            keep=(IDS,), cache_dir=d.preprocessing_cache_dir, values="latents",
+        )  # fmt: skip
+        splits[name] = encode_text_states(
+            split, text_encoder, acc, IDS, STATES, split=name, cache_dir=d.preprocessing_cache_dir
+        )
+    segment_frames = max(1, int(d.window_seconds * latents.frame_rate))
+    with acc.main_process_first():
+        validation = middle_windows(splits["validation"], segment_frames, column="latents")
+        splits["validation"] = validation.add_column("row_id", list(range(len(validation))))
+    longest = max(max(splits["train"]["num_frames"]), max(splits["validation"]["num_frames"]))
+    max_seconds = max(longest, segment_frames) / latents.frame_rate
+    states = [np.asarray(s, dtype=np.float32) for s in splits["validation"][STATES]]
+    return LatentData(
+        latents, text_encoder.to("cpu"), tokenizer, splits["train"], splits["validation"], segment_frames,
+        max_seconds, prompts, states, stats,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches: windows of latents, their noise and timestep, the text and duration conditions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def row_generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+class FlowCollator:
+    """Rows (`latents` [C][T], `text_states`, `num_frames`, and `row` / `epoch` / `window_start` when training) ->
+    a batch: latents zero-padded to the longest, `frame_mask`, one noise draw and timestep per row, the text states
+    padded to the tokenizer's length (as the pipeline pads), duration, and `keep` (0: the null condition).
+
+    Noise and timestep are a pure function of (seed, epoch, row) in training, so resume, accumulation and DDP see
+    the same draws; with `fixed=True` (validation) of (seed, row) only, identical at every evaluation. `null=True`
+    gives every row the null condition (`eval/loss_uncond`)."""
+
+    def __init__(self, frame_rate: float, text_length: int, flow_cfg, seed: int, dropout: float = 0.0,
+                 fixed: bool = False, null: bool = False):  # fmt: skip
+        self.frame_rate, self.text_length, self.f = frame_rate, text_length, flow_cfg
+        self.seed, self.dropout, self.fixed, self.null = seed, dropout, fixed, null
+
+    def draw(self, example: dict, row: int, channels: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        training = "epoch" in example and not self.fixed
+        key = (self.seed, example["epoch"], row, NOISE_SALT) if training else (self.seed, row, EVAL_SALT)
+        g = row_generator(*key)
+        f = self.f
+        sigma = compute_density_for_timestep_sampling(
+            f.weighting_scheme, 1, f.logit_mean, f.logit_std, f.mode_scale, generator=g
+        )
+        return torch.randn(channels, frames, generator=g), sigma[0]
+
+    def __call__(self, examples: list[dict]) -> dict:
+        latents = [torch.as_tensor(np.asarray(ex["latents"], dtype=np.float32)) for ex in examples]
+        channels, width = latents[0].shape[0], max(x.shape[1] for x in latents)
+        b = len(examples)
+        x0, noise = torch.zeros(b, channels, width), torch.zeros(b, channels, width)
+        mask, sigmas = torch.zeros(b, width), torch.zeros(b)
+        dim = max((np.asarray(ex[STATES]).shape[-1] for ex in examples if len(ex[STATES])), default=1)
+        states = torch.zeros(b, self.text_length, dim)
+        text_mask, keep = torch.zeros(b, self.text_length, dtype=torch.long), torch.zeros(b)
+        start, total = torch.zeros(b), torch.zeros(b)
+        for i, (ex, x) in enumerate(zip(examples, latents, strict=True)):
+            row = ex.get("row", ex.get("row_id", i))  # training: the dataset row; validation: its row_id
+            x0[i, :, : x.shape[1]], mask[i, : x.shape[1]] = x, 1.0
+            noise[i], sigmas[i] = self.draw(ex, row, channels, width)
+            s = np.asarray(ex[STATES], dtype=np.float32)[: self.text_length]
+            if len(s):
+                states[i, : len(s)], text_mask[i, : len(s)] = torch.from_numpy(s), 1
+            drop = self.null or not len(s) or ("epoch" in ex and dropped(self.seed, ex["epoch"], row, self.dropout))
+            keep[i] = 0.0 if drop else 1.0
+            start[i] = ex.get("window_start", 0) / self.frame_rate
+            total[i] = ex.get("num_frames", x.shape[1]) / self.frame_rate
+        return {
+            "latents": x0, "noise": noise, "sigmas": sigmas, "frame_mask": mask, "text_states": states,
+            "text_mask": text_mask, "keep": keep, "seconds_start": start, "seconds_total": total,
+            "num_items": int(mask.sum().item()), "num_samples": b, "audio_seconds": float(mask.sum()) / self.frame_rate,
+            "sample_stats": {"null_condition": float(b - keep.sum())},
+        }  # fmt: skip
+
+
+def velocity_errors(model, batch: dict) -> torch.Tensor:
+    """Squared error of the predicted velocity, averaged over channels: [B, T] (float32)."""
+    x0, noise, s = batch["latents"], batch["noise"], batch["sigmas"]
+    x_t = (1.0 - s[:, None, None]) * x0 + s[:, None, None] * noise
+    pred = model(
+        x_t, s * NUM_TRAIN_TIMESTEPS, batch["text_states"], batch["text_mask"], batch["keep"], batch["seconds_start"],
+        batch["seconds_total"],
+    )  # fmt: skip
+    return (pred.float() - (noise - x0).float()).pow(2).mean(1)
+
+
+def flow_loss(model, batch: dict, weighting_scheme: str = "none") -> tuple[torch.Tensor, dict]:
+    """Sum over unpadded latent frames of the (SD3-weighted) velocity error; the loop divides by the frame count."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    weights = compute_loss_weighting_for_sd3(weighting_scheme, batch["sigmas"].float())
+    return (velocity_errors(model, batch) * batch["frame_mask"] * weights[:, None]).sum(), {}
+
+
+def flow_sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Diffusion-DPO's stand-in for a log-probability: -1/2 the mean velocity error of each sequence at its pair's
+    shared noise and timestep (so DPO's logits are diffusers' train_diffusion_dpo `-(model_diff - ref_diff) / 2`)."""
+    errors, mask = velocity_errors(model, batch), batch["frame_mask"]
+    return -0.5 * (errors * mask).sum(1) / mask.sum(1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sampling: FlowMatchEulerDiscreteScheduler with classifier-free guidance
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_latents(model: FlowModel, states, text_mask, seconds: float, frames: int, channels: int, guidance: float,
+                   steps: int, generator=None, scheduler=None, noise=None) -> torch.Tensor:  # fmt: skip
+    """Latents [B, C, frames] sampled from noise; guidance > 1 mixes in the null condition as the pipeline does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    device = next(model.parameters()).device
+    scheduler = scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+    scheduler.set_timesteps(steps, device=device)
+    b = states.shape[0]
+    x = noise if noise is not None else torch.randn(b, channels, frames, generator=generator)
+    x = x.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    states, text_mask = states.to(device), text_mask.to(device)
+    guided = guidance > 1.0
+    cond = dict(
+        text_states=torch.cat([states, states]) if guided else states,
+        text_mask=torch.cat([text_mask, text_mask]) if guided else text_mask,
+        keep=torch.cat([torch.zeros(b), torch.ones(b)]).to(device) if guided else torch.ones(b, device=device),
+        seconds_start=torch.zeros(2 * b if guided else b, device=device),
+        seconds_total=torch.full((2 * b if guided else b,), float(seconds), device=device),
+    )
+    for t in scheduler.timesteps:
+        inp = torch.cat([x, x]) if guided else x
+        if hasattr(scheduler, "scale_model_input"):
+            inp = scheduler.scale_model_input(inp, t)
+        v = model(inp, t.expand(inp.shape[0]).to(inp.dtype), **cond)
+        if guided:
+            uncond, text = v.chunk(2)
+            v = uncond + guidance * (text - uncond)
+        x = scheduler.step(v, t, x).prev_sample
+    return x.float()
+
+
+def padded_states(states: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = next((s.shape[-1] for s in states if s.ndim == 2 and len(s)), 1)
+    out, mask = torch.zeros(len(states), length, dim), torch.zeros(len(states), length, dtype=torch.long)
+    for i, s in enumerate(states):
+        s = s[:length]
+        if len(s):
+            out[i, : len(s)], mask[i, : len(s)] = torch.from_numpy(s), 1
+    return out, mask
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a stage asks of the family
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(run, data: LatentData, model_name_or_path: str | None = None) -> dict[str, torch.nn.Module]:
+    cfg = run.cfg
+    if model_name_or_path is None:
+        frames = data.segment_frames or max(data.train["num_frames"])
+        text_dim = data.text_encoder.config.d_model
+        model = new_flow_model(cfg.model.model_size, data.latents.channels, frames, text_dim, data.max_seconds)
+    else:
+        model = load_flow_model(model_name_or_path)
+        if model.transformer.config.in_channels != data.latents.channels:
+            raise ConfigError(
+                f"{model_name_or_path}'s DiT reads {model.transformer.config.in_channels} latent channels but the "
+                f"VAE makes {data.latents.channels}: use the VAE the model was trained with (drop --vae)"
+            )
+    if data.max_seconds > model.projection.config.max_value:
+        raise ConfigError(
+            f"clips last up to {data.max_seconds:.1f} s but {model_name_or_path}'s duration conditioner encodes at "
+            f"most {model.projection.config.max_value} s: lower --max_duration_seconds"
+        )
+    return {"model": model}
+
+
+def collator(run, data: LatentData, **kwargs) -> FlowCollator:
+    return FlowCollator(
+        data.latents.frame_rate, data.text_tokenizer.model_max_length, run.cfg.flow, run.cfg.training.seed, **kwargs
+    )
+
+
+def columns(data: LatentData, split: str = "train") -> list[str]:
+    """What a batch reads: training rows get their row and epoch from the sampler, validation rows their row_id."""
+    ids = ["row_id"] if split == "validation" or data.pairs else []
+    if data.pairs:
+        refs = [c for c in data.train.column_names if c.startswith("ref_")]
+        return ["chosen_latents", "rejected_latents", STATES, *ids, *refs]
+    return ["latents", STATES, "num_frames", *ids]
+
+
+def batches(run, data: LatentData, models, sampler, start_step: int):
+    t = run.cfg
+    collate = collator(run, data, dropout=t.text.condition_dropout)
+    if data.pairs:
+        collate = PairCollator(collate)
+    return batch_stream(
+        data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data),
+        positions=True, segment_frames=None if data.pairs else data.segment_frames, seed=t.training.seed,
+    )  # fmt: skip
+
+
+def loss(run, data: LatentData, models):
+    return functools.partial(flow_loss, weighting_scheme=run.cfg.flow.weighting_scheme)
+
+
+def generate_waves(run, data: LatentData, model, texts_states: list[np.ndarray], seconds: float) -> list[np.ndarray]:
+    """Waveforms of `seconds` from each text state, through FlowMatchEulerDiscreteScheduler and the VAE."""
+    length = data.text_tokenizer.model_max_length
+    states, mask = padded_states(texts_states, length)
+    window = data.segment_frames or int(round(seconds * data.latents.frame_rate))
+    with run.accelerator.autocast():
+        x = sample_latents(
+            model, states, mask, seconds, window, data.latents.channels, run.cfg.text.guidance_scale,
+            run.cfg.flow.num_inference_steps,
+        )  # fmt: skip
+    samples = int(seconds * data.latents.sample_rate)
+    return [w[:samples].numpy() for w in data.latents.decode(x.cpu())]
+
+
+def evaluate(run, data: LatentData, models, loss_fn=None):
+    """evaluate(step, suffix, sample): `eval/loss` (the plain velocity error at each validation window's fixed noise
+    and timestep) given the descriptions, and `eval/loss_uncond` given the null condition; on the `sample` pass,
+    clips generated from validation descriptions (--guidance_scale, --num_inference_steps), scored by FAD
+    (--fad_embedder) and CLAP (--clap_model)."""
+    from hf_audio_trainer.metrics.clap import ClapScorer
+    from hf_audio_trainer.samples import SampleEvaluator
+
+    cfg, acc, model = run.cfg, run.accelerator, models["model"]
+    lg, t = cfg.logging, cfg.training
+    with_text, null = collator(run, data, fixed=True), collator(run, data, fixed=True, null=True)
+    if data.pairs:
+        with_text = PairCollator(with_text)
+    mine = list(range(acc.process_index, len(data.prompts), acc.num_processes)) or list(range(len(data.prompts)))
+    generated: dict[str, list] = {}
+    seconds = lg.eval_sample_seconds
+
+    def generate(m, num_frames: int, n: int) -> list[np.ndarray]:
+        rows = [mine[i % len(mine)] for i in range(n)]
+        waves = generate_waves(run, data, m, [data.prompt_states[r] for r in rows], seconds)
+        generated.update(texts=[data.prompts[r] for r in rows], waves=waves)
+        return waves
+
+    sampler = clap = None
+    if lg.fad_embedder is not None:
+        sampler = SampleEvaluator(
+            acc, data.latents, generate, data.validation, lg.fad_embedder, lg.fad_embedder_model, lg.num_eval_samples,
+            seconds, run.out, seed=t.seed, column="latents",
+        )  # fmt: skip
+    if cfg.text.clap_model is not None:
+        with torch.random.fork_rng():
+            clap = ClapScorer(cfg.text.clap_model, acc.device)
+
+    def clap_score(step: int) -> float:
+        if sampler is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(t.seed + 1_000_003 * step + acc.process_index)
+                generate(acc.unwrap_model(model), 0, -(-lg.num_eval_samples // acc.num_processes))
+        scores = clap(generated["waves"], data.latents.sample_rate, generated["texts"])
+        return acc.gather(torch.as_tensor(scores, device=acc.device)).float().mean().item()
+
+    def stream(collate):
+        return lambda: eval_batches(
+            data.validation, t.per_device_eval_batch_size, collate, acc.process_index, acc.num_processes,
+            columns(data, "validation"),
+        )  # fmt: skip
+
+    def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
+        if loss_fn is not None:  # align: the DPO objective's metrics on held-out pairs
+            results = {f"eval/{k}{suffix}": v for k, v in evaluate_metrics(acc, model, stream(with_text), loss_fn).items()}
+        else:
+            results = {
+                f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), flow_loss),
+                f"eval/loss_uncond{suffix}": evaluate_loss(acc, model, stream(null), flow_loss),
+            }
+        if sample and sampler is not None:
+            results.update(sampler(model, step))
+        if sample and clap is not None:
+            results["eval/clap_score"] = clap_score(step)
+        return results
+
+    return evaluate_weights
+
+
+def flops_per_item(models, data: LatentData) -> float:
+    """~6 N per latent frame (the DiT's tokens), attention's share left out."""
+    return 6.0 * num_parameters(models["model"], trainable_only=False)
+
+
+def save_parts(run, data: LatentData, folder: Path, with_scheduler: bool = True) -> None:
+    """Everything of the pipeline beside the trained networks: text encoder, tokenizer, VAE, scheduler, the
+    pipeline index, and the latent statistics."""
+    folder = Path(folder)
+    data.text_encoder.save_pretrained(folder / "text_encoder")
+    data.text_tokenizer.save_pretrained(folder / "tokenizer")
+    data.latents.vae.save_pretrained(folder / "vae")
+    export_scheduler(run.cfg.flow.num_inference_steps).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableAudioPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "projection_model": ["diffusers", "StableAudioProjectionModel"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", type(data.text_tokenizer).__name__],
+        "transformer": ["diffusers", "StableAudioDiTModel"],
+        "vae": ["diffusers", "AutoencoderOobleck"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "latents.json").write_text(json.dumps(data.statistics) + "\n")
+
+
+def export(run, data: LatentData, models, folder: Path) -> None:
+    """A `StableAudioPipeline` folder: the DiT and conditioners (gathered under FSDP / ZeRO-3), the frozen text
+    encoder and tokenizer, the normalised VAE, a flow scheduler."""
+    ckpt.save_final_model(run.accelerator, models["model"], folder, lambda f: save_parts(run, data, f))
+
+
+def checkpoint_files(run, data: LatentData, models, folder: Path) -> None:
+    """Beside a checkpoint's weights: what resuming needs to read the same latents and text states."""
+    save_parts(run, data, folder)
+
+
+def load_export(folder):
+    """The exported pipeline, through diffusers alone."""
+    from diffusers import StableAudioPipeline
+
+    return StableAudioPipeline.from_pretrained(folder)
+
+
+def describe(data: LatentData, models) -> str:
+    model = models["model"]
+    return (
+        f"{len(data.train)} train / {len(data.validation)} validation clips with descriptions; latents: "
+        f"{data.latents.name}, {data.latents.channels} channels at {data.latents.frame_rate:g} frames/s; windows of "
+        f"{data.segment_frames} frames; {num_parameters(model):,} parameters "
+        f"({num_parameters(model, trainable_only=True):,} trained)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Align: Diffusion-DPO on (prompt, chosen, rejected) audio
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PairCollator:
+    """B pairs -> 2B sequences (chosen first) sharing each pair's noise and timestep (Diffusion-DPO compares the
+    two members' errors at the same noisy point), both conditioned on the pair's prompt; `num_items` is the pairs."""
+
+    def __init__(self, inner: FlowCollator):
+        self.inner = inner
+
+    def __call__(self, rows: list[dict]) -> dict:
+        # both members of a pair draw with the pair's row, so they share noise and timestep; a precomputed reference
+        # was scored at each pair's fixed draw, so the policy then uses that one too (no epoch)
+        fixed = "ref_chosen_logps" in rows[0]
+        sequences = [
+            {"latents": r[f"{side}_latents"], STATES: r[STATES], "row": r.get("row", r["row_id"]),
+             **({"epoch": r["epoch"]} if "epoch" in r and not fixed else {})}
+            for side in ("chosen", "rejected") for r in rows
+        ]  # fmt: skip
+        inner = self.inner
+        was, inner.dropout = inner.dropout, 0.0  # DPO conditions every pair on its prompt
+        batch = inner(sequences)
+        inner.dropout = was
+        b = len(rows)
+        batch.pop("sample_stats")
+        batch["num_items"] = batch["num_samples"] = b
+        batch["response_tokens"] = batch["frame_mask"].sum(1)
+        for side in ("chosen", "rejected"):
+            if f"ref_{side}_logps" in rows[0]:
+                batch[f"ref_{side}_logps"] = torch.tensor([r[f"ref_{side}_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+
+def preferences(run) -> LatentData:
+    """The pairs for `align`: TRL's format (a text `prompt`, `chosen` and `rejected` audio), or the embedded
+    synthetic pairs (each clean clip's description; the clean clip chosen over a degraded copy), their audio encoded
+    by the policy's VAE and their prompts by its frozen text encoder."""
+    cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
+    source = run.resume or cfg.model.model_name_or_path
+    if run.resume is None:
+        check_flow_pipeline(str(source))
+    text_encoder, tokenizer = text_parts(run, str(source))
+    latents, stats = latent_space_for(run, None, source)
+    with acc.main_process_first():
+        if d.dataset_name is None:
+            pairs = make_synthetic_preferences(d.synthetic_num_pairs, cfg.training.seed, d.prompt_seconds)
+            pairs = pairs.remove_columns("prompt").rename_column("description", "prompt")
+        else:
+            pairs = load_preference_dataset(
+                d.dataset_name, d.dataset_config_name, d.validation_split_percentage, cfg.training.seed
+            )
+        check_preference_columns(pairs, require_prompt=True)
+    from hf_audio_trainer.data.audio import decode_audio
+    from hf_audio_trainer.families.musicgen_text import prompt_texts
+
+    max_samples = int(d.max_duration_seconds * latents.sample_rate)
+    splits, prompts, prompt_states = {}, [], []
+    for name in ("train", "validation"):
+        kept, dropped_pairs = drop_identical_pairs(pairs[name])
+        if dropped_pairs:
+            acc.print(f"skipped {dropped_pairs} {name} pair(s) whose chosen and rejected are identical")
+        if len(kept) == 0:
+            raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+        texts = prompt_texts(kept, name)
+        columns_ = {}
+        for side in ("chosen", "rejected"):
+            waves = [
+                decode_audio(a, latents.sample_rate, where=f"{name} pair {i} ({side})")[:max_samples]
+                for i, a in enumerate(kept[side])
+            ]
+            with torch.no_grad():
+                columns_[f"{side}_latents"] = [x.tolist() for x in encode_waves(latents, waves, np.float32)]
+        states = encode_texts(text_encoder, token_ids(tokenizer, texts), acc.device)
+        columns_[STATES] = [s.tolist() for s in states]
+        columns_["row_id"] = list(range(len(kept)))
+        splits[name] = Dataset.from_dict(columns_)
+        if name == "validation":
+            prompts, prompt_states = texts, states
+    frames = max(len(x[0]) for s in splits.values() for c in ("chosen_latents", "rejected_latents") for x in s[c])
+    return LatentData(
+        latents, text_encoder.to("cpu"), tokenizer, splits["train"], splits["validation"], None,
+        frames / latents.frame_rate, prompts, prompt_states, stats, pairs=True,
+    )  # fmt: skip
+
+
+def precompute_reference(run, data: LatentData, reference: torch.nn.Module) -> LatentData:
+    """The reference's Diffusion-DPO terms as columns, computed once at each pair's fixed noise and timestep."""
+    from hf_audio_trainer.alignment import precompute_reference_logps
+
+    collate = PairCollator(collator(run, data, fixed=True))
+    with run.accelerator.autocast():
+        splits = {
+            name: precompute_reference_logps(
+                reference, getattr(data, name).select_columns(columns(data)), collate, run.accelerator.device,
+                logps=flow_sequence_logps,
+            )  # fmt: skip
+            for name in ("train", "validation")
+        }
+    return dataclasses.replace(data, train=splits["train"], validation=splits["validation"])
+
+
+FLOW = Family(
+    name="flow",
+    stages=("pretrain", "finetune", "align"),
+    preprocess=preprocess,
+    build_model=build_model,
+    batches=batches,
+    loss=loss,
+    evaluate=evaluate,
+    flops_per_item=flops_per_item,
+    export=export,
+    load_export=load_export,
+    describe=describe,
+    checkpoint_files=checkpoint_files,
+    preferences=preferences,
+    sequence_logps=flow_sequence_logps,
+    precompute_reference=precompute_reference,
+    text_conditioned=True,
+    model_card=ModelCardText(
+        "A text-to-audio latent flow-matching model (Stable Audio style: T5 text encoder, DiT, VAE)",
+        "import torch\nfrom diffusers import StableAudioPipeline\n\n"
+        'pipe = StableAudioPipeline.from_pretrained("{repo_id}")\n'
+        'audio = pipe("a warm pad with slow chords", audio_end_in_s=4.0, num_inference_steps=25).audios[0]',
+        pipeline_tag="text-to-audio",
+    ),
+    lora_target_modules="to_q,to_k,to_v,to_out.0",
+)
