@@ -31,7 +31,7 @@ class LatentSpace(AudioTokenizer):
 
     codebook_size = 0  # continuous: no codes
 
-    def __init__(self, vae, name: str = "vae"):
+    def __init__(self, vae, name: str = "vae", dct: dict | None = None):
         from diffusers import AutoencoderOobleck
 
         if not isinstance(vae, AutoencoderOobleck):
@@ -46,6 +46,18 @@ class LatentSpace(AudioTokenizer):
         self.sample_rate = int(vae.config.sampling_rate)
         self.hop_length = int(vae.hop_length)
         self.num_codebooks = int(vae.config.decoder_input_channels)  # the latent channels
+        # the block DCT computes what its VAE does as one matrix product per block (the VAE runs its convolutions at
+        # the audio rate): {"mean", "std"} of the normalisation folded into the VAE, if any
+        self.dct = dct
+        if dct is not None:
+            self._d = _dct_matrix(self.hop_length)
+            self._mean = torch.as_tensor(dct.get("mean", [0.0] * self.hop_length), dtype=torch.float32)
+            self._std = torch.as_tensor(dct.get("std", [1.0] * self.hop_length), dtype=torch.float32)
+
+    def normalized(self, mean: np.ndarray, std: np.ndarray) -> LatentSpace:
+        """This space with latents (z - mean) / std, folded into its VAE."""
+        dct = None if self.dct is None else {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
+        return LatentSpace(fold_statistics(self.vae, mean, std), self.name, dct)
 
     @property
     def channels(self) -> int:
@@ -62,6 +74,8 @@ class LatentSpace(AudioTokenizer):
         width = max(frames, default=0) * self.hop_length
         if width == 0:
             return [torch.zeros(self.channels, 0) for _ in waveforms]
+        if self.dct is not None:
+            return [self._dct_encode(w, n) for w, n in zip(waveforms, frames, strict=True)]
         batch = torch.zeros(len(waveforms), 1, width)
         for i, (w, n) in enumerate(zip(waveforms, frames, strict=True)):
             w = torch.as_tensor(np.asarray(w, dtype=np.float32))[: n * self.hop_length]
@@ -69,8 +83,12 @@ class LatentSpace(AudioTokenizer):
         latents = self.vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
         return [latents[i, :, :n] for i, n in enumerate(frames)]
 
+    def _dct_encode(self, wave, frames: int) -> torch.Tensor:
+        blocks = torch.as_tensor(np.asarray(wave, dtype=np.float32))[: frames * self.hop_length].view(frames, -1)
+        return ((blocks.double() @ self._d.double().T).float().T - self._mean[:, None]) / self._std[:, None]
+
     def encoder_on(self, device: torch.device | str) -> LatentSpace:
-        if next(self.vae.parameters()).device == torch.device(device):
+        if self.dct is not None or next(self.vae.parameters()).device == torch.device(device):
             return self
         moved = copy.copy(self)
         moved.vae = clone_vae(self.vae).to(device)
@@ -82,11 +100,17 @@ class LatentSpace(AudioTokenizer):
         device = next(self.vae.parameters()).device
         x = torch.as_tensor(latents, dtype=torch.float32)
         single = x.ndim == 2
-        audio = self.vae.decode((x[None] if single else x).to(device)).sample.float().cpu()[:, 0]
+        x = x[None] if single else x
+        if self.dct is not None:
+            z = x.cpu() * self._std[:, None] + self._mean[:, None]  # [B, C, T] -> blocks [B, T, hop]
+            audio = (z.transpose(1, 2).double() @ self._d.double()).float().flatten(1)
+        else:
+            audio = self.vae.decode(x.to(device)).sample.float().cpu()[:, 0]
         return audio[0] if single else audio
 
     def _identity(self) -> dict:
-        return {"sample_rate": self.sample_rate, "hop_length": self.hop_length, **self.vae.state_dict()}
+        fast = {"dct": repr(self.dct)} if self.dct is not None else {}
+        return {"sample_rate": self.sample_rate, "hop_length": self.hop_length, **fast, **self.vae.state_dict()}
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.vae.save_pretrained(path)
@@ -104,10 +128,11 @@ def clone_vae(vae):
 
 
 def load_latent_space(vae: str | None, sample_rate: int, hop_length: int) -> LatentSpace:
-    """The VAE of --vae (an AutoencoderOobleck folder or Hub id, or a pipeline folder's vae/), else the weight-free
-    block DCT at `sample_rate` with `hop_length`-sample frames."""
+    """The VAE of --vae (an AutoencoderOobleck folder or Hub id, or a pipeline folder's vae/, whose latents.json
+    says whether it is the block DCT), else the weight-free block DCT at `sample_rate` with `hop_length`-sample
+    frames."""
     if vae is None:
-        return LatentSpace(block_dct_vae(sample_rate, hop_length), name=f"block-dct-{hop_length}")
+        return LatentSpace(block_dct_vae(sample_rate, hop_length), name=f"block-dct-{hop_length}", dct={})
     from diffusers import AutoencoderOobleck
 
     subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
@@ -119,6 +144,14 @@ def load_latent_space(vae: str | None, sample_rate: int, hop_length: int) -> Lat
             "of one (e.g. a stabilityai/stable-audio-open-1.0 download, subfolder vae/), or drop --vae for the "
             "weight-free block DCT"
         ) from None
+    stats = os.path.join(vae, "latents.json")
+    dct = None
+    if os.path.isfile(stats):
+        import json
+
+        recorded = json.loads(open(stats).read())
+        dct = recorded if str(recorded.get("vae", "")).startswith("block-dct") else None
+        return LatentSpace(model, name=recorded.get("vae", str(vae)), dct=dct)
     return LatentSpace(model, name=str(vae))
 
 
@@ -140,6 +173,11 @@ def _set_conv(conv: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     conv.weight_g.data.copy_(torch.where(norm > 0, v_norm, torch.zeros_like(norm)))
     if conv.bias is not None:
         conv.bias.data.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+
+
+def _weight(conv: torch.nn.Module) -> torch.Tensor:
+    """A weight-normalised convolution's weight from g and v (its `.weight` is only refreshed by a forward pass)."""
+    return torch._weight_norm(conv.weight_v, conv.weight_g, 0).detach().clone()
 
 
 def block_dct_vae(sample_rate: int, hop_length: int):
@@ -212,12 +250,12 @@ def fold_statistics(vae, mean: np.ndarray, std: np.ndarray):
     n = len(m)
     with torch.no_grad():
         enc = vae.encoder.conv2
-        w, b = enc.weight.detach().clone(), enc.bias.detach().clone()
+        w, b = _weight(enc), enc.bias.detach().clone()
         w[:n] /= s[:, None, None]
         b[:n] = (b[:n] - m) / s
         _set_conv(enc, w, b)
         dec = vae.decoder.conv1  # y = W z' + b with z' = s z + m  ->  W diag(s), b + W m
-        w, b = dec.weight.detach().clone(), dec.bias.detach().clone()
+        w, b = _weight(dec), dec.bias.detach().clone()
         b = b + torch.einsum("oik,i->o", w, m)
         _set_conv(dec, w * s[None, :, None], b)
     return vae

@@ -28,7 +28,7 @@ import torch
 from datasets import Dataset
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.codecs.latents import LatentSpace, fold_statistics, latent_statistics, load_latent_space
+from hf_audio_trainer.codecs.latents import LatentSpace, latent_statistics, load_latent_space
 from hf_audio_trainer.data.codes import batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import (
     check_preference_columns,
@@ -240,10 +240,9 @@ def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpa
     the first training clips folded in."""
     cfg, f = run.cfg, run.cfg.flow
     if source is not None:
-        space = load_latent_space(str(source), 0, 0)
         stats_file = Path(source) / "latents.json"
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-        return space, stats
+        return load_latent_space(str(source), 0, 0), stats
     from hf_audio_trainer.data.audio import decode_audio
 
     raw = load_latent_space(f.vae, f.sample_rate, f.latent_hop_length)
@@ -254,8 +253,7 @@ def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpa
     with torch.no_grad():
         latents = encode_waves(raw.encoder_on(run.accelerator.device), waves, np.float32)
     mean, std = latent_statistics(latents)
-    space = LatentSpace(fold_statistics(raw.vae, mean, std), name=raw.name)
-    return space, {"mean": mean.tolist(), "std": std.tolist(), "vae": raw.name, "rows": len(rows)}
+    return raw.normalized(mean, std), {"mean": mean.tolist(), "std": std.tolist(), "vae": raw.name, "rows": len(rows)}
 
 
 def preprocess(run, clips: dict[str, Dataset]) -> LatentData:
