@@ -636,7 +636,7 @@ class PairCollator:
         # was scored at each pair's fixed draw, so the policy then uses that one too (no epoch)
         fixed = "ref_chosen_logps" in rows[0]
         sequences = [
-            {"latents": r[f"{side}_latents"], STATES: r[STATES], "row": r.get("row", r["row_id"]),
+            {"latents": r[f"{side}_latents"], STATES: r[STATES], "row": r["row"] if "row" in r else r["row_id"],
              **({"epoch": r["epoch"]} if "epoch" in r and not fixed else {})}
             for side in ("chosen", "rejected") for r in rows
         ]  # fmt: skip

@@ -91,3 +91,20 @@ def test_bad_settings():
         EMA(model_with(0.0), decay=1.0)
     with pytest.raises(ValueError, match="update_every=0"):
         EMA(model_with(0.0), update_every=0)
+
+
+def test_power_schedule_matches_diffusers_ema_model():
+    """--ema_power: the same averages as diffusers' EMAModel (use_ema_warmup, inv_gamma 1), capped at the decay."""
+    from diffusers.training_utils import EMAModel
+
+    model = model_with(0.0)
+    ours = EMA(model, decay=0.99, power=0.75)
+    theirs = EMAModel(model.parameters(), decay=0.99, use_ema_warmup=True, inv_gamma=1.0, power=0.75, min_decay=0.0)
+    for step, value in enumerate([1.0, 4.0, -2.0, 3.0, 0.5, 7.0], start=1):
+        set_all(model, value)
+        ours.update(model, step)
+        theirs.step(model.parameters())
+        for mine, reference in zip(ours.shadow, theirs.shadow_params, strict=True):
+            assert torch.allclose(mine, reference.float(), rtol=1e-6, atol=1e-7)
+    # the first update copies (decay 0), later ones ramp up as 1 - (1 + n)^-0.75
+    assert ours.num_updates == 6 and ours.current_decay() == pytest.approx(1 - 7**-0.75)
