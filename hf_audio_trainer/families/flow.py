@@ -99,14 +99,17 @@ class FlowModel(torch.nn.Module):
         )[0]  # fmt: skip
 
     def save_pretrained(self, folder, state_dict=None, safe_serialization=True, **kwargs) -> None:
-        """The pipeline's `transformer/` and `projection_model/` folders (from a gathered `state_dict` if given)."""
-        if state_dict is not None:
-            for name in ("transformer", "projection"):
-                part = {k.split(".", 1)[1]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-                getattr(self, name).save_pretrained(Path(folder) / PART_DIRS[name], state_dict=part)
-            return
-        self.transformer.save_pretrained(Path(folder) / "transformer")
-        self.projection.save_pretrained(Path(folder) / "projection_model")
+        """The pipeline's `transformer/` and `projection_model/` folders, from a gathered `state_dict` if given
+        (diffusers' own save_pretrained takes none: under FSDP / ZeRO-3 it would write this rank's shards)."""
+        from safetensors.torch import save_file
+
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        for name, folder_name in PART_DIRS.items():
+            part = {k.split(".", 1)[1]: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                    if k.startswith(name + ".")}  # fmt: skip
+            target = Path(folder) / folder_name
+            getattr(self, name).save_config(target)
+            save_file(part, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
 PART_DIRS = {"transformer": "transformer", "projection": "projection_model"}

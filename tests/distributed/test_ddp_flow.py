@@ -1,0 +1,82 @@
+"""The flow family on two real CPU processes: pretrain (with EMA) under DDP, DeepSpeed ZeRO-3 and FSDP2, and a
+Diffusion-DPO align under DDP, end where one process with the same global batch does. Noise, timesteps and condition
+dropout are drawn per example from (seed, epoch, row), not per rank, so the runs are the same computation."""
+
+import importlib.util
+import json
+
+import pytest
+
+from hf_audio_trainer import align, pretrain
+from tests.helpers import as_flags, launch, max_abs_diff, quick_run, weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+STRATEGIES = {  # accelerate arguments, environment, what the checkpoint records, port
+    "ddp": (["--config_file", "accelerate_configs/cpu_ddp.yaml"], {"ACCELERATE_USE_CPU": "true"}, "MULTI_CPU", 29581),
+    "zero3": (["--config_file", "accelerate_configs/deepspeed_zero3.yaml"], {}, "DEEPSPEED", 29583),
+    # the DiT's blocks are the FSDP units (the shipped config names MusicGen's decoder layer)
+    "fsdp2": (["--config_file", "accelerate_configs/fsdp2.yaml", "--fsdp_transformer_layer_cls_to_wrap",
+               "StableAudioDiTBlock"], {}, "FSDP", 29585),
+}  # fmt: skip
+
+
+def settings(output_dir, **overrides) -> dict:
+    run = quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2)
+    return {**run, "max_duration_seconds": 1.0, "synthetic_num_clips": 40, "max_steps": 3, "save_steps": 3,
+            "condition_dropout": 0.3, "ema": True, "ema_decay": 0.5, **overrides}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, one_torch_thread):
+    root = tmp_path_factory.mktemp("flow-ddp")
+    pretrain(settings(root / "single", per_device_train_batch_size=4))
+    pairs = dict(model_name_or_path=str(root / "single"), synthetic_num_pairs=24, max_steps=3, save_steps=3,
+                 learning_rate=1e-3, beta=2000.0)  # fmt: skip
+    align(align_settings(root / "align-single", per_device_train_batch_size=4, **pairs))
+    return root, pairs
+
+
+def align_settings(output_dir, **overrides) -> dict:
+    return {"model_family": "flow", "output_dir": str(output_dir), "report_to": "none", "logging_steps": 1,
+            "max_duration_seconds": 1.0, **overrides}  # fmt: skip
+
+
+def run_two(strategy: str, recipe: str, flags: dict, port_offset: int = 0) -> None:
+    config, env, _, port = STRATEGIES[strategy]
+    script = ["tests/distributed/fsdp2_on_cpu.py"] if strategy == "fsdp2" else []
+    args = [*config, "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port + port_offset)]
+    done = launch([*args, *script, recipe, *as_flags(flags)], env=env, timeout=400)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+
+
+def check_ran(folder, strategy: str) -> None:
+    state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["distributed_type"] == f"DistributedType.{STRATEGIES[strategy][2]}"
+
+
+def strategy_param(name: str):
+    marks = [needs_deepspeed] if name == "zero3" else []
+    if name != "ddp":
+        marks.append(pytest.mark.long)  # the second CI pass
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("strategy", [strategy_param(s) for s in STRATEGIES])
+def test_two_processes_pretrain_like_one(single, strategy):
+    root, _ = single
+    out = root / strategy
+    run_two(strategy, "recipes/pretrain.py", settings(out, per_device_train_batch_size=2))
+    check_ran(out, strategy)
+    assert max_abs_diff(weights(out), weights(root / "single")) < 2e-5
+    assert max_abs_diff(weights(out / "ema"), weights(root / "single" / "ema")) < 2e-5
+
+
+def test_two_processes_align_like_one(single):
+    root, pairs = single
+    out = root / "align-ddp"
+    run_two("ddp", "recipes/align.py", align_settings(out, per_device_train_batch_size=2, **pairs), port_offset=1)
+    check_ran(out, "ddp")
+    assert max_abs_diff(weights(out), weights(root / "align-single")) < 2e-5
+    assert max_abs_diff(weights(root / "align-single"), weights(root / "single")) > 1e-5  # DPO moved the weights
