@@ -150,3 +150,20 @@ def test_bad_flow_inputs_are_refused_before_training(exported, tmp_path):
         finetune(flow_run(tmp_path / "e", model_name_or_path=str(edm), max_steps=2))
     assert not (tmp_path / "e" / "metrics.jsonl").exists()
     assert ROOT.is_dir()
+
+
+def test_the_recipe_takes_the_flow_defaults_and_runs_end_to_end(tmp_path):
+    """`accelerate launch recipes/pretrain.py --model_family flow` reads recipes/configs/pretrain_flow.yaml."""
+    from tests.helpers import launch
+
+    out = tmp_path / "recipe"
+    flags = ["--model_family", "flow", "--model_size", "micro", "--max_steps", "4", "--synthetic_num_clips", "32",
+             "--segment_seconds", "1.0", "--eval_steps", "4", "--num_eval_samples", "2", "--eval_sample_seconds",
+             "0.5", "--num_inference_steps", "2", "--output_dir", str(out)]  # fmt: skip
+    done = launch(["--num_processes", "1", "recipes/pretrain.py", *flags])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ema_power" in (out / "run_config.json").read_text()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["ema"] is True and config["ema_power"] == 0.75 and config["fad_embedder"] == "mel"
+    assert [m["step"] for m in read_metrics(out) if "eval/fad" in m] == [0, 4]  # eval_on_start
+    assert (out / "ema" / "model_index.json").is_file()
