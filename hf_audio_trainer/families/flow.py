@@ -216,11 +216,11 @@ def text_parts(run, source: str | None):
 
     from hf_audio_trainer.musicgen_hub import BYT5_VOCAB, TEXT_ENCODER_SIZES
 
-    cfg = run.cfg
     if source is not None:
         encoder = load_pretrained(T5EncoderModel, source, "a T5EncoderModel", subfolder="text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
     else:
+        cfg = run.cfg
         size = cfg.model.model_size
         encoder = T5EncoderModel(T5Config(vocab_size=BYT5_VOCAB, dropout_rate=0.0, **TEXT_ENCODER_SIZES[size]))
         tokenizer = ByT5Tokenizer(model_max_length=cfg.text.max_text_tokens)
