@@ -73,7 +73,8 @@ def evals(folder: Path, key: str) -> list[tuple[int, float]]:
 def run_seed(seed: int, args, root: Path) -> dict:
     out = root / f"pretrain-{seed}"
     flags = ["--model_family", "flow", "--seed", str(seed), "--max_steps", str(args.max_steps), "--output_dir",
-             str(out), "--eval_steps", str(args.max_steps // 3), "--save_steps", str(args.max_steps)]  # fmt: skip
+             str(out), "--eval_steps", str(args.max_steps // 3), "--save_steps", str(args.max_steps),
+             "--num_eval_samples", str(args.num_eval_samples)]  # fmt: skip
     pretrain(parse_config(flags, PretrainConfig, str(RECIPE_YAML)))
     loss, loss_ema, fad = evals(out, "eval/loss"), evals(out, "eval/loss_ema"), evals(out, "eval/fad")
     result = {
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--align_steps", type=int, default=40)
+    parser.add_argument("--num_eval_samples", type=int, default=64, help="clips per FAD (128-dim mel features)")
     parser.add_argument("--out", type=str, default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

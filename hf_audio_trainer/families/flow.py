@@ -709,6 +709,41 @@ def preferences(run) -> LatentData:
     )  # fmt: skip
 
 
+def make_flow_preference_pairs(
+    folder: str, prompts: list[str], scorer=None, num_samples: int = 4, seconds: float | None = None,
+    guidance_scale: float = 3.0, num_inference_steps: int = 10, seed: int = 0,
+) -> Dataset:  # fmt: skip
+    """On-policy pairs (TangoFlux's CRPO) for `align --model_family flow --dataset_name` (save with save_to_disk):
+    `num_samples` generations per prompt from a flow export through `StableAudioPipeline`, scored by
+    `scorer(waves, sample_rate, texts)` (a `ClapScorer` for text adherence; default `tonal_clarity`), best vs worst,
+    as TRL's `prompt` / `chosen` / `rejected` audio columns."""
+    from diffusers import StableAudioPipeline
+
+    from hf_audio_trainer.alignment import rank_generations, tonal_clarity
+
+    pipe = StableAudioPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    rate = pipe.vae.config.sampling_rate
+    generator = torch.Generator().manual_seed(seed)
+
+    def generate(texts: list[str]) -> list[torch.Tensor]:
+        audio = pipe(texts, audio_end_in_s=seconds, num_inference_steps=num_inference_steps,
+                     guidance_scale=guidance_scale, generator=generator).audios  # fmt: skip
+        return [a[0].float() for a in audio]
+
+    def score(waves: list[np.ndarray], texts: list[str]) -> np.ndarray:
+        if scorer is None:
+            return np.asarray([tonal_clarity(w, rate) for w in waves])
+        return scorer(waves, rate, texts)
+
+    ranked = rank_generations(prompts, generate, lambda w: w.numpy(), score, num_samples)
+
+    def as_audio(row: dict) -> dict:
+        return {side: {"array": row[f"{side}_codes"], "sampling_rate": rate} for side in ("chosen", "rejected")}
+
+    return ranked.map(as_audio, remove_columns=["chosen_codes", "rejected_codes"])
+
+
 def precompute_reference(run, data: LatentData, reference: torch.nn.Module) -> LatentData:
     """The reference's Diffusion-DPO terms as columns, computed once at each pair's fixed noise and timestep."""
     from hf_audio_trainer.alignment import precompute_reference_logps

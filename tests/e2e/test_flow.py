@@ -167,3 +167,29 @@ def test_the_recipe_takes_the_flow_defaults_and_runs_end_to_end(tmp_path):
     assert config["ema"] is True and config["ema_power"] == 0.75 and config["fad_embedder"] == "mel"
     assert [m["step"] for m in read_metrics(out) if "eval/fad" in m] == [0, 4]  # eval_on_start
     assert (out / "ema" / "model_index.json").is_file()
+
+
+def test_on_policy_pairs_rank_pipeline_samples_and_align_on_them(exported, tmp_path):
+    import numpy as np
+    from datasets import DatasetDict
+
+    from hf_audio_trainer.alignment import tonal_clarity
+    from hf_audio_trainer.families.flow import make_flow_preference_pairs
+
+    prompts = ["a melody played on a sine wave, clean", "an arpeggio played on a square wave, with heavy noise"] * 2
+    pairs = make_flow_preference_pairs(str(exported), prompts, num_samples=3, seconds=0.5, num_inference_steps=3)
+    assert 0 < len(pairs) <= len(prompts) and set(pairs.column_names) >= {"prompt", "chosen", "rejected"}
+    assert all(c > r for c, r in zip(pairs["chosen_score"], pairs["rejected_score"], strict=True))
+    chosen = pairs[0]["chosen"]
+    assert chosen["sampling_rate"] == 16000 and len(chosen["array"]) == 8000
+    # the stored audio is what was scored
+    scores = [tonal_clarity(np.asarray(c["array"], dtype=np.float32), 16000) for c in pairs["chosen"]]
+    np.testing.assert_allclose(scores, pairs["chosen_score"], rtol=1e-5)
+    folder = tmp_path / "pairs"
+    DatasetDict({"train": pairs, "validation": pairs.select(range(1))}).save_to_disk(str(folder))
+    result = align({
+        "model_family": "flow", "model_name_or_path": str(exported), "output_dir": str(tmp_path / "on-policy"),
+        "report_to": "none", "dataset_name": str(folder), "max_steps": 2, "save_steps": 1000,
+        "per_device_train_batch_size": 2, "max_duration_seconds": 1.0,
+    })  # fmt: skip
+    assert result.global_step == 2
