@@ -59,7 +59,9 @@ class Sampler:
         length = self.tokenizer.model_max_length
         ids = [self.tokenizer(p, truncation=True, max_length=length)["input_ids"] for p in prompts]
         states, mask = padded_states(encode_texts(self.encoder, ids, "cpu"), length)
-        noise = torch.randn(len(prompts), self.space.channels, self.frames, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(
+            len(prompts), self.space.channels, self.frames, generator=torch.Generator().manual_seed(seed)
+        )
         seconds = self.frames / self.space.frame_rate
         x = sample_latents(self.model, states, mask, seconds, self.frames, self.space.channels, guidance, steps,
                            noise=noise)  # fmt: skip

@@ -170,6 +170,4 @@ def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
     if not e.ema:
         return None
     device = "cpu" if e.ema_offload else None
-    return EMA(
-        model, e.ema_decay, e.ema_update_every, e.ema_start_step, e.ema_warmup, device=device, power=e.ema_power
-    )
+    return EMA(model, e.ema_decay, e.ema_update_every, e.ema_start_step, e.ema_warmup, device=device, power=e.ema_power)

@@ -138,7 +138,7 @@ def load_latent_space(vae: str | None, sample_rate: int, hop_length: int) -> Lat
     subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
     try:
         model = AutoencoderOobleck.from_pretrained(vae, subfolder=subfolder)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ConfigError(
             f"--vae {vae}: could not load an AutoencoderOobleck ({str(err).splitlines()[0]}); pass a folder or Hub id "
             "of one (e.g. a stabilityai/stable-audio-open-1.0 download, subfolder vae/), or drop --vae for the "
@@ -195,7 +195,7 @@ def block_dct_vae(sample_rate: int, hop_length: int):
         )  # fmt: skip
     d, pad = _dct_matrix(n), math.ceil(n / 2)
     with torch.no_grad():
-        for name, module in vae.named_modules():
+        for module in vae.modules():
             if type(module).__name__ == "Snake1d":
                 module.alpha.zero_()
                 module.beta.fill_(SNAKE_OFF)

@@ -246,7 +246,10 @@ def encode_dataset(
         values, split, dataset._fingerprint, tokenizer.fingerprint(), audio_column, max_samples, kept,
         PIECE_SECONDS, BATCH_SECONDS, chunk_rows, str(accelerator.device.type),
     )  # fmt: skip
-    stored = {values: datasets.List(datasets.List(datasets.Value(VALUE_TYPES[values][2]))), "num_frames": CODES_FEATURES["num_frames"]}
+    stored = {
+        values: datasets.List(datasets.List(datasets.Value(VALUE_TYPES[values][2]))),
+        "num_frames": CODES_FEATURES["num_frames"],
+    }
     features = datasets.Features({**stored, **{c: dataset.features[c] for c in kept}})
     audio = dataset.select_columns([audio_column]).with_format("numpy")
     encoder = None

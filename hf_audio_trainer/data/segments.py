@@ -43,9 +43,7 @@ def take_window(codes: list, start: int, segment_frames: int) -> list:
     return [codebook[start : start + segment_frames] for codebook in codes]
 
 
-def middle_windows(
-    dataset: Dataset, segment_frames: int, split: str = "validation", column: str = "codes"
-) -> Dataset:
+def middle_windows(dataset: Dataset, segment_frames: int, split: str = "validation", column: str = "codes") -> Dataset:
     """Each track cut to its middle window (tracks no longer than a window stay whole): fixed validation windows
     (`column`: the codes, or a continuous family's latents)."""
     if not len(dataset) or max(dataset["num_frames"]) <= segment_frames:

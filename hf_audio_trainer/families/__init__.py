@@ -15,7 +15,10 @@ from hf_audio_trainer.families.musicgen import MUSICGEN
 from hf_audio_trainer.families.musicgen_text import MUSICGEN_TEXT
 
 FAMILIES: dict[str, Family] = {
-    "musicgen": MUSICGEN, "musicgen_text": MUSICGEN_TEXT, "encodec_gan": ENCODEC_GAN, "flow": FLOW
+    "musicgen": MUSICGEN,
+    "musicgen_text": MUSICGEN_TEXT,
+    "encodec_gan": ENCODEC_GAN,
+    "flow": FLOW,
 }
 
 

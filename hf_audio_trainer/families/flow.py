@@ -235,7 +235,9 @@ def text_of(run, split: Dataset, name: str) -> list[str]:
 
 def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """The pipeline's tokenization (its model_max_length); an empty description is the null condition (no ids)."""
-    return [tokenizer(x, truncation=True, max_length=tokenizer.model_max_length)["input_ids"] if x else [] for x in texts]
+    return [
+        tokenizer(x, truncation=True, max_length=tokenizer.model_max_length)["input_ids"] if x else [] for x in texts
+    ]
 
 
 def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpace, dict]:
@@ -552,7 +554,9 @@ def evaluate(run, data: LatentData, models, loss_fn=None):
 
     def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
         if loss_fn is not None:  # align: the DPO objective's metrics on held-out pairs
-            results = {f"eval/{k}{suffix}": v for k, v in evaluate_metrics(acc, model, stream(with_text), loss_fn).items()}
+            results = {
+                f"eval/{k}{suffix}": v for k, v in evaluate_metrics(acc, model, stream(with_text), loss_fn).items()
+            }
         else:
             results = {
                 f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), flow_loss),
@@ -752,7 +756,10 @@ def precompute_reference(run, data: LatentData, reference: torch.nn.Module) -> L
     with run.accelerator.autocast():
         splits = {
             name: precompute_reference_logps(
-                reference, getattr(data, name).select_columns(columns(data)), collate, run.accelerator.device,
+                reference,
+                getattr(data, name).select_columns(columns(data)),
+                collate,
+                run.accelerator.device,
                 logps=flow_sequence_logps,
             )  # fmt: skip
             for name in ("train", "validation")

@@ -47,7 +47,9 @@ def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
         # the weight-free block DCT latents and a micro DiT; dropout on for the same reason as musicgen_text
         "flow": lambda: {
             **quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2),
-            "max_duration_seconds": 1.0, "condition_dropout": 0.5, "synthetic_num_clips": 48,
+            "max_duration_seconds": 1.0,
+            "condition_dropout": 0.5,
+            "synthetic_num_clips": 48,
         },
     }[name]()
     return {**settings, **overrides}

@@ -108,7 +108,7 @@ def test_finetune_at_lr_0_exports_the_input_and_a_resumed_finetune_reads_the_che
     finetune(flow_run(out, model_name_or_path=str(exported), max_steps=2, learning_rate=0.0, high_quality_only=False))
     assert max_abs_diff(weights(out), weights(exported)) == 0.0
     for part in ("vae", "text_encoder"):  # the frozen parts travel unchanged
-        a = (exported / part / ("diffusion_pytorch_model.safetensors" if part == "vae" else "model.safetensors"))
+        a = exported / part / ("diffusion_pytorch_model.safetensors" if part == "vae" else "model.safetensors")
         b = out / a.relative_to(exported)
         assert a.read_bytes() == b.read_bytes()
 
