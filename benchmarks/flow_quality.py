@@ -50,7 +50,7 @@ class Sampler:
 
     def __init__(self, folder: Path):
         self.model = load_flow_model(str(folder)).eval()
-        self.space = load_latent_space(str(folder), 0, 0)
+        self.space = load_latent_space(str(folder), 0, 0, json.loads((folder / "latents.json").read_text()))
         encoder, self.tokenizer = text_parts(None, str(folder))
         self.encoder = encoder
         self.frames = self.model.transformer.config.sample_size

@@ -127,32 +127,30 @@ def clone_vae(vae):
     return copied.to(next(vae.parameters()).device).eval().requires_grad_(False)
 
 
-def load_latent_space(vae: str | None, sample_rate: int, hop_length: int) -> LatentSpace:
-    """The VAE of --vae (an AutoencoderOobleck folder or Hub id, or a pipeline folder's vae/, whose latents.json
-    says whether it is the block DCT), else the weight-free block DCT at `sample_rate` with `hop_length`-sample
-    frames."""
+def load_latent_space(vae: str | None, sample_rate: int, hop_length: int, stats: dict | None = None) -> LatentSpace:
+    """The VAE of --vae (an AutoencoderOobleck folder or Hub id, or a pipeline's `vae/`), else the weight-free block
+    DCT at `sample_rate` with `hop_length`-sample frames. `stats`: a flow export's latents.json, which says whether
+    its VAE is the block DCT (then computed as one), with the statistics folded into it."""
     if vae is None:
         return LatentSpace(block_dct_vae(sample_rate, hop_length), name=f"block-dct-{hop_length}", dct={})
     from diffusers import AutoencoderOobleck
 
-    subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
-    try:
-        model = AutoencoderOobleck.from_pretrained(vae, subfolder=subfolder)
-    except (OSError, ValueError) as err:
+    model, failure = None, None
+    for subfolder in ("vae", None):  # a pipeline's VAE, or a VAE of its own
+        try:
+            model = AutoencoderOobleck.from_pretrained(vae, subfolder=subfolder)
+            break
+        except (OSError, ValueError) as err:
+            failure = failure or err
+    if model is None:
         raise ConfigError(
-            f"--vae {vae}: could not load an AutoencoderOobleck ({str(err).splitlines()[0]}); pass a folder or Hub id "
-            "of one (e.g. a stabilityai/stable-audio-open-1.0 download, subfolder vae/), or drop --vae for the "
+            f"--vae {vae}: could not load an AutoencoderOobleck ({str(failure).splitlines()[0]}); pass a folder or Hub "
+            "id of one (e.g. a stabilityai/stable-audio-open-1.0 download, subfolder vae/), or drop --vae for the "
             "weight-free block DCT"
-        ) from None
-    stats = os.path.join(vae, "latents.json")
-    dct = None
-    if os.path.isfile(stats):
-        import json
-
-        recorded = json.loads(open(stats).read())
-        dct = recorded if str(recorded.get("vae", "")).startswith("block-dct") else None
-        return LatentSpace(model, name=recorded.get("vae", str(vae)), dct=dct)
-    return LatentSpace(model, name=str(vae))
+        )
+    name = (stats or {}).get("vae", str(vae))
+    dct = {"mean": stats["mean"], "std": stats["std"]} if name.startswith("block-dct") and "mean" in stats else None
+    return LatentSpace(model, name=name, dct=dct)
 
 
 def _dct_matrix(n: int) -> torch.Tensor:

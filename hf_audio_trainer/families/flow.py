@@ -246,8 +246,15 @@ def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpa
     cfg, f = run.cfg, run.cfg.flow
     if source is not None:
         stats_file = Path(source) / "latents.json"
+        if not stats_file.is_file() and not Path(source).is_dir():  # a Hub id
+            from huggingface_hub import hf_hub_download
+
+            try:
+                stats_file = Path(hf_hub_download(str(source), "latents.json"))
+            except Exception:  # a pipeline of another trainer: its VAE as it is
+                pass
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-        return load_latent_space(str(source), 0, 0), stats
+        return load_latent_space(str(source), 0, 0, stats), stats
     from hf_audio_trainer.data.audio import decode_audio
 
     raw = load_latent_space(f.vae, f.sample_rate, f.latent_hop_length)
@@ -265,6 +272,13 @@ def preprocess(run, clips: dict[str, Dataset]) -> LatentData:
     """Latents of both splits (through the normalised VAE) and the frozen text encoder's states of their
     descriptions, computed once on the accelerator across ranks and cached."""
     cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
+    if "tokenizer" in cfg.user_set:
+        raise ConfigError("--tokenizer: the flow family reads continuous latents; choose their VAE with --vae")
+    if cfg.training.max_tokens_per_batch is not None or cfg.curriculum.curriculum_segments:
+        raise ConfigError(
+            "--max_tokens_per_batch / --curriculum_segments: the flow family batches a fixed number of windows "
+            "(not yet by duration); use --per_device_train_batch_size"
+        )
     source = run.resume if run.resume is not None else cfg.model.model_name_or_path
     if source is not None and run.resume is None:
         check_flow_pipeline(str(source))
@@ -786,7 +800,7 @@ FLOW = Family(
     text_conditioned=True,
     model_card=ModelCardText(
         "A text-to-audio latent flow-matching model (Stable Audio style: T5 text encoder, DiT, VAE)",
-        "import torch\nfrom diffusers import StableAudioPipeline\n\n"
+        "from diffusers import StableAudioPipeline\n\n"
         'pipe = StableAudioPipeline.from_pretrained("{repo_id}")\n'
         'audio = pipe("a warm pad with slow chords", audio_end_in_s=4.0, num_inference_steps=25).audios[0]',
         pipeline_tag="text-to-audio",
