@@ -7,6 +7,7 @@ Runs the real recipe (`accelerate launch recipes/pretrain.py`) on the GPU:
        close to fp32's;
   4.   the `small` model in bf16: tokens/s and MFU;
   5.   FSDP2 on one GPU (accelerate_configs/fsdp2.yaml, one process);
+  6.   the flow family's `small` DiT (~100M parameters) in bf16: samples/s and MFU;
 and reads nvidia-ml-py's utilisation and memory from each run's metrics. Prints a table (also written to
 OUTPUT_DIR/gpu_check.md) and exits 1 if a run failed or a check missed. Without a CUDA device it prints what it would
 run and exits 0.
@@ -57,6 +58,25 @@ def plan(output_dir: Path, steps: int) -> list[tuple[str, list[str], list[str]]]
             ["--config_file", "accelerate_configs/fsdp2.yaml", "--num_processes", "1"],
             [*common[:1], "50", *common[2:], "--mixed_precision", "bf16", *tokenizer],
         ),  # fmt: skip
+        (  # the flow family's ~100M-parameter DiT (recipes/configs/pretrain_flow.yaml): samples/s and MFU
+            "flow small bf16",
+            one_gpu,
+            [
+                "--model_family",
+                "flow",
+                *common[:1],
+                "60",
+                *common[2:],
+                "--model_size",
+                "small",
+                "--mixed_precision",
+                "bf16",
+                "--per_device_train_batch_size",
+                "32",
+                "--segment_seconds",
+                "4.0",
+            ],
+        ),  # fmt: skip
     ]
 
 
@@ -78,6 +98,9 @@ def summarize(rows: list[dict], reference: list[dict] | None = None) -> dict[str
     evals = [m["eval/loss"] for m in rows if "eval/loss" in m]
     last = train[max(train)] if train else {}
     speed = [m["train/tokens_per_second"] for s, m in sorted(train.items()) if s > 10]  # after the first window
+    samples = [
+        m["train/samples_per_second"] for s, m in sorted(train.items()) if s > 10 and "train/samples_per_second" in m
+    ]
     gap = None
     if reference is not None:
         ref = {m["step"]: m["train/loss"] for m in reference if "train/loss" in m}
@@ -88,6 +111,7 @@ def summarize(rows: list[dict], reference: list[dict] | None = None) -> dict[str
         "eval/loss": evals[-1] if evals else None,
         "curve gap to fp32": gap,
         "tokens/s": sum(speed) / len(speed) if speed else None,
+        "samples/s": sum(samples) / len(samples) if samples else None,
         "mfu": last.get("train/mfu"),
         "loss scale": last.get("train/loss_scale"),
         "gpu util %": max(
@@ -115,6 +139,7 @@ def checks(results: dict[str, dict]) -> dict[str, bool]:
         ),
         "fp16 logs its loss scale": results["fp16"]["loss scale"] is not None,
         "MFU of the small model logged": results["small bf16"]["mfu"] is not None,
+        "MFU of the flow DiT logged": results.get("flow small bf16", {"mfu": None})["mfu"] is not None,
         "nvidia-ml-py utilisation and memory in the metrics": bool(ran)
         and all(at_least(r["gpu util %"], 0) and at_least(r["gpu mem GB"], 1e-3) for r in ran),
     }

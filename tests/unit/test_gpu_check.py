@@ -22,7 +22,7 @@ def test_without_cuda_it_prints_the_plan_and_exits_0(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("no CUDA device here: nothing run")
     runs = [line for line in lines[1:] if "recipes/pretrain.py" in line]
-    assert [line.split("]")[0].strip(" [") for line in runs] == ["fp32", "bf16", "fp16", "small bf16", "fsdp2 1 gpu"]
+    assert [line.split("]")[0].strip(" [") for line in runs] == ["fp32", "bf16", "fp16", "small bf16", "fsdp2 1 gpu", "flow small bf16"]
     assert "--mixed_precision fp16" in runs[2] and "--model_size small" in runs[3]
     assert "--config_file accelerate_configs/fsdp2.yaml --num_processes 1" in runs[4]
     assert not any(tmp_path.iterdir())  # nothing ran
@@ -47,7 +47,7 @@ def test_the_summary_compares_curves_to_fp32_relative_to_their_size():
 def test_the_checks_miss_a_curve_that_drifts_and_count_a_zero_as_a_value():
     ok = {"status": "ok", "seconds": 1.0, "curve gap to fp32": 0.0, "loss scale": 1.0, "mfu": 0.0,
           "gpu util %": 0.0, "gpu mem GB": 1.0}  # fmt: skip
-    results = {name: dict(ok) for name in ("fp32", "bf16", "fp16", "small bf16", "fsdp2 1 gpu")}
+    results = {name: dict(ok) for name in ("fp32", "bf16", "fp16", "small bf16", "fsdp2 1 gpu", "flow small bf16")}
     assert all(gpu_check.checks(results).values())
     results["fp16"]["curve gap to fp32"] = 0.06
     results["fsdp2 1 gpu"]["status"] = "timeout"
