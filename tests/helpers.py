@@ -30,7 +30,7 @@ def quick_run(tokenizer: Path, output_dir: Path, **overrides) -> dict:
     """Settings for a few-step run on the synthetic data with a tiny model."""
     return {
         "synthetic_num_clips": NUM_CLIPS,
-        **({"tokenizer": str(tokenizer)} if tokenizer is not None else {}),  # the flow family has no tokenizer
+        "tokenizer": str(tokenizer),
         "output_dir": str(output_dir),
         "report_to": "none",
         "logging_steps": 1,
@@ -42,6 +42,13 @@ def quick_run(tokenizer: Path, output_dir: Path, **overrides) -> dict:
         "dropout": 0.0,
         **overrides,
     }
+
+
+def flow_quick_run(output_dir: Path, **overrides) -> dict:
+    """quick_run for the flow family (a micro DiT over the block-DCT latents: no tokenizer), clips cut to 1 s."""
+    run = quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2)
+    del run["tokenizer"]
+    return {**run, "max_duration_seconds": 1.0, "synthetic_num_clips": 48, **overrides}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from hf_audio_trainer import align, pretrain
-from tests.helpers import as_flags, launch, max_abs_diff, quick_run, weights
+from hf_audio_trainer.config import AlignConfig, PretrainConfig, parse_config
+from tests.helpers import ROOT, as_flags, flow_quick_run, launch, max_abs_diff, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -23,18 +24,20 @@ STRATEGIES = {  # accelerate arguments, environment, what the checkpoint records
 
 
 def settings(output_dir, **overrides) -> dict:
-    run = quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2)
-    return {**run, "max_duration_seconds": 1.0, "synthetic_num_clips": 40, "max_steps": 3, "save_steps": 3,
+    return {**flow_quick_run(output_dir), "synthetic_num_clips": 40, "max_steps": 3, "save_steps": 3,
             "condition_dropout": 0.3, "ema": True, "ema_decay": 0.5, **overrides}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("flow-ddp")
-    pretrain(settings(root / "single", per_device_train_batch_size=4))
+    # the recipes' YAML files as `recipes/<stage>.py` reads them (a notebook's dict starts from the dataclass defaults)
+    flags = as_flags(settings(root / "single", per_device_train_batch_size=4))
+    pretrain(parse_config(flags, PretrainConfig, str(ROOT / "recipes" / "configs" / "pretrain_flow.yaml")))
     pairs = dict(model_name_or_path=str(root / "single"), synthetic_num_pairs=24, max_steps=3, save_steps=3,
                  learning_rate=1e-3, beta=2000.0)  # fmt: skip
-    align(align_settings(root / "align-single", per_device_train_batch_size=4, **pairs))
+    flags = as_flags(align_settings(root / "align-single", per_device_train_batch_size=4, **pairs))
+    align(parse_config(flags, AlignConfig, str(ROOT / "recipes" / "configs" / "align.yaml")))
     return root, pairs
 
 

@@ -12,7 +12,7 @@ from hf_audio_trainer.loop import DefaultStep
 from hf_audio_trainer.optim import build_optimization
 from hf_audio_trainer.stages.common import load_clips, shuffled_sampler, start_run
 from tests.e2e.test_codec import codec_run
-from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, tiny_codec, weights
+from tests.helpers import fit_small_tokenizer, flow_quick_run, max_abs_diff, quick_run, tiny_codec, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -45,12 +45,7 @@ def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
         ),  # fmt: skip
         "encodec_gan": lambda: codec_run(output_dir, discriminator_start_step=1, learning_rate=3e-3),
         # the weight-free block DCT latents and a micro DiT; dropout on for the same reason as musicgen_text
-        "flow": lambda: {
-            **quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2),
-            "max_duration_seconds": 1.0,
-            "condition_dropout": 0.5,
-            "synthetic_num_clips": 48,
-        },
+        "flow": lambda: flow_quick_run(output_dir, condition_dropout=0.5),
     }[name]()
     return {**settings, **overrides}
 

@@ -12,14 +12,13 @@ import torch
 from hf_audio_trainer import align, finetune, pretrain
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.trackers import read_metrics
-from tests.helpers import ROOT, fit_small_tokenizer, max_abs_diff, quick_run, weights
+from tests.helpers import ROOT, fit_small_tokenizer, flow_quick_run, max_abs_diff, quick_run, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def flow_run(output_dir, **overrides) -> dict:
-    settings = quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2)
-    return {**settings, "max_duration_seconds": 1.0, "synthetic_num_clips": 48, **overrides}
+    return flow_quick_run(output_dir, **overrides)
 
 
 @pytest.fixture(scope="module")

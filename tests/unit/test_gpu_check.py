@@ -22,7 +22,14 @@ def test_without_cuda_it_prints_the_plan_and_exits_0(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("no CUDA device here: nothing run")
     runs = [line for line in lines[1:] if "recipes/pretrain.py" in line]
-    assert [line.split("]")[0].strip(" [") for line in runs] == ["fp32", "bf16", "fp16", "small bf16", "fsdp2 1 gpu", "flow small bf16"]
+    assert [line.split("]")[0].strip(" [") for line in runs] == [
+        "fp32",
+        "bf16",
+        "fp16",
+        "small bf16",
+        "fsdp2 1 gpu",
+        "flow small bf16",
+    ]
     assert "--mixed_precision fp16" in runs[2] and "--model_size small" in runs[3]
     assert "--config_file accelerate_configs/fsdp2.yaml --num_processes 1" in runs[4]
     assert not any(tmp_path.iterdir())  # nothing ran
