@@ -17,6 +17,7 @@ folder) and align (Diffusion-DPO, Wallace et al. 2023).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +40,7 @@ from hf_audio_trainer.data.preferences import (
 from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, encode_waves
 from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.text import IDS, STATES, dropped, encode_texts
+from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.hub import ModelCardText
@@ -217,7 +219,9 @@ def text_parts(run, source: str | None):
     from hf_audio_trainer.musicgen_hub import BYT5_VOCAB, TEXT_ENCODER_SIZES
 
     if source is not None:
-        encoder = load_pretrained(T5EncoderModel, source, "a T5EncoderModel", subfolder="text_encoder")
+        # whole, not partitioned under ZeRO-3: it runs before `prepare` (transformers' ZeRO-3 switch stays on there)
+        with whole_weights(run.accelerator) if run is not None else contextlib.nullcontext():
+            encoder = load_pretrained(T5EncoderModel, source, "a T5EncoderModel", subfolder="text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
     else:
         cfg = run.cfg

@@ -51,7 +51,8 @@ def run_two(strategy: str, recipe: str, flags: dict, port_offset: int = 0) -> No
     script = ["tests/distributed/fsdp2_on_cpu.py"] if strategy == "fsdp2" else []
     args = [*config, "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port + port_offset)]
     done = launch([*args, *script, recipe, *as_flags(flags)], env=env, timeout=400)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    if done.returncode != 0:  # the whole tail, untruncated (an assertion's repr would cut the middle out)
+        pytest.fail(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-8000:]}", pytrace=False)
 
 
 def check_ran(folder, strategy: str) -> None:
