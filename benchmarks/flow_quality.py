@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
     flags = ["--model_family", "flow", "--seed", str(seed), "--max_steps", str(args.max_steps), "--output_dir",
              str(out), "--eval_steps", str(args.max_steps // 3), "--save_steps", str(args.max_steps),
              "--num_eval_samples", str(args.num_eval_samples)]  # fmt: skip
-    pretrain(parse_config(flags, PretrainConfig, str(RECIPE_YAML)))
+    if not (out / "model_index.json").is_file():  # a finished run in --out is reused
+        pretrain(parse_config(flags, PretrainConfig, str(RECIPE_YAML)))
     loss, loss_ema, fad = evals(out, "eval/loss"), evals(out, "eval/loss_ema"), evals(out, "eval/fad")
     result = {
         "seed": seed,
@@ -100,6 +102,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     before = [tonal_clarity(w, 16000) for w in sampler(descriptions, 3.0, seed + 1)]
     # Diffusion-DPO from that model
     aligned = root / f"align-{seed}"
+    shutil.rmtree(aligned, ignore_errors=True)
     align({
         "model_family": "flow", "model_name_or_path": str(out), "output_dir": str(aligned), "report_to": "none",
         "synthetic_num_pairs": 400, "max_steps": args.align_steps, "eval_steps": args.align_steps,
