@@ -178,7 +178,7 @@ def check_flow_pipeline(source: str) -> None:
 FLOW_SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 
 
-def export_scheduler(num_inference_steps: int):
+def export_scheduler():
     """The exported pipeline's sampler. `StableAudioPipeline` calls `scheduler.scale_model_input`, which diffusers'
     FlowMatchEulerDiscreteScheduler lacks, so the export carries UniPC on flow sigmas (prediction: velocity); in-loop
     samples use FlowMatchEulerDiscreteScheduler."""
@@ -601,7 +601,7 @@ def save_parts(run, data: LatentData, folder: Path, with_scheduler: bool = True)
     data.text_encoder.save_pretrained(folder / "text_encoder")
     data.text_tokenizer.save_pretrained(folder / "tokenizer")
     data.latents.vae.save_pretrained(folder / "vae")
-    export_scheduler(run.cfg.flow.num_inference_steps).save_pretrained(folder / "scheduler")
+    export_scheduler().save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableAudioPipeline",
         "_diffusers_version": __import__("diffusers").__version__,
