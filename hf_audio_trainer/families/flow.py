@@ -496,9 +496,10 @@ def columns(data: LatentData, split: str = "train") -> list[str]:
 
 def batches(run, data: LatentData, models, sampler, start_step: int):
     t = run.cfg
-    collate = collator(run, data, dropout=t.text.condition_dropout)
-    if data.pairs:
-        collate = PairCollator(collate)
+    if data.pairs:  # DPO conditions every pair on its prompt: no condition dropout
+        collate = PairCollator(collator(run, data))
+    else:
+        collate = collator(run, data, dropout=t.text.condition_dropout)
     return batch_stream(
         data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data),
         positions=True, segment_frames=None if data.pairs else data.segment_frames, seed=t.training.seed,
@@ -594,7 +595,7 @@ def flops_per_item(models, data: LatentData) -> float:
     return 6.0 * num_parameters(models["model"], trainable_only=False)
 
 
-def save_parts(run, data: LatentData, folder: Path, with_scheduler: bool = True) -> None:
+def save_parts(run, data: LatentData, folder: Path) -> None:
     """Everything of the pipeline beside the trained networks: text encoder, tokenizer, VAE, scheduler, the
     pipeline index, and the latent statistics."""
     folder = Path(folder)
@@ -665,10 +666,7 @@ class PairCollator:
              **({"epoch": r["epoch"]} if "epoch" in r and not fixed else {})}
             for side in ("chosen", "rejected") for r in rows
         ]  # fmt: skip
-        inner = self.inner
-        was, inner.dropout = inner.dropout, 0.0  # DPO conditions every pair on its prompt
-        batch = inner(sequences)
-        inner.dropout = was
+        batch = self.inner(sequences)
         b = len(rows)
         batch.pop("sample_stats")
         batch["num_items"] = batch["num_samples"] = b

@@ -81,8 +81,8 @@ def test_a_pair_shares_noise_and_timestep_and_scores_each_member():
     model = new_flow_model("micro", 4, 6, 8, 10.0)
     pair = {"chosen_latents": row(6)["latents"], "rejected_latents": row(4, 5)["latents"],
             "text_states": row(6)["text_states"], "row": 3, "epoch": 1}  # fmt: skip
-    batch = PairCollator(collate(dropout=0.9))([pair])
+    batch = PairCollator(collate())([pair])
     assert torch.equal(batch["noise"][0], batch["noise"][1]) and batch["sigmas"][0] == batch["sigmas"][1]
-    assert batch["num_items"] == 1 and batch["keep"].tolist() == [1.0, 1.0]  # DPO never drops the prompt
+    assert batch["num_items"] == 1 and batch["keep"].tolist() == [1.0, 1.0]  # both conditioned on the prompt
     logps = flow_sequence_logps(model, batch)
     assert logps.shape == (2,) and (logps < 0).all()
