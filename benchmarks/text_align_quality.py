@@ -32,7 +32,7 @@ from hf_audio_trainer.codecs import EncodecTokenizer  # noqa: E402
 from hf_audio_trainer.config import AlignConfig, PretrainConfig, parse_config  # noqa: E402
 from hf_audio_trainer.data.preferences import make_synthetic_preferences  # noqa: E402
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset  # noqa: E402
-from hf_audio_trainer.musicgen_hub import generate_audio, returning_codes  # noqa: E402
+from hf_audio_trainer.families.musicgen_hub import generate_audio, returning_codes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 

@@ -35,8 +35,8 @@ from hf_audio_trainer.config import PretrainConfig, parse_config
 from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
 from hf_audio_trainer.data.text import TextCollator, encode_texts
+from hf_audio_trainer.families.musicgen_hub import generate_audio, returning_codes
 from hf_audio_trainer.families.musicgen_text import text_lm_loss
-from hf_audio_trainer.musicgen_hub import generate_audio, returning_codes
 
 RECIPE_YAML = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "pretrain.yaml"
 NOISE = re.compile(r", (clean|with (light|moderate|heavy) noise)")

@@ -216,7 +216,7 @@ def text_parts(run, source: str | None):
     """The frozen text encoder and its tokenizer: a checkpoint's or pipeline's, or a new T5 over ByT5's bytes."""
     from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
-    from hf_audio_trainer.musicgen_hub import BYT5_VOCAB, TEXT_ENCODER_SIZES
+    from hf_audio_trainer.families.musicgen_hub import BYT5_VOCAB, TEXT_ENCODER_SIZES
 
     if source is not None:
         # whole, not partitioned under ZeRO-3: it runs before `prepare` (transformers' ZeRO-3 switch stays on there)

@@ -52,10 +52,7 @@ from hf_audio_trainer.data.text import (
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
-from hf_audio_trainer.hub import ModelCardText
-from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
-from hf_audio_trainer.models import num_parameters
-from hf_audio_trainer.musicgen_hub import (
+from hf_audio_trainer.families.musicgen_hub import (
     codec_of,
     frozen_parts,
     generate_audio,
@@ -65,6 +62,9 @@ from hf_audio_trainer.musicgen_hub import (
     new_processor,
     set_generation_config,
 )
+from hf_audio_trainer.hub import ModelCardText
+from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
+from hf_audio_trainer.models import num_parameters
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data: audio -> codes through the model's codec, text -> token ids (and the frozen encoder's outputs)

@@ -17,7 +17,7 @@ from hf_audio_trainer.codecs import EncodecTokenizer
 from hf_audio_trainer.config import ConfigError
 from hf_audio_trainer.data.codes import CodesCollator
 from hf_audio_trainer.data.text import TextCollator, conditioning, dropped, encode_texts
-from hf_audio_trainer.musicgen_hub import load_composite, make_text_preference_pairs
+from hf_audio_trainer.families.musicgen_hub import load_composite, make_text_preference_pairs
 from tests.helpers import described_folder, fit_small_tokenizer, tiny_clap, tiny_codec, tiny_musicgen
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
