@@ -1,5 +1,5 @@
-"""Text conditions in batches, for every text-conditioned family: token ids or the frozen text encoder's outputs
-computed once, the null condition of classifier-free guidance, and its per-example dropout."""
+"""Text conditions for every text-conditioned family: each clip's description, token ids or the frozen text encoder's
+outputs computed once, the null condition of classifier-free guidance, and its per-example dropout."""
 
 from __future__ import annotations
 
@@ -7,7 +7,22 @@ import datasets
 import numpy as np
 import torch
 
+from hf_audio_trainer.errors import ConfigError
+
 STATES, IDS = "text_states", "text_ids"  # a row's cached text encoder outputs [tokens, d_model], or its token ids
+
+
+def text_of(text_cfg, split: datasets.Dataset, name: str) -> list[str]:
+    """Each row's description: --instance_prompt when given (every clip the same, as DreamBooth does), else the text
+    column (`text_cfg`: the text section)."""
+    if text_cfg.instance_prompt is not None:
+        return [text_cfg.instance_prompt] * len(split)
+    if text_cfg.text_column in split.column_names:
+        return ["" if v is None else str(v).strip() for v in split[text_cfg.text_column]]
+    raise ConfigError(
+        f"the {name} split has no text column {text_cfg.text_column!r} (columns: {split.column_names}); name it with "
+        "--text_column, or give every clip one description with --instance_prompt"
+    )
 
 
 def add_states(dataset: datasets.Dataset, states: list[np.ndarray]) -> datasets.Dataset:

@@ -39,7 +39,7 @@ from hf_audio_trainer.data.preferences import (
 )
 from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, encode_waves
 from hf_audio_trainer.data.segments import middle_windows
-from hf_audio_trainer.data.text import IDS, STATES, dropped, encode_texts
+from hf_audio_trainer.data.text import IDS, STATES, dropped, encode_texts, text_of
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
@@ -231,12 +231,6 @@ def text_parts(run, source: str | None):
     return encoder.eval().requires_grad_(False), tokenizer
 
 
-def text_of(run, split: Dataset, name: str) -> list[str]:
-    from hf_audio_trainer.families.musicgen_text import text_of as musicgen_text_of
-
-    return musicgen_text_of(run, split, name)
-
-
 def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """The pipeline's tokenization (its model_max_length); an empty description is the null condition (no ids)."""
     return [
@@ -290,7 +284,7 @@ def preprocess(run, clips: dict[str, Dataset]) -> LatentData:
     latents, stats = latent_space_for(run, clips["train"], source)
     splits, prompts = {}, []
     for name in ("train", "validation"):
-        texts = text_of(run, clips[name], name)
+        texts = text_of(cfg.text, clips[name], name)
         prompts = texts
         with acc.main_process_first():
             split = clips[name].remove_columns([c for c in (IDS, STATES) if c in clips[name].column_names])

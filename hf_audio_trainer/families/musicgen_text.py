@@ -48,6 +48,7 @@ from hf_audio_trainer.data.text import (
     add_states,
     conditioning,
     encode_texts,
+    text_of,
 )
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
@@ -88,20 +89,6 @@ class TextCodesData:
     segment_frames: int | None = None  # the training window (None: whole sequences, as preference pairs are)
 
 
-def text_of(run, split: Dataset, name: str) -> list[str]:
-    """Each row's description: --instance_prompt when given (every clip the same, as DreamBooth does), else the text
-    column."""
-    t = run.cfg.text
-    if t.instance_prompt is not None:
-        return [t.instance_prompt] * len(split)
-    if t.text_column in split.column_names:
-        return ["" if v is None else str(v).strip() for v in split[t.text_column]]
-    raise ConfigError(
-        f"the {name} split has no text column {t.text_column!r} (columns: {split.column_names}); name it with "
-        "--text_column, or give every clip one description with --instance_prompt"
-    )
-
-
 def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     """Load the model (or the codec of a new one), tokenize the audio with its codec and the text with its processor
     (`build_model` runs the frozen text encoder once over the token ids)."""
@@ -133,7 +120,7 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
             "facebook/musicgen-small), or --tokenizer an EnCodec model for a new one (train one on your data in a "
             "few CPU minutes with recipes/codec.py, then --tokenizer outputs/codec)"
         )
-    texts = {name: text_of(run, clips[name], name) for name in ("train", "validation")}
+    texts = {name: text_of(t, clips[name], name) for name in ("train", "validation")}
     text_tokenizer = processor.tokenizer
     splits, nulls = {}, {}
     d = cfg.data

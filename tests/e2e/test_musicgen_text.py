@@ -305,13 +305,10 @@ def test_bad_align_inputs_are_refused(hub_model, tmp_path):
 
 
 def test_an_instance_prompt_is_every_clips_description():
-    from types import SimpleNamespace
-
     from hf_audio_trainer.config import TextConfig
-    from hf_audio_trainer.families.musicgen_text import text_of
+    from hf_audio_trainer.data.text import text_of
 
     split = Dataset.from_dict({"description": ["a sine melody", None, "  padded  "]})
-    run = SimpleNamespace(cfg=SimpleNamespace(text=TextConfig()))
-    assert text_of(run, split, "train") == ["a sine melody", "", "padded"]  # None and blanks: the null condition
-    run = SimpleNamespace(cfg=SimpleNamespace(text=TextConfig(instance_prompt="my band")))
-    assert text_of(run, split, "train") == ["my band"] * 3
+    text = TextConfig()
+    assert text_of(text, split, "train") == ["a sine melody", "", "padded"]  # None and blanks: the null condition
+    assert text_of(TextConfig(instance_prompt="my band"), split, "train") == ["my band"] * 3
