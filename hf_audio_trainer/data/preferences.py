@@ -10,6 +10,7 @@ Every degradation keeps the input's length and peak level, so loudness or durati
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import datasets
 import numpy as np
@@ -243,3 +244,38 @@ def load_preference_dataset(
     for column in columns:  # decoded with soundfile later, never through datasets' torchcodec
         train, validation = _undecoded(train, column), _undecoded(validation, column)
     return datasets.DatasetDict({"train": train, "validation": validation})
+
+
+def preference_pairs(data_cfg, seed: int, text_prompts: bool = False) -> datasets.DatasetDict:
+    """The pairs `align` trains on (`data_cfg`: the data section): --dataset_name's, or the synthetic ones, their
+    columns checked. With `text_prompts` a pair needs a prompt, and a synthetic pair's is its clip's description."""
+    d = data_cfg
+    if d.dataset_name is None:
+        pairs = make_synthetic_preferences(d.synthetic_num_pairs, seed, d.prompt_seconds)
+        if text_prompts:
+            pairs = pairs.remove_columns("prompt").rename_column("description", "prompt")
+    else:
+        pairs = load_preference_dataset(d.dataset_name, d.dataset_config_name, d.validation_split_percentage, seed)
+    check_preference_columns(pairs, require_prompt=text_prompts)
+    return pairs
+
+
+def usable_pairs(split: datasets.Dataset, name: str, log: Callable[[str], None]) -> datasets.Dataset:
+    """The `name` split without its identical pairs (`log` says how many went); a split left empty is an error."""
+    kept, dropped = drop_identical_pairs(split)
+    if dropped:
+        log(f"skipped {dropped} {name} pair(s) whose chosen and rejected are identical")
+    if len(kept) == 0:
+        raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+    return kept
+
+
+def prompt_texts(split: datasets.Dataset, name: str) -> list[str]:
+    """The `prompt` column of preference pairs as text (TRL's format); audio prompts are the musicgen family's."""
+    values = split["prompt"]
+    if values and not all(v is None or isinstance(v, str) for v in values):
+        raise ConfigError(
+            f"the {name} pairs' 'prompt' column holds {type(values[0]).__name__} values, not text: musicgen_text "
+            "aligns on (text prompt, chosen audio, rejected audio); for audio prompts use --model_family musicgen"
+        )
+    return ["" if v is None else v.strip() for v in values]

@@ -31,12 +31,7 @@ from datasets import Dataset
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.codecs.latents import LatentSpace, latent_statistics, load_latent_space
 from hf_audio_trainer.data.codes import batch_stream, eval_batches
-from hf_audio_trainer.data.preferences import (
-    check_preference_columns,
-    drop_identical_pairs,
-    load_preference_dataset,
-    make_synthetic_preferences,
-)
+from hf_audio_trainer.data.preferences import preference_pairs, prompt_texts, usable_pairs
 from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, encode_waves
 from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.text import IDS, STATES, dropped, encode_texts, text_of
@@ -682,25 +677,13 @@ def preferences(run) -> LatentData:
     text_encoder, tokenizer = text_parts(run, str(source))
     latents, stats = latent_space_for(run, None, source)
     with acc.main_process_first():
-        if d.dataset_name is None:
-            pairs = make_synthetic_preferences(d.synthetic_num_pairs, cfg.training.seed, d.prompt_seconds)
-            pairs = pairs.remove_columns("prompt").rename_column("description", "prompt")
-        else:
-            pairs = load_preference_dataset(
-                d.dataset_name, d.dataset_config_name, d.validation_split_percentage, cfg.training.seed
-            )
-        check_preference_columns(pairs, require_prompt=True)
+        pairs = preference_pairs(d, cfg.training.seed, text_prompts=True)
     from hf_audio_trainer.data.audio import decode_audio
-    from hf_audio_trainer.families.musicgen_text import prompt_texts
 
     max_samples = int(d.max_duration_seconds * latents.sample_rate)
     splits, prompts, prompt_states = {}, [], []
     for name in ("train", "validation"):
-        kept, dropped_pairs = drop_identical_pairs(pairs[name])
-        if dropped_pairs:
-            acc.print(f"skipped {dropped_pairs} {name} pair(s) whose chosen and rejected are identical")
-        if len(kept) == 0:
-            raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+        kept = usable_pairs(pairs[name], name, acc.print)
         texts = prompt_texts(kept, name)
         columns_ = {}
         for side in ("chosen", "rejected"):

@@ -32,12 +32,7 @@ from hf_audio_trainer.alignment import (
 )
 from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
-from hf_audio_trainer.data.preferences import (
-    check_preference_columns,
-    drop_identical_pairs,
-    load_preference_dataset,
-    make_synthetic_preferences,
-)
+from hf_audio_trainer.data.preferences import drop_identical_pairs, preference_pairs, prompt_texts, usable_pairs
 from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states
 from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.text import (
@@ -149,17 +144,6 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
     )  # fmt: skip
 
 
-def prompt_texts(split: Dataset, name: str) -> list[str]:
-    """The `prompt` column of preference pairs as text (TRL's format); audio prompts are the musicgen family's."""
-    values = split["prompt"]
-    if values and not all(v is None or isinstance(v, str) for v in values):
-        raise ConfigError(
-            f"the {name} pairs' 'prompt' column holds {type(values[0]).__name__} values, not text: musicgen_text "
-            "aligns on (text prompt, chosen audio, rejected audio); for audio prompts use --model_family musicgen"
-        )
-    return ["" if v is None else v.strip() for v in values]
-
-
 def preferences(run) -> TextCodesData:
     """The pairs for `align`: TRL's format (a text `prompt`, `chosen` and `rejected` audio or `*_codes`), or the
     embedded synthetic pairs (each clean clip's description; the clean clip chosen over a degraded copy), their audio
@@ -172,14 +156,7 @@ def preferences(run) -> TextCodesData:
         base = load_composite(source, cfg.model.dropout)
     codec, processor = codec_of(base), load_processor(source)
     with acc.main_process_first():
-        if d.dataset_name is None:
-            pairs = make_synthetic_preferences(d.synthetic_num_pairs, cfg.training.seed, d.prompt_seconds)
-            pairs = pairs.remove_columns("prompt").rename_column("description", "prompt")
-        else:
-            pairs = load_preference_dataset(
-                d.dataset_name, d.dataset_config_name, d.validation_split_percentage, cfg.training.seed
-            )
-        check_preference_columns(pairs, require_prompt=True)
+        pairs = preference_pairs(d, cfg.training.seed, text_prompts=True)
         if "prompt" not in pairs["train"].column_names:
             raise ConfigError(
                 f"the preference dataset needs a text 'prompt' column (TRL's format); found "
@@ -187,11 +164,7 @@ def preferences(run) -> TextCodesData:
             )
         splits, prompts = {}, {}
         for name in ("train", "validation"):
-            kept, dropped_pairs = drop_identical_pairs(pairs[name])
-            if dropped_pairs:
-                acc.print(f"skipped {dropped_pairs} {name} pair(s) whose chosen and rejected are identical")
-            if len(kept) == 0:
-                raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+            kept = usable_pairs(pairs[name], name, acc.print)
             prompts[name] = prompt_texts(kept, name)
             audio = kept.remove_columns([c for c in ("prompt", "prompt_codes") if c in kept.column_names])
             coded = tokenize_preferences(audio, codec, d.max_duration_seconds, d.preprocessing_num_workers, split=name)
