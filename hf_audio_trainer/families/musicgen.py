@@ -29,12 +29,7 @@ from hf_audio_trainer.alignment import (
 from hf_audio_trainer.codecs import AudioTokenizer, MelKMeansTokenizer, load_audio_tokenizer
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
-from hf_audio_trainer.data.preferences import (
-    check_preference_columns,
-    drop_identical_pairs,
-    load_preference_dataset,
-    make_synthetic_preferences,
-)
+from hf_audio_trainer.data.preferences import drop_identical_pairs, preference_pairs, usable_pairs
 from hf_audio_trainer.data.preprocess import encode_dataset
 from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.streamed import first_rows, streamed_batches
@@ -357,20 +352,10 @@ def preferences(run) -> CodesData:
             )
     tokenizer = load_audio_tokenizer(policy_tokenizer)
     with accelerator.main_process_first():
-        if d.dataset_name is None:
-            pairs = make_synthetic_preferences(d.synthetic_num_pairs, cfg.training.seed, d.prompt_seconds)
-        else:
-            pairs = load_preference_dataset(
-                d.dataset_name, d.dataset_config_name, d.validation_split_percentage, cfg.training.seed
-            )
-        check_preference_columns(pairs)
+        pairs = preference_pairs(d, cfg.training.seed)
         splits = {}
         for name in ("train", "validation"):
-            kept, dropped = drop_identical_pairs(pairs[name])
-            if dropped:
-                accelerator.print(f"skipped {dropped} {name} pair(s) whose chosen and rejected are identical")
-            if len(kept) == 0:
-                raise ConfigError(f"the {name} split has no usable preference pairs (all chosen == rejected, or empty)")
+            kept = usable_pairs(pairs[name], name, accelerator.print)
             splits[name] = tokenize_preferences(
                 kept, tokenizer, d.max_duration_seconds, d.preprocessing_num_workers, split=name
             )
