@@ -10,11 +10,14 @@ and returns one loss per example; the caller reduces (usually a mean over the ba
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from datasets import Dataset
 
 from hf_audio_trainer.data.audio import decode_audio
@@ -242,6 +245,29 @@ def precompute_reference_logps(
         chosen += c.tolist()
         rejected += r.tolist()
     return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+SplitsT = TypeVar("SplitsT")
+
+
+def with_reference_logps(
+    data: SplitsT,
+    reference: torch.nn.Module,
+    collate: Callable,
+    columns: list[str],
+    accelerator: Accelerator,
+    logps: Callable[[torch.nn.Module, dict], torch.Tensor],
+) -> SplitsT:
+    """`data` (a dataclass with `train` and `validation` splits) with each split cut to `columns` and the reference's
+    log-probabilities added as columns, computed once under autocast (then only the policy stays in memory)."""
+    with accelerator.autocast():
+        splits = {
+            name: precompute_reference_logps(
+                reference, getattr(data, name).select_columns(columns), collate, accelerator.device, logps=logps
+            )
+            for name in ("train", "validation")
+        }
+    return dataclasses.replace(data, **splits)
 
 
 # --- on-policy pairs: sample continuations, rank them with a scorer (the RLHF-style loop for audio) ---

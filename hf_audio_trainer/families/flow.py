@@ -18,7 +18,6 @@ folder) and align (Diffusion-DPO, Wallace et al. 2023).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -743,21 +742,10 @@ def make_flow_preference_pairs(
 
 def precompute_reference(run, data: LatentData, reference: torch.nn.Module) -> LatentData:
     """The reference's Diffusion-DPO terms as columns, computed once at each pair's fixed noise and timestep."""
-    from hf_audio_trainer.alignment import precompute_reference_logps
+    from hf_audio_trainer.alignment import with_reference_logps
 
     collate = PairCollator(collator(run, data, fixed=True))
-    with run.accelerator.autocast():
-        splits = {
-            name: precompute_reference_logps(
-                reference,
-                getattr(data, name).select_columns(columns(data)),
-                collate,
-                run.accelerator.device,
-                logps=flow_sequence_logps,
-            )  # fmt: skip
-            for name in ("train", "validation")
-        }
-    return dataclasses.replace(data, train=splits["train"], validation=splits["validation"])
+    return with_reference_logps(data, reference, collate, columns(data), run.accelerator, flow_sequence_logps)
 
 
 FLOW = Family(

@@ -11,7 +11,6 @@ MusicGen, LoRA or full weights).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,7 @@ from transformers import (
 )
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.alignment import (
-    precompute_reference_logps,
-    tokenize_preferences,
-)
+from hf_audio_trainer.alignment import tokenize_preferences, with_reference_logps
 from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import drop_identical_pairs, preference_pairs, prompt_texts, usable_pairs
@@ -194,19 +190,9 @@ def preferences(run) -> TextCodesData:
 
 def precompute_reference(run, data: TextCodesData, reference: torch.nn.Module) -> TextCodesData:
     """The reference's log-probabilities as columns, computed once (then only the policy stays in memory)."""
-    collate = collator(data, reference)
-    with run.accelerator.autocast():
-        splits = {
-            name: precompute_reference_logps(
-                reference,
-                getattr(data, name).select_columns(columns(data)),
-                collate,
-                run.accelerator.device,
-                logps=text_sequence_logps,
-            )  # fmt: skip
-            for name in ("train", "validation")
-        }
-    return dataclasses.replace(data, train=splits["train"], validation=splits["validation"])
+    return with_reference_logps(
+        data, reference, collator(data, reference), columns(data), run.accelerator, text_sequence_logps
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
