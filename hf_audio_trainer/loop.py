@@ -365,3 +365,32 @@ def evaluate_loss(
 ) -> float:
     """Item-weighted loss over all of this rank's validation batches, summed over ranks."""
     return evaluate_metrics(accelerator, model, batches, loss_fn)["loss"]
+
+
+def evaluate_conditioned(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    batches: Callable[[], Iterator[dict]],
+    null_batches: Callable[[], Iterator[dict]],
+    loss: LossFn,
+    loss_fn: LossFn | None,
+    sample_metrics: Callable[[torch.nn.Module, int], dict[str, float]],
+) -> Callable[[int, str, bool], dict[str, float]]:
+    """evaluate(step, suffix, sample) of a conditioned model: `loss_fn`'s metrics on `batches` when given (align: the
+    DPO objective's on held-out pairs), else `eval/loss` of `loss` on `batches` and `eval/loss_uncond` on
+    `null_batches` (the null condition); on the `sample` pass, `sample_metrics(model, step)` too."""
+
+    def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
+        if loss_fn is not None:
+            metrics = evaluate_metrics(accelerator, model, batches, loss_fn)
+            results = {f"eval/{k}{suffix}": v for k, v in metrics.items()}
+        else:
+            results = {
+                f"eval/loss{suffix}": evaluate_loss(accelerator, model, batches, loss),
+                f"eval/loss_uncond{suffix}": evaluate_loss(accelerator, model, null_batches, loss),
+            }
+        if sample:
+            results.update(sample_metrics(model, step))
+        return results
+
+    return evaluate_weights

@@ -1,5 +1,6 @@
 """Listening to the model while it trains: sample clips at every evaluation, decode them, measure FAD against the
-validation set, and keep a few as wav files (and as audio in TensorBoard)."""
+validation set (and, for a text-conditioned model, the CLAP score against their prompts), and keep a few as wav files
+(and as audio in TensorBoard)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
+from hf_audio_trainer.metrics.clap import ClapScorer
 from hf_audio_trainer.metrics.embedders import load_embedder
 from hf_audio_trainer.metrics.fad import embedding_statistics, frechet_distance, reference_statistics
 from hf_audio_trainer.trackers import log_audio
@@ -99,3 +101,60 @@ class SampleEvaluator:
             peak = float(np.abs(wave).max()) or 1.0
             sf.write(folder / f"sample-{i}.wav", (wave / max(peak, 1.0)).astype(np.float32), sr)
         log_audio(self.accelerator, "samples", waves, step, sr)
+
+
+def prompted_sample_metrics(
+    accelerator: Accelerator,
+    logging_cfg,
+    clap_model: str | None,
+    prompts: list[str],
+    generate: Callable[[torch.nn.Module, int, list[int]], list[np.ndarray]],
+    tokenizer,
+    val_set: Dataset,
+    output_dir: str | os.PathLike,
+    seed: int,
+    column: str = "codes",
+) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """`metrics(model, step)` for a text-conditioned model's `sample` pass: clips generated from the validation
+    `prompts`, scored by FAD (`logging_cfg`: the logging section's --fad_embedder) and by the CLAP score against their
+    prompts (`clap_model`); {} when neither is asked for.
+
+    `generate(model, num_frames, rows)` gives one waveform per row (an index into `prompts`); each process generates
+    from its own share of the prompts.
+    """
+    acc, lg = accelerator, logging_cfg
+    mine = list(range(acc.process_index, len(prompts), acc.num_processes)) or list(range(len(prompts)))
+    generated: dict[str, list] = {}  # the last samples and their prompts, for the CLAP score
+
+    def generate_mine(model: torch.nn.Module, num_frames: int, n: int) -> list[np.ndarray]:
+        rows = [mine[i % len(mine)] for i in range(n)]
+        waves = generate(model, num_frames, rows)
+        generated.update(texts=[prompts[r] for r in rows], waves=waves)
+        return waves
+
+    sampler = clap = None
+    if lg.fad_embedder is not None:
+        sampler = SampleEvaluator(
+            acc, tokenizer, generate_mine, val_set, lg.fad_embedder, lg.fad_embedder_model, lg.num_eval_samples,
+            lg.eval_sample_seconds, output_dir, seed=seed, column=column,
+        )  # fmt: skip
+    if clap_model is not None:
+        with torch.random.fork_rng():  # loading draws no numbers from training's stream
+            clap = ClapScorer(clap_model, acc.device)
+
+    def clap_score(model: torch.nn.Module, step: int) -> float:
+        if sampler is None:  # no FAD pass generated clips: generate them here, seeded by the step
+            with torch.random.fork_rng():
+                torch.manual_seed(seed + 1_000_003 * step + acc.process_index)
+                frames = max(1, round(lg.eval_sample_seconds * tokenizer.frame_rate))
+                generate_mine(acc.unwrap_model(model), frames, -(-lg.num_eval_samples // acc.num_processes))
+        scores = clap(generated["waves"], tokenizer.sample_rate, generated["texts"])
+        return acc.gather(torch.as_tensor(scores, device=acc.device)).float().mean().item()
+
+    def metrics(model: torch.nn.Module, step: int) -> dict[str, float]:
+        results = sampler(model, step) if sampler is not None else {}
+        if clap is not None:
+            results["eval/clap_score"] = clap_score(model, step)
+        return results
+
+    return metrics

@@ -38,7 +38,7 @@ from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.hub import ModelCardText
-from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
+from hf_audio_trainer.loop import evaluate_conditioned
 from hf_audio_trainer.models import load_pretrained, num_parameters
 
 NUM_TRAIN_TIMESTEPS = 1000  # the model reads timestep 1000 s, as diffusers' flow schedulers produce
@@ -517,41 +517,22 @@ def evaluate(run, data: LatentData, models, loss_fn=None):
     and timestep) given the descriptions, and `eval/loss_uncond` given the null condition; on the `sample` pass,
     clips generated from validation descriptions (--guidance_scale, --num_inference_steps), scored by FAD
     (--fad_embedder) and CLAP (--clap_model)."""
-    from hf_audio_trainer.metrics.clap import ClapScorer
-    from hf_audio_trainer.samples import SampleEvaluator
+    from hf_audio_trainer.samples import prompted_sample_metrics
 
     cfg, acc, model = run.cfg, run.accelerator, models["model"]
-    lg, t = cfg.logging, cfg.training
+    t = cfg.training
     with_text, null = collator(run, data, fixed=True), collator(run, data, fixed=True, null=True)
     if data.pairs:
         with_text = PairCollator(with_text)
-    mine = list(range(acc.process_index, len(data.prompts), acc.num_processes)) or list(range(len(data.prompts)))
-    generated: dict[str, list] = {}
-    seconds = lg.eval_sample_seconds
+    seconds = cfg.logging.eval_sample_seconds
 
-    def generate(m, num_frames: int, n: int) -> list[np.ndarray]:
-        rows = [mine[i % len(mine)] for i in range(n)]
-        waves = generate_waves(run, data, m, [data.prompt_states[r] for r in rows], seconds)
-        generated.update(texts=[data.prompts[r] for r in rows], waves=waves)
-        return waves
+    def generate(m, num_frames: int, rows: list[int]) -> list[np.ndarray]:
+        return generate_waves(run, data, m, [data.prompt_states[r] for r in rows], seconds)
 
-    sampler = clap = None
-    if lg.fad_embedder is not None:
-        sampler = SampleEvaluator(
-            acc, data.latents, generate, data.validation, lg.fad_embedder, lg.fad_embedder_model, lg.num_eval_samples,
-            seconds, run.out, seed=t.seed, column="latents",
-        )  # fmt: skip
-    if cfg.text.clap_model is not None:
-        with torch.random.fork_rng():
-            clap = ClapScorer(cfg.text.clap_model, acc.device)
-
-    def clap_score(step: int) -> float:
-        if sampler is None:
-            with torch.random.fork_rng():
-                torch.manual_seed(t.seed + 1_000_003 * step + acc.process_index)
-                generate(acc.unwrap_model(model), 0, -(-lg.num_eval_samples // acc.num_processes))
-        scores = clap(generated["waves"], data.latents.sample_rate, generated["texts"])
-        return acc.gather(torch.as_tensor(scores, device=acc.device)).float().mean().item()
+    sample_metrics = prompted_sample_metrics(
+        acc, cfg.logging, cfg.text.clap_model, data.prompts, generate, data.latents, data.validation, run.out, t.seed,
+        column="latents",
+    )  # fmt: skip
 
     def stream(collate):
         return lambda: eval_batches(
@@ -559,23 +540,7 @@ def evaluate(run, data: LatentData, models, loss_fn=None):
             columns(data, "validation"),
         )  # fmt: skip
 
-    def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
-        if loss_fn is not None:  # align: the DPO objective's metrics on held-out pairs
-            results = {
-                f"eval/{k}{suffix}": v for k, v in evaluate_metrics(acc, model, stream(with_text), loss_fn).items()
-            }
-        else:
-            results = {
-                f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), flow_loss),
-                f"eval/loss_uncond{suffix}": evaluate_loss(acc, model, stream(null), flow_loss),
-            }
-        if sample and sampler is not None:
-            results.update(sampler(model, step))
-        if sample and clap is not None:
-            results["eval/clap_score"] = clap_score(step)
-        return results
-
-    return evaluate_weights
+    return evaluate_conditioned(acc, model, stream(with_text), stream(null), flow_loss, loss_fn, sample_metrics)
 
 
 def flops_per_item(models, data: LatentData) -> float:

@@ -55,7 +55,7 @@ from hf_audio_trainer.families.musicgen_hub import (
     set_generation_config,
 )
 from hf_audio_trainer.hub import ModelCardText
-from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
+from hf_audio_trainer.loop import evaluate_conditioned
 from hf_audio_trainer.models import num_parameters
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -303,42 +303,21 @@ def evaluate(run, data: TextCodesData, models, loss_fn=None):
     """evaluate(step, suffix, sample): `eval/loss` given each clip's description and `eval/loss_uncond` given the
     null condition; on the `sample` pass, clips generated from validation descriptions (with --guidance_scale),
     their FAD (--fad_embedder) and CLAP score against their prompts (--clap_model)."""
-    from hf_audio_trainer.metrics.clap import ClapScorer
-    from hf_audio_trainer.samples import SampleEvaluator
+    from hf_audio_trainer.samples import prompted_sample_metrics
 
     cfg, acc, model = run.cfg, run.accelerator, models["model"]
-    lg, t = cfg.logging, cfg.training
+    t = cfg.training
     unwrapped = acc.unwrap_model(model)
     with_text = collator(data, unwrapped)
     null = None if data.pairs else collator(data, unwrapped, null=True)
-    mine = data.prompts[acc.process_index :: acc.num_processes] or data.prompts
-    generated: dict[str, list] = {}  # the last samples and their prompts, for the CLAP score
 
-    def generate(m, num_frames: int, n: int) -> list[np.ndarray]:
-        texts = [mine[i % len(mine)] for i in range(n)]
-        waves = generate_audio(m, texts, data.processor, num_frames, cfg.text.guidance_scale)
-        generated.update(texts=texts, waves=waves)
-        return waves
+    def generate(m, num_frames: int, rows: list[int]) -> list[np.ndarray]:
+        texts = [data.prompts[r] for r in rows]
+        return generate_audio(m, texts, data.processor, num_frames, cfg.text.guidance_scale)
 
-    sampler = clap = None
-    if lg.fad_embedder is not None:
-        sampler = SampleEvaluator(
-            acc, data.tokenizer, generate, data.validation, lg.fad_embedder, lg.fad_embedder_model,
-            lg.num_eval_samples, lg.eval_sample_seconds, run.out, seed=t.seed,
-        )  # fmt: skip
-    if cfg.text.clap_model is not None:
-        with torch.random.fork_rng():  # loading draws no numbers from training's stream
-            clap = ClapScorer(cfg.text.clap_model, acc.device)
-
-    def clap_score(step: int) -> float:
-        if sampler is None:  # no FAD pass generated clips: generate them here, seeded by the step
-            with torch.random.fork_rng():
-                torch.manual_seed(t.seed + 1_000_003 * step + acc.process_index)
-                frames = max(1, round(lg.eval_sample_seconds * data.tokenizer.frame_rate))
-                per_process = -(-lg.num_eval_samples // acc.num_processes)
-                generate(acc.unwrap_model(model), frames, per_process)
-        scores = clap(generated["waves"], data.tokenizer.sample_rate, generated["texts"])
-        return acc.gather(torch.as_tensor(scores, device=acc.device)).float().mean().item()
+    sample_metrics = prompted_sample_metrics(
+        acc, cfg.logging, cfg.text.clap_model, data.prompts, generate, data.tokenizer, data.validation, run.out, t.seed
+    )
 
     def stream(collate):
         return lambda: eval_batches(
@@ -346,22 +325,7 @@ def evaluate(run, data: TextCodesData, models, loss_fn=None):
             columns(data),
         )  # fmt: skip
 
-    def evaluate_weights(step: int, suffix: str, sample: bool) -> dict[str, float]:
-        if loss_fn is not None:  # align: the DPO objective's metrics (rewards, accuracies) on held-out pairs
-            metrics = evaluate_metrics(acc, model, stream(with_text), loss_fn)
-            results = {f"eval/{k}{suffix}": v for k, v in metrics.items()}
-        else:
-            results = {
-                f"eval/loss{suffix}": evaluate_loss(acc, model, stream(with_text), text_lm_loss),
-                f"eval/loss_uncond{suffix}": evaluate_loss(acc, model, stream(null), text_lm_loss),
-            }
-        if sample and sampler is not None:
-            results.update(sampler(model, step))
-        if sample and clap is not None:
-            results["eval/clap_score"] = clap_score(step)
-        return results
-
-    return evaluate_weights
+    return evaluate_conditioned(acc, model, stream(with_text), stream(null), text_lm_loss, loss_fn, sample_metrics)
 
 
 def flops_per_item(models, data: TextCodesData) -> float:
