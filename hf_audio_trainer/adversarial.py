@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.nn.utils.parametrizations import weight_norm
 
+from hf_audio_trainer.errors import ConfigError, check
 from hf_audio_trainer.loop import StepOutput, to_device
 
 LEAK = 0.1  # LeakyReLU slope of HiFi-GAN / EnCodec discriminators
@@ -342,3 +344,101 @@ class AdversarialStep:
         if "train/d_acc" in logged:
             postfix["d_acc"] = f"{logged['train/d_acc']:.2f}"
         return postfix
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The codec stage's settings of the game
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def int_list(value: str, name: str) -> list[int]:
+    """A comma-separated list of positive integers (FFT sizes, periods), or a one-line error naming the flag."""
+    try:
+        values = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected comma-separated integers, e.g. 512,256,128") from None
+    check(bool(values) and all(v > 0 for v in values), f"{name}={value!r}: expected positive integers")
+    return values
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The discriminators and their optimizer settings (the rest is shared with the generator's --optim flags)."""
+
+    shapes_model: ClassVar[bool] = True  # the heads are the discriminator's weights: a resume must match
+
+    discriminators: str = field(
+        default="msstft", metadata={"help": "Comma-separated: msstft (multi-scale STFT), mpd (multi-period)."}
+    )
+    stft_discriminator_n_ffts: str = field(
+        default="512,256,128", metadata={"help": "FFT sizes of the multi-scale STFT discriminator's heads."}
+    )
+    mpd_periods: str = field(default="2,3,5,7,11", metadata={"help": "Periods of the multi-period discriminator."})
+    discriminator_channels: int = field(default=8, metadata={"help": "Conv channels of each discriminator head."})
+    discriminator_learning_rate: float | None = field(
+        default=None, metadata={"help": "The discriminator's peak learning rate; unset: --learning_rate."}
+    )
+    discriminator_max_grad_norm: float | None = field(
+        default=None, metadata={"help": "The discriminator's gradient clipping; unset: --max_grad_norm; 0 disables."}
+    )
+
+    def __post_init__(self) -> None:
+        kinds = [k.strip() for k in self.discriminators.split(",") if k.strip()]
+        check(bool(kinds), "discriminators: name at least one of " + ", ".join(sorted(DISCRIMINATORS)))
+        for kind in kinds:
+            check(kind in DISCRIMINATORS, f"discriminators: unknown {kind!r}; choose from {sorted(DISCRIMINATORS)}")
+        int_list(self.stft_discriminator_n_ffts, "stft_discriminator_n_ffts")
+        int_list(self.mpd_periods, "mpd_periods")
+        check(self.discriminator_channels >= 1, f"discriminator_channels={self.discriminator_channels}: must be >= 1")
+        lr = self.discriminator_learning_rate
+        check(lr is None or lr > 0, f"discriminator_learning_rate={lr}: must be > 0")
+        norm = self.discriminator_max_grad_norm
+        check(norm is None or norm >= 0, f"discriminator_max_grad_norm={norm}: must be >= 0 (0 disables clipping)")
+
+    @property
+    def heads(self) -> dict[str, list[int]]:
+        """Discriminator kind -> its sizes (FFT sizes or periods)."""
+        sizes = {"msstft": self.stft_discriminator_n_ffts, "mpd": self.mpd_periods}
+        kinds = [k.strip() for k in self.discriminators.split(",") if k.strip()]
+        return {kind: int_list(sizes[kind], kind) for kind in kinds}
+
+
+@dataclass
+class AdversarialConfig:
+    """The game: adversarial loss, when the discriminator starts, and the generator's loss weights (DAC's)."""
+
+    adversarial_loss_type: str = field(
+        default="lsgan", metadata={"help": "lsgan (HiFi-GAN; the balanced one on the default run) or hinge (EnCodec)."}
+    )
+    discriminator_start_step: int = field(
+        default=0, metadata={"help": "Train only on reconstruction until this step, then add the discriminator."}
+    )
+    mel_loss_weight: float = field(default=15.0, metadata={"help": "Weight of the multi-scale log-mel L1."})
+    mel_loss_n_ffts: str = field(default="256,512,1024", metadata={"help": "STFT sizes of the mel loss."})
+    waveform_loss_weight: float = field(default=0.1, metadata={"help": "Weight of the waveform L1."})
+    adversarial_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the generator's GAN loss."})
+    feature_matching_loss_weight: float = field(default=2.0, metadata={"help": "Weight of feature matching."})
+    commitment_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the VQ commitment loss."})
+
+    run_length: ClassVar[dict[str, str]] = {
+        "discriminator_start_step": "discriminator_start_step={value} is after max_steps={steps}: the discriminator "
+        "would never train; lower --discriminator_start_step or raise --max_steps (equal to max_steps: a "
+        "reconstruction-only run)"
+    }
+
+    def __post_init__(self) -> None:
+        check(
+            self.adversarial_loss_type in ADVERSARIAL_LOSSES,
+            f"adversarial_loss_type={self.adversarial_loss_type!r}: choose one of {sorted(ADVERSARIAL_LOSSES)}",
+        )
+        check(
+            self.discriminator_start_step >= 0,
+            f"discriminator_start_step={self.discriminator_start_step}: must be >= 0",
+        )
+        for name in (
+            "mel_loss_weight", "waveform_loss_weight", "adversarial_loss_weight", "feature_matching_loss_weight",
+            "commitment_loss_weight",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            check(value >= 0, f"{name}={value}: loss weights must be >= 0 (0 switches the term off)")
+        int_list(self.mel_loss_n_ffts, "mel_loss_n_ffts")

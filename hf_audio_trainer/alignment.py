@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -22,7 +23,7 @@ from datasets import Dataset
 
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, one_thread_in_workers
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 
 
 def _sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -400,3 +401,30 @@ def rank_generations(
             "chosen_score": float(scores[best]), "rejected_score": float(scores[worst]),
         })  # fmt: skip
     return Dataset.from_list(rows)
+
+
+@dataclass
+class DPOConfig:
+    """The preference objective (TRL's names)."""
+
+    beta: float = field(default=0.1, metadata={"help": "Strength of the KL tie to the reference model."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge or robust."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed label-noise rate for sigmoid (cDPO) and robust, in [0, 0.5)."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference's log-probs once before training, so one model sits in memory."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model; unset: a frozen copy of the starting policy."}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.beta > 0, f"beta={self.beta}: must be > 0")
+        check(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: choose one of {list(LOSS_TYPES)}")
+        check(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+        check(
+            self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+            f"label_smoothing applies to the sigmoid and robust losses, not {self.loss_type}",
+        )

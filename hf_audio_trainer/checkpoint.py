@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
@@ -11,26 +10,48 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
-from hf_audio_trainer.config import StageConfig, sections
 from hf_audio_trainer.distributed import broadcast_object
 from hf_audio_trainer.ema import EMA
-from hf_audio_trainer.errors import ConfigError, ExistsError, MissingError, WriteError
+from hf_audio_trainer.errors import ConfigError, ExistsError, MissingError, WriteError, check
 from hf_audio_trainer.hub import HubPusher
 from hf_audio_trainer.models import merged_model
-from hf_audio_trainer.trackers import METRICS_FILE, truncate_metrics
+from hf_audio_trainer.trackers import truncate_metrics
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints and resumption."""
+
+    save_steps: int = field(default=100, metadata={"help": "Write a checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints (oldest go)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (in output_dir) or a checkpoint folder to resume from."}
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={"help": "Metric that picks the best/ checkpoint; unset: eval/loss_ema with --ema, else eval/loss."},
+    )
+    greater_is_better: bool = field(default=False, metadata={"help": "Whether a larger metric is better."})
+
+    def __post_init__(self) -> None:
+        check(self.save_steps >= 1, f"save_steps={self.save_steps}: must be >= 1")
+        check(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            f"save_total_limit={self.save_total_limit}: must be >= 1, or unset to keep all",
+        )
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -271,49 +292,38 @@ def copy_to_best(accelerator: Accelerator, output_dir: str | os.PathLike, checkp
 EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
 
 
-def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | None:
-    """Check the run can start here; returns the checkpoint to resume from, if any. Seeds everything."""
-    t, out = cfg.training, Path(cfg.training.output_dir)
-    for note in cfg.notes:  # defaults fitted to this run, warnings about values the user chose
-        accelerator.print(note)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
-        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
-    resume = resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
-    check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
-    if accelerator.is_main_process:
-        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
-            remove_checkpoints(out)
-            (out / METRICS_FILE).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
-    set_seed(t.seed)
-    return resume
-
-
 class Checkpointer:
     """Saves every `save_steps` (atomic, last-K rotation), keeps `best/` by the chosen metric, resumes exactly."""
 
     def __init__(
         self,
-        cfg: StageConfig,
+        settings: CheckpointConfig,
         accelerator: Accelerator,
+        output_dir: str | os.PathLike,
         global_batch: int,
         max_steps: int,
+        config: dict[str, Any],
         save_extras: Callable[[Path], None],
         extra_state: Callable[[int], dict] = lambda step: {},
         ema: EMA | None = None,
         pusher: HubPusher | None = None,
         export: Callable[[Path, bool], None] | None = None,
         card: Callable[[Path, dict], None] | None = None,
+        push: str | None = None,
+        final_ema: bool = False,
+        model_settings: list[str] | None = None,
     ):
-        self.cfg, self.accelerator, self.ema, self.pusher = cfg, accelerator, ema, pusher
+        """`config`: the run's flat settings, saved in every checkpoint; `model_settings` names those that shape the
+        networks (a resume that does not fit names which differ). `push`: the Hub strategy when the run pushes
+        (`hub.HUB_STRATEGIES`), None when it does not; `final_ema`: the output folder holds the EMA weights."""
+        self.settings, self.accelerator, self.ema, self.pusher = settings, accelerator, ema, pusher
         self.export, self.card = export, card  # export(folder, use_ema); card(folder, metrics)
-        self.out = Path(cfg.training.output_dir)
-        self.global_batch, self.max_steps = global_batch, max_steps
+        self.out = Path(output_dir)
+        self.global_batch, self.max_steps, self.config = global_batch, max_steps, config
         self.save_extras, self.extra_state = save_extras, extra_state
+        self.push, self.final_ema, self.model_settings = push, final_ema, model_settings or []
         default = "eval/loss_ema" if ema is not None else "eval/loss"
-        self.metric = cfg.checkpoint.metric_for_best_model or default
+        self.metric = settings.metric_for_best_model or default
         self.best: dict = {}  # {"step", "value"} of the best checkpoint so far
         self.last_eval: dict = {}
 
@@ -343,7 +353,8 @@ class Checkpointer:
             if not any(text in str(err) for text in LOAD_MISMATCH):
                 raise
             raise ConfigError(
-                f"{path} does not fit this run's model: {settings_that_differ(self.cfg, state.get('config', {}))}; "
+                f"{path} does not fit this run's model: "
+                f"{settings_that_differ(self.model_settings, self.config, state.get('config', {}))}; "
                 "resume with the checkpoint's settings, or start a new run in another --output_dir"
             ) from None
         # the best so far, if one was recorded by this metric (a save before any evaluation records none)
@@ -370,7 +381,7 @@ class Checkpointer:
     def save(self, step: int) -> None:
         # best is judged where a save follows an evaluation of the same step
         value = self.last_eval.get(self.metric) if self.last_eval.get("step") == step else None
-        greater, best = self.cfg.checkpoint.greater_is_better, self.best
+        greater, best = self.settings.greater_is_better, self.best
         is_best = value is not None and (not best or (value > best["value"] if greater else value < best["value"]))
         if is_best:
             best.update(step=step, value=value)
@@ -380,7 +391,7 @@ class Checkpointer:
             "max_steps": self.max_steps,
             "num_processes": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type),
-            "config": self.cfg.to_flat_dict(),
+            "config": self.config,
             "best": {**best, "metric": self.metric},  # {"metric"} alone until an evaluated save
             **self.extra_state(step),
         }
@@ -395,12 +406,12 @@ class Checkpointer:
 
         sharded_ema = self.ema is not None and self.ema.sharded
         saved = save_checkpoint(
-            self.accelerator, self.out, step, state, extras, self.cfg.checkpoint.save_total_limit,
+            self.accelerator, self.out, step, state, extras, self.settings.save_total_limit,
             rank_save=shards if sharded_ema else None,
         )  # fmt: skip
         if is_best:
             copy_to_best(self.accelerator, self.out, saved)
-        if self.cfg.hub.hub_strategy != "end":
+        if self.push is not None and self.push != "end":
             self.push_model(self.last_eval, checkpoint=Path(saved), step=step)
 
     def push_model(self, metrics: dict, checkpoint: Path | None = None, step: int | None = None) -> None:
@@ -409,14 +420,14 @@ class Checkpointer:
         After a save (`step` given) the pusher's strategy decides what goes (`checkpoint` also sends the checkpoint
         to `last-checkpoint/`, so a run can resume from the Hub); without one, this is the end-of-training push.
         """
-        if not self.cfg.hub.push_to_hub or self.export is None:
+        if self.push is None or self.export is None:
             return
         self.accelerator.wait_for_everyone()
         scratch = (
             Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-push-")) if self.accelerator.is_main_process else None
         )
         scratch = Path(broadcast_object(str(scratch)))
-        self.export(scratch, self.cfg.ema.final_model == "ema")  # a collective under sharding: every rank takes part
+        self.export(scratch, self.final_ema)  # a collective under sharding: every rank takes part
         if self.ema is not None:
             self.export(scratch / "ema", True)
         if self.pusher is not None:
@@ -434,13 +445,8 @@ class Checkpointer:
 LOAD_MISMATCH = ("size mismatch", "Missing key(s)", "Unexpected key(s)", "Error(s) in loading state_dict")
 
 
-MODEL_SECTIONS = ("model", "data", "discriminator", "finetune")  # the settings that shape a stage's networks
-
-
-def settings_that_differ(cfg: StageConfig, saved: dict) -> str:
-    """The model-shaping settings of this run that differ from a checkpoint's (its saved flat config)."""
-    names = [f.name for section, cls in sections(type(cfg)).items() if section in MODEL_SECTIONS
-             for f in dataclasses.fields(cls)]  # fmt: skip
-    now = cfg.to_flat_dict()
+def settings_that_differ(names: list[str], now: dict[str, Any], saved: dict[str, Any]) -> str:
+    """The model-shaping settings (`names`) of this run (`now`, flat) that differ from a checkpoint's (its saved flat
+    config)."""
     differ = [f"{n}={now[n]!r} here, {saved[n]!r} in the checkpoint" for n in names if saved.get(n, now[n]) != now[n]]
     return "; ".join(differ) if differ else "its weights have other shapes (no setting of this run differs from it)"

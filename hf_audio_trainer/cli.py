@@ -17,10 +17,11 @@ from hf_audio_trainer.errors import UserError
 
 
 def run_recipe(stage: Callable, config_cls: type, default_yaml: str | os.PathLike, made: str = "model") -> None:
-    """`accelerate launch recipes/<stage>.py [--config X.yaml] [--flag value ...]`: flags override the YAML file."""
+    """`accelerate launch recipes/<stage>.py [--config X.yaml] [--flag value ...]`: flags override the YAML file
+    (the recipe's `default_yaml`, or its `<stage>_<family>.yaml` variant for `--model_family`)."""
     prog = Path(sys.argv[0]).name
     try:
-        cfg = parse_config(None, config_cls, str(family_yaml(Path(default_yaml), sys.argv[1:])))
+        cfg = parse_config(None, config_cls, str(default_yaml))
     except UserError as err:  # the same on every process: said once
         fail(prog, err, say=int(os.environ.get("RANK", "0")) == 0)
     try:
@@ -31,16 +32,6 @@ def run_recipe(stage: Callable, config_cls: type, default_yaml: str | os.PathLik
 
     if PartialState().is_main_process:  # one line, not one per process
         print(f"done: {result.global_step} steps, {made} in {result.output_dir}, metrics {result.metrics}")
-
-
-def family_yaml(default_yaml: Path, argv: list[str]) -> Path:
-    """The recipe's defaults for `--model_family NAME`: configs/<stage>_<NAME>.yaml when there is one (the flow family's
-    settings differ from the language models'), else the stage's own file."""
-    family = next((a.split("=", 1)[1] for a in argv if a.startswith("--model_family=")), None)
-    if "--model_family" in argv and argv.index("--model_family") + 1 < len(argv):
-        family = argv[argv.index("--model_family") + 1]
-    own = default_yaml.with_name(f"{default_yaml.stem}_{family}.yaml") if family else None
-    return own if own is not None and own.is_file() else default_yaml
 
 
 def fail(prog: str, err: UserError, say: bool = True) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 
 from hf_audio_trainer.codecs import mel_filters
+from hf_audio_trainer.curriculum import PACING
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import one_thread_in_workers
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 
 # Bump when the features change: datasets' fingerprint of the map function sees neither these constants nor the code
 # it calls, so cached features would otherwise outlive the code that made them.
@@ -342,3 +344,63 @@ def _model_loss_scores(
 
 # Method name -> function(dataset, **options) giving each clip's raw score (higher = harder) before rescaling.
 DIFFICULTY_METHODS = {"column": _column_scores, "acoustic": _acoustic_scores, "model_loss": _model_loss_scores}
+
+
+@dataclass
+class CurriculumConfig:
+    """Data order (curriculum learning) and which part of the data a stage trains on."""
+
+    curriculum: str = field(
+        default="none",
+        metadata={"help": "Pacing: none (plain shuffle), linear, root, geometric, step, or anti (hardest first)."},
+    )
+    curriculum_start_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction of the data (easiest first) open at step 0."}
+    )
+    curriculum_steps: int = field(default=1000, metadata={"help": "Steps until all of the data is open."})
+    difficulty_method: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score difficulty before training: column, acoustic or model_loss; unset: use the "
+            "dataset's `difficulty` column."
+        },
+    )
+    difficulty_column: str = field(default="difficulty", metadata={"help": "Column read by difficulty_method column."})
+    difficulty_model: str | None = field(
+        default=None, metadata={"help": "Reference run folder (model + tokenizer/) for difficulty_method model_loss."}
+    )
+    group_by_length: bool = field(default=False, metadata={"help": "Batch clips of similar length (less padding)."})
+    curriculum_segments: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-length curriculum: --curriculum's pacing grows the training window (short windows "
+            "first, the full --segment_seconds from --curriculum_steps on) instead of opening harder clips; the "
+            "batch is measured in tokens (--max_tokens_per_batch)."
+        },
+    )
+    high_quality_only: bool = field(
+        default=False, metadata={"help": "Train only on rows whose `quality` column is 'clean'."}
+    )
+    max_difficulty: float | None = field(
+        default=None, metadata={"help": "Train only on rows whose difficulty is at most this."}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.curriculum in PACING, f"curriculum={self.curriculum!r}: choose one of {sorted(PACING)}")
+        check(
+            0.0 < self.curriculum_start_fraction <= 1.0,
+            f"curriculum_start_fraction={self.curriculum_start_fraction}: must be in (0, 1]",
+        )
+        check(self.curriculum_steps >= 1, f"curriculum_steps={self.curriculum_steps}: must be >= 1")
+        check(
+            self.difficulty_method is None or self.difficulty_method in DIFFICULTY_METHODS,
+            f"difficulty_method={self.difficulty_method!r}: choose one of {sorted(DIFFICULTY_METHODS)} or none",
+        )
+        check(
+            self.difficulty_method != "model_loss" or self.difficulty_model is not None,
+            "difficulty_method=model_loss needs --difficulty_model (a run folder with the reference model)",
+        )
+        check(
+            self.max_difficulty is None or 0.0 <= self.max_difficulty <= 1.0,
+            f"max_difficulty={self.max_difficulty}: must be in [0, 1]",
+        )

@@ -13,17 +13,21 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
-from hf_audio_trainer.config import StageConfig
 from hf_audio_trainer.errors import ConfigError, ExistsError, LockedError
 from hf_audio_trainer.lock import OutputLock
 from hf_audio_trainer.trackers import JSONLinesTracker
 
 
 @contextlib.contextmanager
-def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
+def stage_accelerator(
+    output_dir: str | os.PathLike,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int = 1,
+    trackers: list[str] | None = None,
+) -> Iterator[Accelerator]:
     """An Accelerator for one stage, holding the output folder's lock, both released afterwards (on every exit), so a
-    notebook can run the next stage in the same process."""
-    out = Path(cfg.training.output_dir)
+    notebook can run the next stage in the same process. `trackers`: accelerate's names, beside metrics.jsonl."""
+    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ExistsError(f"--output_dir {out} is a file, not a folder; pass the path of a folder (new or existing)")
     handlers = []
@@ -32,10 +36,10 @@ def stage_accelerator(cfg: StageConfig) -> Iterator[Accelerator]:
         # The CPU flag must stay off: with it each rank believes it is alone and they race on the checkpoint.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        mixed_precision=cfg.training.mixed_precision,
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        log_with=[JSONLinesTracker(cfg.training.output_dir), *cfg.logging.trackers],
-        project_dir=cfg.training.output_dir,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=[JSONLinesTracker(output_dir), *(trackers or [])],
+        project_dir=str(output_dir),
         # the schedule counts optimizer steps; accelerate would otherwise step it once per process
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
@@ -85,15 +89,17 @@ def check_tensor_parallel(accelerator: Accelerator, model: torch.nn.Module) -> N
         )
 
 
-def prepare(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler):
+def prepare(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, micro_batch_size: int, max_grad_norm: float
+):
     """`accelerator.prepare` for whichever strategy the launch config chose (DDP, FSDP2, DeepSpeed ZeRO)."""
     check_tensor_parallel(accelerator, model)
     deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None:
         # DeepSpeed's engine clips and sizes its buffers from its own config: our flags are the source of truth (no
         # dataloader goes through prepare, so accelerate cannot infer the micro-batch)
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.training.per_device_train_batch_size
-        deepspeed.deepspeed_config["gradient_clipping"] = cfg.optim.max_grad_norm
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = max_grad_norm
     if not accelerator.is_fsdp2:
         return accelerator.prepare(model, optimizer, scheduler)
     # accelerate's FSDP2 wrapping gives the input embeddings and the output head groups of their own, assuming one
@@ -114,7 +120,9 @@ def prepare(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, 
             delattr(base, name)
 
 
-def prepare_frozen(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+def prepare_frozen(
+    accelerator: Accelerator, model: torch.nn.Module, micro_batch_size: int, gradient_accumulation_steps: int
+) -> torch.nn.Module:
     """A frozen model (DPO's reference) placed for the strategy, without optimizer state or gradient sync.
 
     Under ZeRO-3 the weights were partitioned as they loaded (zero.Init), so the model needs a DeepSpeed engine of its
@@ -133,7 +141,7 @@ def prepare_frozen(cfg: StageConfig, accelerator: Accelerator, model: torch.nn.M
 
     config = concrete(plugin.deepspeed_config)
     config.pop("optimizer", None), config.pop("scheduler", None)
-    micro, accumulation = cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps
+    micro, accumulation = micro_batch_size, gradient_accumulation_steps
     config["train_micro_batch_size_per_gpu"] = micro
     config["gradient_accumulation_steps"] = accumulation
     config["train_batch_size"] = micro * accumulation * accelerator.num_processes

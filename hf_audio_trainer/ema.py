@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
-from hf_audio_trainer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hf_audio_trainer.config import StageConfig
+from hf_audio_trainer.errors import ConfigError, check
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -165,8 +162,42 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
 
-def build_ema(cfg: StageConfig, model: torch.nn.Module) -> EMA | None:
-    e = cfg.ema
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, used for evaluation and exported as `ema/`."""
+
+    ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights."})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (typically 0.999-0.9999)."})
+    ema_update_every: int = field(default=1, metadata={"help": "Update the EMA every N optimizer steps."})
+    ema_start_step: int = field(default=0, metadata={"help": "Until this step the EMA copies the weights."})
+    ema_warmup: bool = field(default=False, metadata={"help": "Ramp the decay up as (1 + n) / (10 + n)."})
+    ema_power: float | None = field(
+        default=None,
+        metadata={
+            "help": "Ramp the decay up as 1 - (1 + n)^-power, capped at --ema_decay (diffusers' EMAModel and "
+            "Karras et al.'s power schedule: 2/3 for long runs, 3/4 for short ones)."
+        },
+    )
+    ema_offload: bool = field(default=False, metadata={"help": "Keep the EMA on the CPU (saves GPU memory)."})
+    final_model: str = field(
+        default="raw", metadata={"help": "Which weights the output folder holds: raw or ema (the other: ema/)."}
+    )
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be in (0, 1), typically 0.999-0.9999")
+        check(self.ema_update_every >= 1, f"ema_update_every={self.ema_update_every}: must be >= 1")
+        check(self.ema_start_step >= 0, f"ema_start_step={self.ema_start_step}: must be >= 0")
+        check(self.final_model in ("raw", "ema"), f"final_model={self.final_model!r}: choose raw or ema")
+        check(self.ema_power is None or self.ema_power > 0, f"ema_power={self.ema_power}: must be > 0")
+        check(
+            self.ema_power is None or not self.ema_warmup,
+            "--ema_warmup and --ema_power are two warm-up schedules; choose one",
+        )
+        check(self.ema or self.final_model == "raw", "final_model=ema needs --ema")
+
+
+def build_ema(e: EMAConfig, model: torch.nn.Module) -> EMA | None:
+    """The EMA the ema section asks for, of `model`'s weights; None without --ema."""
     if not e.ema:
         return None
     device = "cpu" if e.ema_offload else None

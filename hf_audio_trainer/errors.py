@@ -35,3 +35,9 @@ class WriteError(UserError, OSError):
 
 class RemoteError(UserError, RuntimeError):
     """The Hub refused or could not be reached (credentials, permissions, network)."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise a `ConfigError` with `message` unless `condition` holds (config sections validate with this)."""
+    if not condition:
+        raise ConfigError(message)

@@ -10,7 +10,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +21,6 @@ from hf_audio_trainer.errors import ConfigError, RemoteError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from hf_audio_trainer.config import StageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -287,27 +285,50 @@ def _table(header: tuple[str, str], rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def start_pusher(cfg: StageConfig, accelerator: Accelerator) -> HubPusher | None:
+@dataclass
+class HubConfig:
+    """Pushing the run to the Hugging Face Hub (uploads run in the background)."""
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the model (and model card) to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "The repo to push to, e.g. you/my-model."})
+    hub_strategy: str = field(
+        default="every_save",
+        metadata={"help": "end (final model), every_save (model at every save) or checkpoint (also last-checkpoint/)."},
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    hub_token: str | None = field(
+        default=None, repr=False, metadata={"help": "Hub token; unset: the logged-in one (never printed or saved)."}
+    )
+
+    def __post_init__(self) -> None:
+        check_hub_args(self.push_to_hub, self.hub_model_id, self.hub_strategy)
+
+
+def start_pusher(h: HubConfig, accelerator: Accelerator) -> HubPusher | None:
     """Create the Hub repo before any training (a bad token or id fails now, not hours later)."""
-    h = cfg.hub
     if not h.push_to_hub or not accelerator.is_main_process:
         return None
     return HubPusher(h.hub_model_id, token=h.hub_token, private=h.hub_private_repo, strategy=h.hub_strategy)
 
 
 def model_card_writer(
-    cfg: StageConfig, stage: str, base_model: str | None, datasets: list[str] | None, text: ModelCardText | None = None
+    repo_id: str | None,
+    stage: str,
+    base_model: str | None,
+    datasets: list[str] | None,
+    hyperparameters: dict[str, Any],
+    text: ModelCardText | None = None,
 ):
     """card(folder, metrics): the README.md model card pushed with every upload (`text`: the family's words)."""
 
     def card(folder: Path, metrics: dict) -> None:
         write_model_card(
             folder,
-            repo_id=cfg.hub.hub_model_id,
+            repo_id=repo_id,
             stage=stage,
             base_model=base_model,
             datasets=datasets,
-            hyperparameters=cfg.to_flat_dict(),
+            hyperparameters=hyperparameters,
             metrics={k: v for k, v in metrics.items() if k != "step"},
             card=text,
         )

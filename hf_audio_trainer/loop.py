@@ -17,7 +17,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from hf_audio_trainer.ema import EMA, is_dtensor
+from hf_audio_trainer.errors import check
 from hf_audio_trainer.system import SystemMonitor
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 class Batch(TypedDict):
@@ -57,6 +60,51 @@ class StepFn(Protocol):
     def log(self, logged: dict[str, float]) -> dict[str, str]:
         """Add the step's own figures (grad norms, learning rates ...) to a log line; returns the progress postfix."""
         ...
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, precision and seed."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into an output_dir that already holds checkpoints."}
+    )
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; -1: use num_train_epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to run when max_steps is -1."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Clips per device per micro-batch."})
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch by duration: a micro-batch holds as many clips (of similar length) as fit this many "
+            "padded tokens (clips x (longest + delay) frames x codebooks, as collated); replaces "
+            "per_device_train_batch_size. Unset: fixed-size batches."
+        },
+    )
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Clips per device per eval batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16; unset: whatever `accelerate launch` was configured with."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
+    max_consecutive_skips: int = field(
+        default=10, metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss."}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.max_steps == -1 or self.max_steps > 0, f"max_steps={self.max_steps}: must be > 0, or -1")
+        check(self.num_train_epochs > 0, f"num_train_epochs={self.num_train_epochs}: must be > 0")
+        check(
+            self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
+            f"max_tokens_per_batch={self.max_tokens_per_batch}: must be >= 1",
+        )
+        check(self.max_consecutive_skips >= 0, f"max_consecutive_skips={self.max_consecutive_skips}: must be >= 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be >= 1")
+        check(
+            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
+            f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION} or none (accelerate's setting)",
+        )
 
 
 @dataclass

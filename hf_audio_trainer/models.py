@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 
 
 def load_pretrained(model_class, model_name_or_path: str, what: str, **kwargs) -> torch.nn.Module:
@@ -39,6 +41,40 @@ def load_pretrained(model_class, model_name_or_path: str, what: str, **kwargs) -
             "model type (or the --model_family it was trained with)"
         )
     return model
+
+
+@dataclass
+class FinetuneOptions:
+    """What a fine-tune changes about the pretrained model: frozen modules, or LoRA adapters through peft."""
+
+    shapes_model: ClassVar[bool] = True  # LoRA adapters are weights of their own: a resume must match
+
+    freeze_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated parameter-name patterns to freeze (fnmatch, e.g. 'model.decoder.layers.0.*')."
+        },
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names that get LoRA adapters; unset: the family's own list (its "
+            "attention and feed-forward projections; the options reference lists each family's)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check(self.lora_r >= 1, f"lora_r={self.lora_r}: must be >= 1")
+        check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}: must be > 0")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        check(
+            self.lora_target_modules is None or bool(self.lora_target_modules.strip()),
+            "lora_target_modules must name at least one module",
+        )
 
 
 def adapt_for_finetuning(

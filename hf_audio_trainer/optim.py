@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import pytorch_optimizer
 import torch
@@ -12,12 +13,10 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from transformers import get_scheduler
 
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from hf_audio_trainer.config import StageConfig
 
 # Adam-style betas when --adam_beta1/--adam_beta2 are not given: each optimizer's paper default. GAN_BETAS are the
 # usual ones for adversarial training (HiFi-GAN, EnCodec, DAC), where a short memory keeps up with the opponent.
@@ -298,11 +297,72 @@ def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str = 
     return base_lr * LR_SCALING[rule](batch_size / base_batch_size)
 
 
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and clipping."""
+
+    optim: str = field(default="adamw", metadata={"help": "Optimizer name (see optim.OPTIMIZERS)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Decoupled weight decay (not on biases/norms)."})
+    adam_beta1: float | None = field(
+        default=None,
+        metadata={"help": "beta1 (Adam, Lion, Sophia, LAMB; LARS momentum); default: the optimizer's own."},
+    )
+    adam_beta2: float | None = field(
+        default=None, metadata={"help": "beta2; default: the optimizer's own (0.999 Adam-style, 0.99 Lion/Sophia)."}
+    )
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 disables."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers SchedulerType name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of max_steps."})
+    sophia_rho: float = field(
+        default=0.04, metadata={"help": "Sophia's clipping rho: updates are lr * clip(m / (rho * h), 1)."}
+    )
+    hessian_update_period: int = field(
+        default=10, metadata={"help": "Sophia: refresh the Hessian estimate (one extra pass) every N steps."}
+    )
+    scale_lr: str | None = field(
+        default=None,
+        metadata={"help": "linear or sqrt: scale learning_rate by the effective batch / base_batch_size."},
+    )
+    base_batch_size: int = field(default=16, metadata={"help": "The effective batch learning_rate was tuned for."})
+
+    # settings counted in steps, and the refusal when the user's value does not fit the run (`StageConfig.fit_to_run`)
+    run_length: ClassVar[dict[str, str]] = {
+        "warmup_steps": "warmup_steps={value} is longer than max_steps={steps}: the learning rate would never leave "
+        "warm-up; lower --warmup_steps or use --warmup_ratio"
+    }
+
+    def __post_init__(self) -> None:
+        from transformers import SchedulerType
+
+        check(self.optim in OPTIMIZERS, f"optim={self.optim!r}: choose one of {sorted(OPTIMIZERS)}")
+        # 0 is allowed, as in HF Trainer: the natural check that a pipeline loads and exports a model unchanged
+        check(self.learning_rate >= 0, f"learning_rate={self.learning_rate}: must be >= 0")
+        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            beta = getattr(self, name)
+            check(beta is None or 0 <= beta < 1, f"{name}={beta}: must be in [0, 1)")
+        check(self.sophia_rho > 0, f"sophia_rho={self.sophia_rho}: must be > 0")
+        check(self.hessian_update_period >= 1, f"hessian_update_period={self.hessian_update_period}: must be >= 1")
+        check(self.adam_epsilon > 0, f"adam_epsilon={self.adam_epsilon}: must be > 0")
+        check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm}: must be >= 0 (0 disables clipping)")
+        names = [s.value for s in SchedulerType]
+        check(self.lr_scheduler_type in names, f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {names}")
+        check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        check(
+            self.scale_lr is None or self.scale_lr in LR_SCALING,
+            f"scale_lr={self.scale_lr!r}: choose linear, sqrt or none",
+        )
+        check(self.base_batch_size >= 1, f"base_batch_size={self.base_batch_size}: must be >= 1")
+
+
 def build_optimization(
-    cfg: StageConfig, accelerator: Accelerator, model: torch.nn.Module, global_batch: int, max_steps: int
+    o: OptimConfig, accelerator: Accelerator, model: torch.nn.Module, global_batch: int, max_steps: int
 ):
-    """Optimizer (with the linear scaling rule if asked) and schedule, from the config's optim section."""
-    o = cfg.optim
+    """Optimizer (with the linear scaling rule if asked) and schedule, from the optim section."""
     lr = o.learning_rate
     if o.scale_lr is not None:
         lr = scale_lr(o.learning_rate, o.base_batch_size, global_batch, o.scale_lr)

@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,36 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
+from hf_audio_trainer.errors import check
 from hf_audio_trainer.metrics.clap import ClapScorer
-from hf_audio_trainer.metrics.embedders import load_embedder
+from hf_audio_trainer.metrics.embedders import EMBEDDERS, load_embedder
 from hf_audio_trainer.metrics.fad import embedding_statistics, frechet_distance, reference_statistics
 from hf_audio_trainer.trackers import log_audio
 
 SAMPLES_DIR = "samples"
+
+
+@dataclass
+class SamplesConfig:
+    """Clips sampled (or, for a codec, reconstructed) at every evaluation, and their FAD against the validation set."""
+
+    fad_embedder: str | None = field(
+        default=None,
+        metadata={"help": "Sample clips at every evaluation and log FAD vs validation: crepe, mel, encodec, clap."},
+    )
+    fad_embedder_model: str | None = field(
+        default=None, metadata={"help": "The embedder's weights: a folder or Hub id (encodec, clap); crepe: tiny/full."}
+    )
+    num_eval_samples: int = field(default=16, metadata={"help": "Clips sampled (over all processes) for FAD."})
+    eval_sample_seconds: float = field(default=2.0, metadata={"help": "Length of each sampled clip."})
+
+    def __post_init__(self) -> None:
+        check(
+            self.fad_embedder is None or self.fad_embedder in EMBEDDERS,
+            f"fad_embedder={self.fad_embedder!r}: choose one of {sorted(EMBEDDERS)} or none",
+        )
+        check(self.num_eval_samples >= 2, f"num_eval_samples={self.num_eval_samples}: FAD needs at least 2")
+        check(self.eval_sample_seconds > 0, f"eval_sample_seconds={self.eval_sample_seconds}: must be > 0")
 
 
 def fad_cache_dir() -> Path:
@@ -105,7 +130,7 @@ class SampleEvaluator:
 
 def prompted_sample_metrics(
     accelerator: Accelerator,
-    logging_cfg,
+    settings: SamplesConfig,
     clap_model: str | None,
     prompts: list[str],
     generate: Callable[[torch.nn.Module, int, list[int]], list[np.ndarray]],
@@ -116,13 +141,13 @@ def prompted_sample_metrics(
     column: str = "codes",
 ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """`metrics(model, step)` for a text-conditioned model's `sample` pass: clips generated from the validation
-    `prompts`, scored by FAD (`logging_cfg`: the logging section's --fad_embedder) and by the CLAP score against their
+    `prompts`, scored by FAD (`settings`: the samples section's --fad_embedder) and by the CLAP score against their
     prompts (`clap_model`); {} when neither is asked for.
 
     `generate(model, num_frames, rows)` gives one waveform per row (an index into `prompts`); each process generates
     from its own share of the prompts.
     """
-    acc, lg = accelerator, logging_cfg
+    acc, lg = accelerator, settings
     mine = list(range(acc.process_index, len(prompts), acc.num_processes)) or list(range(len(prompts)))
     generated: dict[str, list] = {}  # the last samples and their prompts, for the CLAP score
 

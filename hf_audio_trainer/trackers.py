@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
+from hf_audio_trainer.errors import check
+
 METRICS_FILE = "metrics.jsonl"
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+
+
+@dataclass
+class LoggingConfig:
+    """What is measured and where it goes."""
+
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
+    eval_steps: int = field(default=100, metadata={"help": "Validation loss every N steps; 0 disables."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Also measure validation loss before step 1."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Comma-separated accelerate trackers, or 'none'."})
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "One device's peak TFLOP/s for train/mfu; unset: a table of common GPUs."}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.logging_steps >= 1, f"logging_steps={self.logging_steps}: must be >= 1")
+        check(self.eval_steps >= 0, f"eval_steps={self.eval_steps}: must be >= 0 (0 disables)")
+        check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops}: must be > 0")
+        for name in self.trackers:
+            check(name in REPORT_TO, f"report_to: unknown tracker {name!r}; choose from {REPORT_TO} or 'none'")
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        return [] if names in ([], ["none"]) else names
 
 
 class JSONLinesTracker(GeneralTracker):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -17,11 +19,86 @@ import soundfile as sf
 import soxr
 
 from hf_audio_trainer.data.synthetic import make_synthetic_dataset
-from hf_audio_trainer.errors import ConfigError, MissingError
+from hf_audio_trainer.errors import ConfigError, MissingError, check
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 METADATA_FILE = "metadata.csv"
 REENCODE_FIX = "re-encode it or remove it from the dataset"
+DEFAULT_SEGMENT_SECONDS = 30.0  # MusicGen's context
+
+
+@dataclass
+class DataConfig:
+    """Where the audio comes from, how long its training windows are, and where what is computed from it is cached."""
+
+    shapes_model: ClassVar[bool] = True  # the windows set a new model's positions: a resume must match
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of audio files (optional metadata.csv), a save_to_disk folder or a Hub dataset id; "
+            "unset: the embedded synthetic music dataset."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    audio_column: str = field(default="audio", metadata={"help": "Column holding the audio."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of train held out when the dataset has no validation split."}
+    )
+    synthetic_num_clips: int = field(default=2000, metadata={"help": "Clips in the embedded synthetic dataset."})
+    max_duration_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Tracks are cut to this length before tokenizing; unset: whole tracks, trained in windows."},
+    )
+    segment_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Training window: each draw of a track trains on a window this long, at a start drawn from "
+            "(seed, epoch, row); validation uses each track's middle window. Unset: --max_duration_seconds if set, "
+            f"else {DEFAULT_SEGMENT_SECONDS:g} s (MusicGen's context)."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader workers decoding audio for tokenizing (the codec runs on the device)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --dataset_name (a folder of parquet or webdataset .tar shards with a validation split, or "
+            "a Hub id) instead of loading it: shards split across ranks, tokenized a batch at a time, exact resume."
+        },
+    )
+    streaming_validation_rows: int = field(
+        default=256, metadata={"help": "With --streaming: the first rows of the validation split evaluated on."}
+    )
+    preprocessing_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where tokenized datasets are cached (keyed by data, codec and settings; reused by every run, "
+            "stage and rank); unset: hf_audio_trainer/ in the datasets cache (HF_DATASETS_CACHE)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 < self.validation_split_percentage <= 50.0,
+            f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
+        )
+        check(self.synthetic_num_clips >= 2, f"synthetic_num_clips={self.synthetic_num_clips}: must be >= 2")
+        check(
+            not self.streaming or self.dataset_name not in (None, "synthetic"),
+            "--streaming needs --dataset_name: a folder of parquet or webdataset .tar shards, or a Hub id",
+        )
+        check(self.streaming_validation_rows >= 1, "streaming_validation_rows must be >= 1")
+        for name in ("max_duration_seconds", "segment_seconds"):
+            check(getattr(self, name) is None or getattr(self, name) > 0, f"{name}={getattr(self, name)}: must be > 0")
+        check(bool(self.audio_column), "audio_column must be a column name")
+
+    @property
+    def window_seconds(self) -> float:
+        """The training window's length in seconds (see `segment_seconds`)."""
+        return self.segment_seconds or self.max_duration_seconds or DEFAULT_SEGMENT_SECONDS
 
 
 class AudioDecodeError(ConfigError):

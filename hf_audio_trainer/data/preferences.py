@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -20,7 +22,7 @@ from datasets.table import InMemoryTable
 
 from hf_audio_trainer.data.audio import _load, _undecoded, split_off_validation, split_train_and_validation
 from hf_audio_trainer.data.synthetic import _float32_lists, make_clip
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 
 # Bump when the generated pairs change, so fingerprints (and map() caches keyed on them) change too.
 PREFERENCES_VERSION = 1
@@ -246,6 +248,39 @@ def load_preference_dataset(
     return datasets.DatasetDict({"train": train, "validation": validation})
 
 
+@dataclass
+class PreferenceDataConfig:
+    """Preference pairs: `chosen` / `rejected` audio (or `*_codes`), optionally a `prompt` to continue."""
+
+    shapes_model: ClassVar[bool] = True  # the longest pair sets a new model's positions
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A save_to_disk folder or Hub dataset id with chosen/rejected (and prompt) columns; "
+                  "unset: the embedded synthetic pairs (clean vs degraded continuations)."},
+    )  # fmt: skip
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percent of pairs held out when the dataset has no validation split."}
+    )
+    synthetic_num_pairs: int = field(default=400, metadata={"help": "Pairs in the embedded synthetic dataset."})
+    prompt_seconds: float = field(default=1.0, metadata={"help": "Prompt length of the synthetic pairs."})
+    max_duration_seconds: float = field(default=10.0, metadata={"help": "Longer prompts+responses are cut."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Audio tokenizer; unset: the policy's own (MODEL/tokenizer)."}
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 < self.validation_split_percentage <= 50.0,
+            f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
+        )
+        check(self.synthetic_num_pairs >= 4, f"synthetic_num_pairs={self.synthetic_num_pairs}: must be >= 4")
+        check(self.prompt_seconds >= 0, f"prompt_seconds={self.prompt_seconds}: must be >= 0")
+        check(self.max_duration_seconds > 0, f"max_duration_seconds={self.max_duration_seconds}: must be > 0")
+
+
 def preference_pairs(data_cfg, seed: int, text_prompts: bool = False) -> datasets.DatasetDict:
     """The pairs `align` trains on (`data_cfg`: the data section): --dataset_name's, or the synthetic ones, their
     columns checked. With `text_prompts` a pair needs a prompt, and a synthetic pair's is its clip's description."""
@@ -275,7 +310,8 @@ def prompt_texts(split: datasets.Dataset, name: str) -> list[str]:
     values = split["prompt"]
     if values and not all(v is None or isinstance(v, str) for v in values):
         raise ConfigError(
-            f"the {name} pairs' 'prompt' column holds {type(values[0]).__name__} values, not text: musicgen_text "
-            "aligns on (text prompt, chosen audio, rejected audio); for audio prompts use --model_family musicgen"
+            f"the {name} pairs' 'prompt' column holds {type(values[0]).__name__} values, not text: a "
+            "text-conditioned family aligns on (text prompt, chosen audio, rejected audio); for audio prompts use "
+            "--model_family musicgen"
         )
     return ["" if v is None else v.strip() for v in values]

@@ -3,11 +3,14 @@ outputs computed once, the null condition of classifier-free guidance, and its p
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import datasets
 import numpy as np
 import torch
 
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 
 STATES, IDS = "text_states", "text_ids"  # a row's cached text encoder outputs [tokens, d_model], or its token ids
 
@@ -116,3 +119,43 @@ class TextPairCollator:
             if f"ref_{side}_logps" in rows[0]:
                 batch[f"ref_{side}_logps"] = torch.tensor([r[f"ref_{side}_logps"] for r in rows], dtype=torch.float32)
         return batch
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning: the descriptions, the text encoder, classifier-free guidance."""
+
+    # what a family without this section says to one of its flags
+    refusal: ClassVar[str] = "{flags}: the {family} family takes no text; use --model_family {owner}"
+
+    text_column: str = field(
+        default="description", metadata={"help": "Column with each clip's description (also a metadata.csv column)."}
+    )
+    instance_prompt: str | None = field(
+        default=None,
+        metadata={"help": "One description for every clip (DreamBooth style; replaces the text column if any)."},
+    )
+    condition_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Probability that a training example gets the null condition (classifier-free guidance)."},
+    )
+    guidance_scale: float = field(
+        default=3.0, metadata={"help": "Classifier-free guidance of in-loop samples and of the export (1: none)."}
+    )
+    train_text_encoder: bool = field(
+        default=False, metadata={"help": "Train the text encoder too (default: frozen, its outputs computed once)."}
+    )
+    max_text_tokens: int = field(default=128, metadata={"help": "Descriptions are cut to this many text tokens."})
+    clap_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A ClapModel (folder or Hub id, e.g. laion/clap-htsat-unfused): log eval/clap_score, the "
+            "text-audio similarity of in-loop samples to their prompts."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check(bool(self.text_column), "text_column must be a column name")
+        check(0.0 <= self.condition_dropout < 1.0, f"condition_dropout={self.condition_dropout}: must be in [0, 1)")
+        check(self.guidance_scale >= 1.0, f"guidance_scale={self.guidance_scale}: must be >= 1 (1 is no guidance)")
+        check(self.max_text_tokens >= 1, f"max_text_tokens={self.max_text_tokens}: must be >= 1")

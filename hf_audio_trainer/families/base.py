@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hf_audio_trainer.errors import check
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class Family:
     - `streams`: it trains on `--streaming` data (its `preprocess` and `batches` take a `ShardStream` as train).
     - `model_card`: the model card's description and loading snippet (`hub.ModelCardText`).
     - `lora_target_modules`: the modules `--use_peft` adapts when `--lora_target_modules` is not given.
+    - `sections`: the family's own config sections by name (dataclasses: `help` on each field, checks in
+      `__post_init__`), added to every stage it runs, or to those a section's `stages` class variable names. A
+      stage's config is its shared sections plus these; a flag of another family's section is refused by name.
+    - `check_config(cfg)` (optional): checks across the family's sections and the stage's, when the config is built.
+    - `model_sizes`: the sizes `--model_size` may name for a new model (empty: the family has no model section).
     """
 
     name: str
@@ -74,3 +81,35 @@ class Family:
     text_conditioned: bool = False
     streams: bool = False  # trains on --streaming data: its preprocess and batches take a ShardStream as train
     lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
+    sections: dict[str, type] = field(default_factory=dict)
+    check_config: Callable[[Any], None] | None = None
+    model_sizes: tuple[str, ...] = ()
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train."""
+
+    shapes_model: ClassVar[bool] = True  # settings a checkpoint's weights were made with: a resume must match
+
+    model_family: str = field(
+        default="musicgen",
+        metadata={"help": "The model family (families.FAMILIES); --help after it lists that family's own flags."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder or Hub id to start from (the family's export: a transformers or diffusers model folder "
+            "such as facebook/musicgen-small); unset: a new model of --model_size."
+        },
+    )
+    model_size: str = field(
+        default="tiny", metadata={"help": "Size of a new model: micro, tiny, small or medium (the family's table)."}
+    )
+    dropout: float | None = field(
+        default=None, metadata={"help": "Override the model's dropout (0 makes runs comparable bit for bit)."}
+    )
+
+    def __post_init__(self) -> None:
+        # the family and the size are checked against FAMILIES when the stage's config is composed
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout={self.dropout}: must be in [0, 1)")

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,11 +21,22 @@ from safetensors.torch import save_file
 from transformers import EncodecConfig, EncodecModel
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.adversarial import ADVERSARIAL_LOSSES, AdversarialStep, Discriminators, Player
+from hf_audio_trainer.adversarial import (
+    ADVERSARIAL_LOSSES,
+    AdversarialConfig,
+    AdversarialStep,
+    DiscriminatorConfig,
+    Discriminators,
+    Player,
+    int_list,
+    min_audio_samples,
+)
 from hf_audio_trainer.codec import (
+    CODEC_SIZES,
     DEFAULT_SAMPLE_RATE,
     CodecGenerator,
     CodecObjective,
+    LossWeights,
     MultiScaleMelDistance,
     ReconstructionEvaluator,
     build_codec,
@@ -35,15 +47,109 @@ from hf_audio_trainer.codec import (
     segment_stream,
 )
 from hf_audio_trainer.codecs import EncodecTokenizer
-from hf_audio_trainer.config import check_segment
 from hf_audio_trainer.data.audio import decode_audio
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.optim import build_optimization, build_optimizer, build_scheduler, scale_lr
 
 DISCRIMINATOR_DIR = "discriminator"
 # two models with their own optimizers need DDP's per-module wrapping; sharded engines (FSDP, DeepSpeed) wrap one
 BACKENDS = ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_MLU", "MULTI_NPU", "MULTI_HPU")
+
+
+@dataclass
+class CodecModelConfig:
+    """The codec: a new EnCodec model of --codec_size, or an EncodecModel folder / Hub id to continue."""
+
+    shapes_model: ClassVar[bool] = True
+
+    model_family: str = field(
+        default="encodec_gan", metadata={"help": "The model family (see families.FAMILIES): encodec_gan."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An EncodecModel folder or Hub id to continue training; unset: a new codec."}
+    )
+    codec_size: str = field(default="tiny", metadata={"help": "Size of a new codec (see codec.CODEC_SIZES)."})
+    codec_sample_rate: int | None = field(
+        default=None,
+        metadata={"help": "Sample rate (Hz); unset: the loaded model's, 16000 for a new one. Audio is resampled."},
+    )
+    num_codebooks: int = field(default=4, metadata={"help": "Residual quantizers (codebooks) of a new codec."})
+    codebook_size: int = field(default=256, metadata={"help": "Entries per codebook of a new codec (a power of 2)."})
+    codebook_decay: float = field(
+        default=0.99, metadata={"help": "EMA decay of the codebook updates (EnCodec's 0.99)."}
+    )
+    dead_code_threshold: float = field(
+        default=0.1, metadata={"help": "Entries whose EMA assignment count falls below this restart at a frame."}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.codec_size in CODEC_SIZES, f"codec_size={self.codec_size!r}: choose one of {sorted(CODEC_SIZES)}")
+        check(
+            self.codec_sample_rate is None or self.codec_sample_rate >= 1000,
+            f"codec_sample_rate={self.codec_sample_rate}: must be >= 1000 Hz",
+        )
+        check(self.num_codebooks >= 1, f"num_codebooks={self.num_codebooks}: must be >= 1")
+        check(
+            self.codebook_size >= 2 and not self.codebook_size & (self.codebook_size - 1),
+            f"codebook_size={self.codebook_size}: must be a power of 2 (EnCodec stores codes in log2(size) bits)",
+        )
+        check(0 < self.codebook_decay < 1, f"codebook_decay={self.codebook_decay}: must be in (0, 1)")
+        check(self.dead_code_threshold >= 0, f"dead_code_threshold={self.dead_code_threshold}: must be >= 0")
+
+
+@dataclass
+class CodecDataConfig:
+    """The audio a codec trains on, cut into fixed-length segments."""
+
+    shapes_model: ClassVar[bool] = True
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A folder of audio files, a save_to_disk folder or a Hub dataset id; unset: synthetic."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    audio_column: str = field(default="audio", metadata={"help": "Column holding the audio."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of train held out when the dataset has no validation split."}
+    )
+    synthetic_num_clips: int = field(default=2000, metadata={"help": "Clips in the embedded synthetic dataset."})
+    segment_seconds: float = field(
+        default=0.5, metadata={"help": "Training segment length (rounded down to whole codec frames)."}
+    )
+    max_eval_seconds: float = field(default=10.0, metadata={"help": "Validation clips are cut to this length."})
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 < self.validation_split_percentage <= 50.0,
+            f"validation_split_percentage={self.validation_split_percentage}: must be in (0, 50]",
+        )
+        check(self.synthetic_num_clips >= 2, f"synthetic_num_clips={self.synthetic_num_clips}: must be >= 2")
+        check(self.segment_seconds > 0, f"segment_seconds={self.segment_seconds}: must be > 0")
+        check(self.max_eval_seconds > 0, f"max_eval_seconds={self.max_eval_seconds}: must be > 0")
+
+
+def check_segment(cfg, sample_rate: int, hop_length: int) -> None:
+    """Training segments must hold the largest STFT window of the discriminator and of the mel loss."""
+    samples = segment_samples(cfg.data.segment_seconds, sample_rate, hop_length)
+    windows = {
+        "the STFT discriminator's largest n_fft": min_audio_samples(cfg.discriminator.heads),
+        "the mel loss's largest n_fft": max(int_list(cfg.adversarial.mel_loss_n_ffts, "mel_loss_n_ffts")),
+    }
+    for what, needed in windows.items():
+        check(
+            samples >= needed,
+            f"segment_seconds={cfg.data.segment_seconds} gives {samples} samples at {sample_rate} Hz, shorter than "
+            f"{what} ({needed}); raise --segment_seconds to at least {needed / sample_rate:g} or use smaller FFT sizes",
+        )
+
+
+def check_config(cfg) -> None:
+    """What spans the codec's sections: a new codec's sample rate is known now, so its segments are checked before
+    any work (a loaded one's at start, in `preprocess`)."""
+    if cfg.model.model_name_or_path is None:
+        hop = math.prod(CODEC_SIZES[cfg.model.codec_size]["upsampling_ratios"])
+        check_segment(cfg, cfg.model.codec_sample_rate or DEFAULT_SAMPLE_RATE, hop)
 
 
 @dataclass
@@ -110,7 +216,7 @@ def optimizers(run, data: CodecData, models, global_batch: int, max_steps: int):
     cfg, o, dc = run.cfg, run.cfg.optim, run.cfg.discriminator
     if o.optim == "sophia":
         raise ConfigError("--optim sophia needs the language-model loop's Hessian pass; use adamw (or lion, ...) here")
-    g_optimizer, g_scheduler = build_optimization(cfg, run.accelerator, models["generator"], global_batch, max_steps)
+    g_optimizer, g_scheduler = build_optimization(o, run.accelerator, models["generator"], global_batch, max_steps)
     d_lr = dc.discriminator_learning_rate or o.learning_rate
     if o.scale_lr is not None:
         d_lr = scale_lr(d_lr, o.base_batch_size, global_batch, o.scale_lr)
@@ -147,9 +253,13 @@ def prepare(run, data: CodecData, models, optimizers, schedulers):
 
 def loss(run, data: CodecData, models) -> CodecObjective:
     a = run.cfg.adversarial
+    weights = LossWeights(
+        mel=a.mel_loss_weight, waveform=a.waveform_loss_weight, adversarial=a.adversarial_loss_weight,
+        feature_matching=a.feature_matching_loss_weight, commitment=a.commitment_loss_weight,
+    )  # fmt: skip
     return CodecObjective(
         run.accelerator, models["generator"], models["discriminator"], data.mel,
-        ADVERSARIAL_LOSSES[a.adversarial_loss_type], a.weights,
+        ADVERSARIAL_LOSSES[a.adversarial_loss_type], weights,
     )  # fmt: skip
 
 
@@ -184,7 +294,7 @@ def evaluate(run, data: CodecData, models):
     """Reconstruction of whole validation clips: mel distance, SI-SDR, waveform L1 and FAD (suffix "_ema" under the
     EMA), with a few clips saved to listen to."""
     cfg, accelerator = run.cfg, run.accelerator
-    lg, d = cfg.logging, cfg.data
+    lg, d = cfg.samples, cfg.data
     max_eval = int(d.max_eval_seconds * data.sample_rate)
     values = data.validation.select(range(min(lg.num_eval_samples, len(data.validation))))[d.audio_column]
     waves = [decode_audio(v, data.sample_rate, where=f"validation row {i}")[:max_eval] for i, v in enumerate(values)]
@@ -266,4 +376,11 @@ ENCODEC_GAN = Family(
     step=step,
     checkpoint_state=checkpoint_state,
     load_checkpoint_state=load_checkpoint_state,
+    sections={
+        "model": CodecModelConfig,
+        "data": CodecDataConfig,
+        "discriminator": DiscriminatorConfig,
+        "adversarial": AdversarialConfig,
+    },
+    check_config=check_config,
 )

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,9 +34,9 @@ from hf_audio_trainer.data.codes import batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import preference_pairs, prompt_texts, usable_pairs
 from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, encode_waves
 from hf_audio_trainer.data.segments import middle_windows
-from hf_audio_trainer.data.text import IDS, STATES, dropped, encode_texts, text_of
+from hf_audio_trainer.data.text import IDS, STATES, TextConfig, dropped, encode_texts, text_of
 from hf_audio_trainer.distributed import whole_weights
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.hub import ModelCardText
 from hf_audio_trainer.loop import evaluate_conditioned
@@ -57,6 +58,60 @@ DIT_SIZES = {
     "medium": dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, num_key_value_attention_heads=12,
                    cross_attention_dim=768, time_proj_dim=256, conditioning_dim=768),  # Stable Audio Open's DiT
 }  # fmt: skip
+
+
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")  # diffusers' training_utils names
+
+
+@dataclass
+class FlowConfig:
+    """The flow family: its latent space (a VAE) and the rectified-flow objective and sampler (diffusers' names)."""
+
+    shapes_model: ClassVar[bool] = True  # the latent space sets the DiT's channels: a resume must match
+
+    vae: str | None = field(
+        default=None,
+        metadata={
+            "help": "An AutoencoderOobleck (folder or Hub id, or a pipeline folder with vae/) whose latents the DiT "
+            "models; unset: the weight-free block DCT (lossless, --latent_hop_length samples a frame)."
+        },
+    )
+    latent_hop_length: int = field(
+        default=64, metadata={"help": "Samples per latent frame of the weight-free block DCT (its latent channels)."}
+    )
+    sample_rate: int = field(
+        default=16000, metadata={"help": "Sample rate of the weight-free block DCT (a --vae has its own)."}
+    )
+    weighting_scheme: str = field(
+        default="logit_normal",
+        metadata={"help": "Timestep density / loss weighting (SD3's): logit_normal, mode, sigma_sqrt, cosmap, none."},
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
+    logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
+    mode_scale: float = field(default=1.29, metadata={"help": "Scale of the 'mode' timestep density."})
+    num_inference_steps: int = field(default=25, metadata={"help": "Sampler steps of in-loop samples and the export."})
+
+    def __post_init__(self) -> None:
+        check(
+            self.weighting_scheme in WEIGHTING_SCHEMES,
+            f"weighting_scheme={self.weighting_scheme!r}: choose one of {list(WEIGHTING_SCHEMES)}",
+        )
+        check(self.logit_std > 0, f"logit_std={self.logit_std}: must be > 0")
+        check(self.num_inference_steps >= 1, f"num_inference_steps={self.num_inference_steps}: must be >= 1")
+        check(
+            self.latent_hop_length >= 2 and self.latent_hop_length % 2 == 0,
+            f"latent_hop_length={self.latent_hop_length}: must be an even number of samples >= 2",
+        )
+
+
+def check_config(cfg) -> None:
+    """What the flow family cannot do yet with the stage's settings, refused before any work."""
+    curriculum = getattr(cfg, "curriculum", None)
+    check(
+        cfg.training.max_tokens_per_batch is None and not (curriculum and curriculum.curriculum_segments),
+        "--max_tokens_per_batch / --curriculum_segments: the flow family batches a fixed number of windows (not yet "
+        "by duration); use --per_device_train_batch_size",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -260,20 +315,31 @@ def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpa
     return raw.normalized(mean, std), {"mean": mean.tolist(), "std": std.tolist(), "vae": raw.name, "rows": len(rows)}
 
 
+LATENT_SETTINGS = ("vae", "latent_hop_length", "sample_rate")  # the flags that make a new latent space
+
+
+def check_resumed_latents(run) -> None:
+    """A resumed run reads its checkpoint's latent space; a latent setting given now that differs is refused by
+    name (it would otherwise be ignored)."""
+    saved = ckpt.verify_checkpoint(run.resume).get("config", {})
+    now = run.cfg.to_flat_dict()
+    given = [name for name in LATENT_SETTINGS if name in run.cfg.user_set and saved.get(name, now[name]) != now[name]]
+    if given:
+        raise ConfigError(
+            f"{run.resume} was trained in another latent space: {ckpt.settings_that_differ(given, now, saved)}; "
+            "resume with the checkpoint's settings, or start a new run in another --output_dir"
+        )
+
+
 def preprocess(run, clips: dict[str, Dataset]) -> LatentData:
     """Latents of both splits (through the normalised VAE) and the frozen text encoder's states of their
     descriptions, computed once on the accelerator across ranks and cached."""
     cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
-    if "tokenizer" in cfg.user_set:
-        raise ConfigError("--tokenizer: the flow family reads continuous latents; choose their VAE with --vae")
-    if cfg.training.max_tokens_per_batch is not None or cfg.curriculum.curriculum_segments:
-        raise ConfigError(
-            "--max_tokens_per_batch / --curriculum_segments: the flow family batches a fixed number of windows "
-            "(not yet by duration); use --per_device_train_batch_size"
-        )
     source = run.resume if run.resume is not None else cfg.model.model_name_or_path
     if source is not None and run.resume is None:
         check_flow_pipeline(str(source))
+    if run.resume is not None:
+        check_resumed_latents(run)
     text_encoder, tokenizer = text_parts(run, str(source) if source is not None else None)
     latents, stats = latent_space_for(run, clips["train"], source)
     splits, prompts = {}, []
@@ -524,13 +590,13 @@ def evaluate(run, data: LatentData, models, loss_fn=None):
     with_text, null = collator(run, data, fixed=True), collator(run, data, fixed=True, null=True)
     if data.pairs:
         with_text = PairCollator(with_text)
-    seconds = cfg.logging.eval_sample_seconds
+    seconds = cfg.samples.eval_sample_seconds
 
     def generate(m, num_frames: int, rows: list[int]) -> list[np.ndarray]:
         return generate_waves(run, data, m, [data.prompt_states[r] for r in rows], seconds)
 
     sample_metrics = prompted_sample_metrics(
-        acc, cfg.logging, cfg.text.clap_model, data.prompts, generate, data.latents, data.validation, run.out, t.seed,
+        acc, cfg.samples, cfg.text.clap_model, data.prompts, generate, data.latents, data.validation, run.out, t.seed,
         column="latents",
     )  # fmt: skip
 
@@ -738,4 +804,7 @@ FLOW = Family(
         pipeline_tag="text-to-audio",
     ),
     lora_target_modules="to_q,to_k,to_v,to_out.0",
+    sections={"text": TextConfig, "flow": FlowConfig},
+    check_config=check_config,
+    model_sizes=tuple(DIT_SIZES),
 )

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from hf_audio_trainer.alignment import (
     sequence_logps,
     tokenize_preferences,
 )
-from hf_audio_trainer.codecs import AudioTokenizer, MelKMeansTokenizer, load_audio_tokenizer
+from hf_audio_trainer.codecs import AudioTokenizer, MelKMeansTokenizer, TokenizerConfig, load_audio_tokenizer
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import drop_identical_pairs, preference_pairs, usable_pairs
@@ -34,7 +35,7 @@ from hf_audio_trainer.data.preprocess import encode_dataset
 from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.streamed import first_rows, streamed_batches
 from hf_audio_trainer.data.streaming import ShardStream
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, check
 from hf_audio_trainer.families.base import Family
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import load_pretrained, num_parameters
@@ -51,6 +52,18 @@ MODEL_SIZES = {
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
     "medium": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
 }
+
+
+@dataclass
+class LossConfig:
+    """The language-model loss (align has its own objective, with TRL's `label_smoothing` for noisy preferences)."""
+
+    stages: ClassVar[tuple[str, ...]] = ("pretrain", "finetune")
+
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the training cross-entropy."})
+
+    def __post_init__(self) -> None:
+        check(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing}: must be in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,7 +272,7 @@ def model_tokenizer(model_name_or_path: str) -> str:
 def prepare_tokenizer(run, train_set: Dataset) -> AudioTokenizer:
     """The checkpoint's tokenizer when resuming, a given one, or a mel k-means fitted on training clips."""
     cfg, accelerator = run.cfg, run.accelerator
-    source = run.resume / TOKENIZER_DIR if run.resume is not None else cfg.data.tokenizer
+    source = run.resume / TOKENIZER_DIR if run.resume is not None else cfg.tokenizer.tokenizer
     if source is None and cfg.model.model_name_or_path is not None:  # a model keeps its tokenizer beside it
         source = model_tokenizer(cfg.model.model_name_or_path)
     if source is not None:
@@ -278,8 +291,8 @@ def prepare_tokenizer(run, train_set: Dataset) -> AudioTokenizer:
         tokenizer = MelKMeansTokenizer.fit(
             waves,
             sample_rate=SAMPLE_RATE,
-            num_codebooks=cfg.data.num_codebooks,
-            codebook_size=cfg.data.codebook_size,
+            num_codebooks=cfg.tokenizer.num_codebooks,
+            codebook_size=cfg.tokenizer.codebook_size,
             seed=cfg.training.seed,
         )
         tokenizer.save_pretrained(fitted)
@@ -295,7 +308,7 @@ def preprocess(run, clips: dict[str, Dataset]) -> CodesData:
     d = cfg.data
     stream = clips["train"] if isinstance(clips["train"], ShardStream) else None
     if stream is not None:  # tokenized a micro-batch at a time; a new tokenizer is fitted on its first clips
-        fitting = run.resume is None and d.tokenizer is None and cfg.model.model_name_or_path is None
+        fitting = run.resume is None and cfg.tokenizer.tokenizer is None and cfg.model.model_name_or_path is None
         clips = {**clips, "train": first_rows(stream, FIT_CLIPS, d.audio_column) if fitting else None}
     tokenizer = prepare_tokenizer(run, clips["train"])
     if stream is not None:
@@ -430,7 +443,7 @@ def evaluate(run, data: CodesData, models, loss_fn=None):
 
     cfg, accelerator, model = run.cfg, run.accelerator, models["model"]
     collate = collator(data, accelerator.unwrap_model(model))
-    lg, t = cfg.logging, cfg.training
+    lg, t = cfg.samples, cfg.training
     sampler = None
     if lg.fad_embedder is not None:
         generate = functools.partial(sample_waves, data=data)
@@ -511,4 +524,6 @@ MUSICGEN = Family(
     precompute_reference=precompute_reference,
     load_clip_scorer=load_clip_scorer,
     streams=True,
+    sections={"tokenizer": TokenizerConfig, "loss": LossConfig},
+    model_sizes=tuple(MODEL_SIZES),
 )

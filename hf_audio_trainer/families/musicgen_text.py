@@ -26,7 +26,7 @@ from transformers import (
 
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.alignment import tokenize_preferences, with_reference_logps
-from hf_audio_trainer.codecs import EncodecTokenizer, load_audio_tokenizer
+from hf_audio_trainer.codecs import EncodecTokenizer, TokenizerConfig, load_audio_tokenizer
 from hf_audio_trainer.data.codes import CodesCollator, batch_stream, eval_batches
 from hf_audio_trainer.data.preferences import drop_identical_pairs, preference_pairs, prompt_texts, usable_pairs
 from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states
@@ -35,6 +35,7 @@ from hf_audio_trainer.data.text import (
     IDS,
     STATES,
     TextCollator,
+    TextConfig,
     TextPairCollator,
     add_states,
     conditioning,
@@ -44,6 +45,7 @@ from hf_audio_trainer.data.text import (
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.families.musicgen import MODEL_SIZES, LossConfig
 from hf_audio_trainer.families.musicgen_hub import (
     codec_of,
     frozen_parts,
@@ -96,13 +98,13 @@ def preprocess(run, clips: dict[str, Dataset]) -> TextCodesData:
         with whole_weights(acc):  # its codec (here) and text encoder (build_model) run before `prepare`
             base = load_composite(source, cfg.model.dropout)
         codec, processor = codec_of(base), load_processor(source)
-    elif cfg.data.tokenizer is not None:
-        codec = load_audio_tokenizer(cfg.data.tokenizer)
+    elif cfg.tokenizer.tokenizer is not None:
+        codec = load_audio_tokenizer(cfg.tokenizer.tokenizer)
         if not isinstance(codec, EncodecTokenizer):
             raise ConfigError(
-                f"--tokenizer {cfg.data.tokenizer} is a {type(codec).__name__}; a MusicgenForConditionalGeneration "
-                "carries an EnCodec as its codec: pass an EncodecModel folder (the output of recipes/codec.py) or "
-                "Hub id (facebook/encodec_32khz)"
+                f"--tokenizer {cfg.tokenizer.tokenizer} is a {type(codec).__name__}; a "
+                "MusicgenForConditionalGeneration carries an EnCodec as its codec: pass an EncodecModel folder (the "
+                "output of recipes/codec.py) or Hub id (facebook/encodec_32khz)"
             )
         processor = new_processor(codec.sample_rate)
     else:
@@ -316,7 +318,7 @@ def evaluate(run, data: TextCodesData, models, loss_fn=None):
         return generate_audio(m, texts, data.processor, num_frames, cfg.text.guidance_scale)
 
     sample_metrics = prompted_sample_metrics(
-        acc, cfg.logging, cfg.text.clap_model, data.prompts, generate, data.tokenizer, data.validation, run.out, t.seed
+        acc, cfg.samples, cfg.text.clap_model, data.prompts, generate, data.tokenizer, data.validation, run.out, t.seed
     )
 
     def stream(collate):
@@ -398,4 +400,6 @@ MUSICGEN_TEXT = Family(
     ),
     # as musicgen-dreamboothing: the decoder's attention and feed-forward, the text projection and the LM heads
     lora_target_modules="q_proj,k_proj,v_proj,out_proj,fc1,fc2,enc_to_dec_proj,lm_heads",
+    sections={"tokenizer": TokenizerConfig, "text": TextConfig, "loss": LossConfig},
+    model_sizes=tuple(MODEL_SIZES),
 )

@@ -6,27 +6,30 @@ export. A stage module holds only what differs; the model family (`families/`) s
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from datasets import Dataset
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.checkpoint import Checkpointer, prepare_output_dir
+from hf_audio_trainer.checkpoint import Checkpointer, check_output_dir, remove_checkpoints, resolve_resume
 from hf_audio_trainer.config import StageConfig
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.audio import load_audio_dataset
 from hf_audio_trainer.distributed import prepare, stage_accelerator
 from hf_audio_trainer.ema import build_ema
+from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families import Family
 from hf_audio_trainer.hub import HubPusher, model_card_writer, start_pusher
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
 from hf_audio_trainer.optim import build_optimization
 from hf_audio_trainer.system import peak_flops
-from hf_audio_trainer.trackers import read_metrics
+from hf_audio_trainer.trackers import METRICS_FILE, read_metrics
 
 DIVERGED = "a lower --learning_rate, a smaller --max_grad_norm or --mixed_precision bf16 instead of fp16"
 
@@ -60,9 +63,41 @@ class Run:
 def start_run(cfg: StageConfig, stage: str) -> Iterator[Run]:
     """The accelerator and the output folder (locked, checked, seeded) for one stage, and the Hub repo created
     before any training (a bad token or id fails now, not hours later); all released on every exit."""
-    with stage_accelerator(cfg) as accelerator:
-        resume = prepare_output_dir(cfg, accelerator)
-        yield Run(cfg, accelerator, stage, resume, start_pusher(cfg, accelerator))
+    t = cfg.training
+    with stage_accelerator(t.output_dir, t.mixed_precision, t.gradient_accumulation_steps, cfg.logging.trackers) as acc:
+        resume = prepare_output_dir(cfg, acc)
+        yield Run(cfg, acc, stage, resume, start_pusher(cfg.hub, acc))
+
+
+def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | None:
+    """Check the run can start here; returns the checkpoint to resume from, if any. Seeds everything."""
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    for note in cfg.notes:  # defaults fitted to this run, warnings about values the user chose
+        accelerator.print(note)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+    resume = resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
+    check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
+    if accelerator.is_main_process:
+        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
+            remove_checkpoints(out)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
+    set_seed(t.seed)
+    return resume
+
+
+def check_start_model(cfg: StageConfig, what: str, before: str) -> None:
+    """A stage that starts from a model (finetune, align) and was not given one starts from the recipe's default, the
+    previous stage's output folder: it must be there, since only a name the user gave may be a Hub id."""
+    path = cfg.model.model_name_or_path
+    if "model_name_or_path" not in cfg.user_set and not Path(path).is_dir():
+        raise ConfigError(
+            f"{what}: the default --model_name_or_path {path} is not a folder here; run recipes/{before}.py first, or "
+            f"pass --model_name_or_path (a {before} output folder or Hub id)"
+        )
 
 
 def load_clips(run: Run, select: Callable[[Run, dict[str, Dataset]], dict[str, Dataset]] | None = None):
@@ -150,15 +185,16 @@ def train_model(
     if family.optimizers is not None:
         optimizers, schedulers = family.optimizers(run, data, models, global_batch, max_steps)
     else:
-        optimizer, scheduler = build_optimization(cfg, acc, models[main], global_batch, max_steps)
+        optimizer, scheduler = build_optimization(cfg.optim, acc, models[main], global_batch, max_steps)
         optimizers, schedulers = [optimizer], [scheduler]
     if family.prepare is not None:
         models, optimizers, schedulers = family.prepare(run, data, models, optimizers, schedulers)
     else:
-        model, optimizer, scheduler = prepare(cfg, acc, models[main], optimizers[0], schedulers[0])
+        micro_batch, max_norm = cfg.training.per_device_train_batch_size, cfg.optim.max_grad_norm
+        model, optimizer, scheduler = prepare(acc, models[main], optimizers[0], schedulers[0], micro_batch, max_norm)
         models, optimizers, schedulers = {main: model}, [optimizer], [scheduler]
     model = models[main]
-    ema = build_ema(cfg, acc.unwrap_model(model))
+    ema = build_ema(cfg.ema, acc.unwrap_model(model))
 
     def export(folder: Path, use_ema: bool) -> None:
         with ema.average_parameters(acc.unwrap_model(model)) if use_ema else contextlib.nullcontext():
@@ -170,18 +206,21 @@ def train_model(
 
     files = family.checkpoint_files
     datasets = [getattr(cfg.data, "dataset_name", None) or "synthetic"]
+    flat = cfg.to_flat_dict()
     checkpointer = Checkpointer(
-        cfg, acc, global_batch, max_steps,
+        cfg.checkpoint, acc, run.out, global_batch, max_steps, flat,
         save_extras=(lambda folder: files(run, data, models, folder)) if files else (lambda folder: None),
         extra_state=extra_state, ema=ema, pusher=run.pusher, export=export,
-        card=model_card_writer(cfg, run.stage, base_model, datasets, family.model_card),
+        card=model_card_writer(cfg.hub.hub_model_id, run.stage, base_model, datasets, flat, family.model_card),
+        push=cfg.hub.hub_strategy if cfg.hub.push_to_hub else None, final_ema=cfg.ema.final_model == "ema",
+        model_settings=cfg.model_settings(),
     )  # fmt: skip
     start_step = 0
     if run.resume is not None:
         start_step = checkpointer.resume(run.resume)
         if family.load_checkpoint_state is not None:
             family.load_checkpoint_state(data, ckpt.verify_checkpoint(run.resume), run.resume)
-    acc.init_trackers(run.stage, config=cfg.to_flat_dict())
+    acc.init_trackers(run.stage, config=flat)
     budget = cfg.training.max_tokens_per_batch if hasattr(sampler, "micro_batches") else None
     batch = f"global batch {global_batch}" if budget is None else (
         f"global batch {global_batch // cfg.training.per_device_train_batch_size} micro-batches of <= {budget} tokens"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hf_audio_trainer.config import FinetuneConfig, resolve_config
 from hf_audio_trainer.families import family_for
 from hf_audio_trainer.models import adapt_for_finetuning
-from hf_audio_trainer.stages.common import RunResult, start_run, train_model
+from hf_audio_trainer.stages.common import RunResult, check_start_model, start_run, train_model
 from hf_audio_trainer.stages.pretrain import prepare_training
 
 
@@ -14,6 +14,7 @@ def finetune(config: FinetuneConfig | dict | str | None = None) -> RunResult:
     """Fine-tune a pretrained model (folder or Hub id) on high-quality data, optionally with LoRA; notebook-ready."""
     cfg = resolve_config(config, FinetuneConfig)
     family = family_for(cfg.model.model_family, "finetune")
+    check_start_model(cfg, "finetune starts from a pretrained model", "pretrain")
     with start_run(cfg, "finetune") as run:
         data, sampler, max_steps, models = prepare_training(run, family)
         f = cfg.finetune

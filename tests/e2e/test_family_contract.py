@@ -64,7 +64,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(name, tokenizer, tmp_path):
         if family.optimizers is not None:
             optimizers, schedulers = family.optimizers(run, data, models, 4, 1)
         else:
-            optimizer, scheduler = build_optimization(cfg, run.accelerator, models[main], 4, 1)
+            optimizer, scheduler = build_optimization(cfg.optim, run.accelerator, models[main], 4, 1)
             optimizers, schedulers = [optimizer], [scheduler]
         if family.prepare is not None:
             models, optimizers, schedulers = family.prepare(run, data, models, optimizers, schedulers)

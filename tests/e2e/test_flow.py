@@ -192,3 +192,12 @@ def test_on_policy_pairs_rank_pipeline_samples_and_align_on_them(exported, tmp_p
         "per_device_train_batch_size": 2, "max_duration_seconds": 1.0,
     })  # fmt: skip
     assert result.global_step == 2
+
+
+def test_a_resume_with_another_latent_space_names_the_setting(tmp_path):
+    out = tmp_path / "run"
+    pretrain(flow_run(out, max_steps=2, save_steps=2))
+    with pytest.raises(ConfigError, match=r"latent_hop_length=128 here, 64 in the checkpoint; resume with the"):
+        pretrain(flow_run(out, max_steps=4, resume_from_checkpoint="latest", latent_hop_length=128))
+    # the same settings resume
+    assert pretrain(flow_run(out, max_steps=3, resume_from_checkpoint="latest")).global_step == 3

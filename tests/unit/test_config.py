@@ -247,3 +247,125 @@ def test_the_model_family_is_chosen_by_name_and_a_stage_it_cannot_run_is_refused
 def test_data_at_scale_settings_that_cannot_work_are_refused(config_cls, overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(overrides, config_cls)
+
+
+# --- a stage's config is the shared sections plus the chosen family's -------------------------------------------------
+
+
+def test_a_stage_config_is_the_shared_sections_the_stages_and_the_familys():
+    from hf_audio_trainer.config import for_family, sections
+
+    shared = ["optim", "ema", "training", "logging", "samples", "checkpoint", "hub"]
+    composed = {
+        (cls, family): list(sections(for_family(cls, family)))
+        for cls, family in [
+            (PretrainConfig, "musicgen"),
+            (PretrainConfig, "flow"),
+            (AlignConfig, "musicgen_text"),
+            (CodecConfig, "encodec_gan"),
+        ]  # fmt: skip
+    }
+    assert composed[PretrainConfig, "musicgen"] == [*shared, "model", "data", "curriculum", "tokenizer", "loss"]
+    assert composed[PretrainConfig, "flow"] == [*shared, "model", "data", "curriculum", "text", "flow"]
+    # the tokenizer and LM-loss sections are the training stages' only: align has its own data and objective
+    assert composed[AlignConfig, "musicgen_text"] == [*shared, "model", "data", "dpo", "text"]
+    assert composed[CodecConfig, "encodec_gan"] == [*shared, "model", "data", "discriminator", "adversarial"]
+    # the stage's class builds the composed one for the family it is given, and what it builds pickles by name
+    import pickle
+
+    cfg = PretrainConfig()
+    assert type(cfg).__name__ == "PretrainConfig__musicgen" and isinstance(cfg, PretrainConfig)
+    assert pickle.loads(pickle.dumps(resolve_config({"model_family": "flow"}))).flow.latent_hop_length == 64
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model_family": "musicgen", "vae": "x"}, "--vae: the musicgen family does not read them; they are the flow "
+         r"family's \(--model_family flow\)"),
+        ({"model_family": "flow", "label_smoothing": 0.1}, "--label_smoothing: the flow family does not read them; "
+         r"they are the musicgen and musicgen_text families' \(--model_family musicgen\)"),
+        ({"model_family": "flow", "tokenizer": "x"}, "--tokenizer: the flow family does not read them"),
+        ({"model_family": "musicgen", "text_column": "caption", "guidance_scale": 2.0},
+         "--text_column, --guidance_scale: the musicgen family takes no text; use --model_family musicgen_text"),
+    ],
+)  # fmt: skip
+def test_a_flag_of_another_family_is_refused_by_name_from_flags_dicts_and_files(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(overrides)
+    flags = [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(flags, PretrainConfig, str(RECIPE_CONFIGS / "pretrain.yaml"))
+    own = tmp_path / "mine.yaml"
+    own.write_text("".join(f"{k}: {v}\n" for k, v in overrides.items()))
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--config", str(own)])
+    # a flag no family has is still a typo, with a suggestion
+    with pytest.raises(ConfigError, match=r"unknown arguments \['--vea', 'x'\]; did you mean --vae"):
+        parse_config(["--model_family", "flow", "--vea", "x"])
+
+
+def test_a_recipe_default_of_another_family_is_not_the_users_and_is_dropped():
+    # finetune.yaml sets the LM loss's label_smoothing, which the flow family does not read: not an error
+    cfg = parse_config(["--model_family", "flow", "--model_name_or_path", "x"], FinetuneConfig,
+                       str(RECIPE_CONFIGS / "finetune.yaml"))  # fmt: skip
+    assert "label_smoothing" not in cfg.to_flat_dict() and cfg.model.model_name_or_path == "x"
+    assert cfg.curriculum.high_quality_only is True  # the recipe's other defaults still apply
+
+
+def test_an_optional_setting_is_switched_off_with_none_and_the_error_says_so(tmp_path):
+    # the flow recipe turns FAD on; `none` turns it off from the command line, a dict or a file
+    flow_yaml = str(RECIPE_CONFIGS / "pretrain.yaml")
+    on = parse_config(["--model_family", "flow"], PretrainConfig, flow_yaml)
+    assert on.samples.fad_embedder == "mel"
+    off = parse_config(["--model_family", "flow", "--fad_embedder", "none", "--max_difficulty=None"], PretrainConfig,
+                       flow_yaml)  # fmt: skip
+    assert off.samples.fad_embedder is None and off.curriculum.max_difficulty is None
+    assert {"fad_embedder", "max_difficulty"} <= off.user_set
+    assert resolve_config({"model_family": "flow", "fad_embedder": "none"}).samples.fad_embedder is None
+    own = tmp_path / "mine.yaml"
+    own.write_text("samples:\n  fad_embedder: null\nscale_lr: none\n")
+    cfg = parse_config(["--config", str(own)])
+    assert cfg.samples.fad_embedder is None and cfg.optim.scale_lr is None
+    # a required setting keeps its meaning for the word: `none` is a valid curriculum pacing, not a missing one
+    assert parse_config(["--curriculum", "none"]).curriculum.curriculum == "none"
+    for flag, listed in [("fad_embedder", r"\['clap', 'crepe', 'encodec', 'mel'\] or none"),
+                         ("difficulty_method", r"\['acoustic', 'column', 'model_loss'\] or none"),
+                         ("scale_lr", "linear, sqrt or none"), ("mixed_precision", r"'bf16'\) or none")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"{flag}='nope': choose .*{listed}"):
+            parse_config([f"--{flag}", "nope"])
+
+
+def test_num_train_epochs_given_replaces_a_default_max_steps():
+    cfg = parse_config(["--num_train_epochs", "2"], PretrainConfig, str(RECIPE_CONFIGS / "pretrain.yaml"))
+    assert cfg.training.max_steps == -1 and cfg.training.num_train_epochs == 2
+    assert cfg.notes == ["num_train_epochs=2: the run is that long (not the default max_steps=300)"]
+    both = parse_config(["--num_train_epochs", "2", "--max_steps", "7"], PretrainConfig)
+    assert both.training.max_steps == 7  # as in transformers: a max_steps the user gave wins
+
+
+def test_the_sections_that_shape_a_model_are_named_by_the_sections_themselves():
+    flow = resolve_config({"model_family": "flow"})
+    assert {"latent_hop_length", "vae", "model_size", "segment_seconds"} <= set(flow.model_settings())
+    assert "learning_rate" not in flow.model_settings()
+    codec = resolve_config({}, CodecConfig)
+    assert {"codec_size", "discriminators", "num_codebooks"} <= set(codec.model_settings())
+
+
+def test_help_groups_the_flags_by_section_and_shows_the_chosen_familys():
+    import subprocess
+    import sys
+
+    def help_of(*flags: str) -> str:
+        done = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), *flags, "--help"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    musicgen, flow = help_of(), help_of("--model_family", "flow")
+    assert "flow: The flow family" in flow and "--vae" in flow and "--condition_dropout" in flow
+    assert "--vae" not in musicgen and "--condition_dropout" not in musicgen and "--tokenizer" in musicgen
+    assert "--tokenizer" not in flow and "--label_smoothing" not in flow
+    for title in ("optim: Optimizer", "model: Which model to train", "tokenizer: The discrete audio tokenizer"):
+        assert title in musicgen
+    assert "--config FILE.yaml" in musicgen

@@ -325,7 +325,10 @@ def test_a_text_to_audio_card_names_its_base_model_task_and_pipeline(tmp_path):
 
     cfg = resolve_config({"model_family": "musicgen_text", "model_name_or_path": "x", "hub_model_id": REPO,
                           "output_dir": str(tmp_path / "run")}, FinetuneConfig)  # fmt: skip
-    model_card_writer(cfg, "finetune", "facebook/musicgen-small", None, card)(tmp_path / "pushed", {"step": 3})
+    writer = model_card_writer(
+        cfg.hub.hub_model_id, "finetune", "facebook/musicgen-small", None, cfg.to_flat_dict(), card
+    )
+    writer(tmp_path / "pushed", {"step": 3})
     assert ModelCard.load(tmp_path / "pushed" / "README.md").data.pipeline_tag == "text-to-audio"
 
 
