@@ -45,6 +45,13 @@ class CheckpointConfig:
         metadata={"help": "Metric that picks the best/ checkpoint; unset: eval/loss_ema with --ema, else eval/loss."},
     )
     greater_is_better: bool = field(default=False, metadata={"help": "Whether a larger metric is better."})
+    allow_data_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even when the seed or the training data (rows, or a stream's shards) differ from the "
+            "checkpoint's: the data order then changes (refused without this flag)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check(self.save_steps >= 1, f"save_steps={self.save_steps}: must be >= 1")

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import socket
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
-from hf_audio_trainer.errors import ConfigError, ExistsError, LockedError
+from hf_audio_trainer.errors import ConfigError, ExistsError, LockedError, UserError
 from hf_audio_trainer.lock import OutputLock
 from hf_audio_trainer.trackers import JSONLinesTracker
 
@@ -73,6 +76,52 @@ def broadcast_object(value):
     box = [value]
     broadcast_object_list(box)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+def on_main(accelerator: Accelerator, compute: Callable[[], T]) -> T:
+    """`compute()` on the main process only, and its answer on every rank; a user's mistake it raises is raised on
+    every rank, so all stop with the same line. One answer for all: ranks that each ask the filesystem can get
+    different ones (a stale listing on a network filesystem)."""
+    answer, error = None, None
+    if accelerator.is_main_process:
+        try:
+            answer = compute()
+        except UserError as err:
+            error = err
+    if accelerator.num_processes > 1:
+        answer, error = broadcast_object((answer, error))
+    if error is not None:
+        raise error
+    return answer
+
+
+def check_shared_folder(accelerator: Accelerator, folder: str | os.PathLike) -> None:
+    """Refuse an output folder that the machines of a run do not share: a checkpoint is one folder that every rank
+    writes its shards into, so on separate disks the main process's copy would lack the others' files. The main
+    process leaves a note there; every process must see it."""
+    if accelerator.num_processes == 1:
+        return
+    folder = Path(folder)
+    note = None
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        note = f".shared-{uuid.uuid4().hex}"
+        (folder / note).write_text(socket.gethostname())
+    note, named = broadcast_object((note, str(folder)))  # the main process's name for it, in every rank's message
+    seen = gather_object([((folder / note).is_file(), accelerator.process_index, socket.gethostname())])
+    if accelerator.is_main_process:
+        (folder / note).unlink(missing_ok=True)
+    blind = [(rank, host) for visible, rank, host in seen if not visible]
+    if blind:
+        rank, host = blind[0]
+        raise ConfigError(
+            f"--output_dir {named} is not shared by all machines: process {rank} on {host} (and {len(blind) - 1} "
+            "more) cannot see what the main process wrote there; put it on a filesystem every machine mounts at the "
+            "same path (NFS, Lustre, a shared disk)"
+        )
 
 
 def check_tensor_parallel(accelerator: Accelerator, model: torch.nn.Module) -> None:

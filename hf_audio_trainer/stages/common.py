@@ -21,7 +21,8 @@ from hf_audio_trainer.checkpoint import Checkpointer, check_output_dir, remove_c
 from hf_audio_trainer.config import StageConfig
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.audio import load_audio_dataset
-from hf_audio_trainer.distributed import prepare, stage_accelerator
+from hf_audio_trainer.data.streaming import ShardStream
+from hf_audio_trainer.distributed import check_shared_folder, on_main, prepare, stage_accelerator
 from hf_audio_trainer.ema import build_ema
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.families import Family
@@ -77,7 +78,11 @@ def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | Non
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would accept this and silently train in fp32 (no autocast, no loss scaling on CPU)
         raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
-    resume = resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
+    check_shared_folder(accelerator, out)
+    # one answer for every rank: each resolving `latest` itself could pick another checkpoint (a stale listing)
+    resume = on_main(
+        accelerator, lambda: resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
+    )
     check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
     if accelerator.is_main_process:
         if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
@@ -200,9 +205,11 @@ def train_model(
         with ema.average_parameters(acc.unwrap_model(model)) if use_ema else contextlib.nullcontext():
             family.export(run, data, models, folder)
 
-    def extra_state(step: int) -> dict:  # the data position, and what else the family needs to resume
+    identity = data_identity(cfg, data)
+
+    def extra_state(step: int) -> dict:  # the data position, what it is a position in, what else the family needs
         extra = family.checkpoint_state(data) if family.checkpoint_state is not None else {}
-        return {"sampler": sampler.state_at_step(step), **extra}
+        return {"sampler": sampler.state_at_step(step), "data": identity, **extra}
 
     files = family.checkpoint_files
     datasets = [getattr(cfg.data, "dataset_name", None) or "synthetic"]
@@ -217,6 +224,7 @@ def train_model(
     )  # fmt: skip
     start_step = 0
     if run.resume is not None:
+        check_same_data(cfg, run.resume, identity)
         start_step = checkpointer.resume(run.resume)
         if family.load_checkpoint_state is not None:
             family.load_checkpoint_state(data, ckpt.verify_checkpoint(run.resume), run.resume)
@@ -251,6 +259,38 @@ def train_model(
         )  # fmt: skip
 
     return run_and_finish(run, family, checkpointer, max_steps, run_loop, advice)
+
+
+def data_identity(cfg: StageConfig, data) -> dict:
+    """What a checkpoint's data position is a position in: the seed that orders the data, and the training rows
+    (their datasets fingerprint and count, or a stream's shard list)."""
+    train = data.train
+    if isinstance(train, ShardStream):
+        return {"seed": cfg.training.seed, "shards": [str(shard) for shard in train.shards]}
+    return {"seed": cfg.training.seed, "rows": len(train), "fingerprint": getattr(train, "_fingerprint", None)}
+
+
+def check_same_data(cfg: StageConfig, checkpoint: Path, identity: dict) -> None:
+    """A resume continues the checkpoint's data order only over the same data and seed: refuse one that differs,
+    naming what, unless --allow_data_change accepts it on purpose."""
+    saved = ckpt.verify_checkpoint(checkpoint).get("data")
+    if saved is None or cfg.checkpoint.allow_data_change:  # a checkpoint from before the record: nothing to compare
+        return
+    differ = []
+    if saved["seed"] != identity["seed"]:
+        differ.append(f"--seed {identity['seed']} here, {saved['seed']} in the checkpoint")
+    if "shards" in saved or "shards" in identity:
+        now, then = identity.get("shards", []), saved.get("shards", [])
+        if now != then:
+            added, gone = len(set(now) - set(then)), len(set(then) - set(now))
+            differ.append(f"the shard list ({added} added, {gone} gone{'' if added or gone else ', reordered'})")
+    elif (saved["rows"], saved["fingerprint"]) != (identity["rows"], identity["fingerprint"]):
+        differ.append(f"the training data ({identity['rows']} rows here, {saved['rows']} in the checkpoint)")
+    if differ:
+        raise ConfigError(
+            f"{checkpoint} was trained on another data order: {'; '.join(differ)}, so resuming would not continue "
+            "it. Resume with the checkpoint's seed and data, or pass --allow_data_change to accept the change"
+        )
 
 
 def run_and_finish(
