@@ -6,11 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
+from huggingface_hub import constants
 
 from hf_audio_trainer import pretrain
 from hf_audio_trainer.checkpoint import list_checkpoints
+from hf_audio_trainer.errors import RemoteError
 from hf_audio_trainer.lock import LOCK_FILE
 from hf_audio_trainer.trackers import METRICS_FILE, read_metrics
 from tests.e2e.test_fault_tolerance import wait_for
@@ -74,3 +77,76 @@ def test_no_file_of_a_running_run_holds_the_token(tokenizer, tmp_path, hub):  # 
         hub.gate.set()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=300)
+
+
+def test_a_failed_final_push_ends_the_run_with_an_error(tokenizer, tmp_path, hub, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    hub.fail_commits, hub.fail_status = float("inf"), 403  # the token may create the repo but not write to it
+    out = tmp_path / "run"
+    pushing = dict(push_to_hub=True, hub_model_id=REPO, hub_token=TOKEN, hub_strategy="end")
+    with pytest.raises(RemoteError) as failed:  # a UserError: the recipe ends it with one line and exit status 2
+        pretrain(settings(tokenizer, out, **pushing))
+    message = str(failed.value)
+    assert "push 'End of training' to me/audio-model failed after 4 tries" in message and "403" in message
+    assert f"the final model in {out} is complete: upload it with `hf upload {REPO} {out} " in message
+    assert TOKEN not in message and (out / "model.safetensors").is_file()
+
+
+class Output:
+    """A process's output lines as they come, so a test can wait for one."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True).start()
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+
+def stopped_while_uploading(tokenizer, out, hub, *extra: str) -> tuple[subprocess.Popen, Output]:  # noqa: F811
+    """A pushing run, SIGTERM-ed while the Hub hangs on its first upload."""
+    hub.gate.clear()
+    hub.hang_limit = 600
+    pushing = dict(push_to_hub=True, hub_model_id=REPO, hub_strategy="every_save")
+    run = settings(tokenizer, out, max_steps=1000, save_steps=2, **pushing)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": hub.endpoint}
+    cmd = [sys.executable, "recipes/pretrain.py", *as_flags(run), "--hub_token", TOKEN, *extra]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Output(process)
+    wait_for(lambda: hub.upload_started.is_set(), process)
+    process.send_signal(signal.SIGTERM)
+    return process, output
+
+
+def test_a_stopped_run_waits_for_its_uploads_while_it_holds_the_folder(tokenizer, tmp_path, hub):  # noqa: F811
+    out = tmp_path / "run"
+    process, output = stopped_while_uploading(tokenizer, out, hub)
+    try:
+        wait_for(lambda: output.has(f"waiting up to 60 s for 2 upload(s) to {REPO}"), process)
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == process.pid  # no next run can start meanwhile
+    finally:
+        hub.gate.set()
+    assert process.wait(timeout=300) == 0, "".join(output.lines)[-3000:]
+    stopped = int(list_checkpoints(out)[-1].name.split("-")[-1])
+    # the upload in flight, then the stopped step's, which replaced those of the saves between them
+    assert [c["message"] for c in hub.commits] == [
+        "Training in progress, step 2",
+        f"Training in progress, step {stopped}",
+    ]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]  # every snapshot removed
+    assert (out / LOCK_FILE).read_text().strip() == ""
+
+
+def test_a_stopped_run_waits_no_longer_than_hub_stop_timeout(tokenizer, tmp_path, hub):  # noqa: F811
+    out = tmp_path / "run"
+    process, output = stopped_while_uploading(tokenizer, out, hub, "--hub_stop_timeout", "0.5")
+    try:
+        assert process.wait(timeout=300) == 0, "".join(output.lines)[-3000:]  # while the Hub still hangs
+        assert not hub.gate.is_set() and hub.commits == []
+    finally:
+        hub.gate.set()
+    text = "".join(output.lines)
+    assert "push 'Training in progress, step 2' to me/audio-model did not finish within 0.5 s; it was dropped" in text
+    # the snapshot of the abandoned upload stays; its `.tmp-` name is what the next run's start-of-run sweep removes
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert all(name == LOCK_FILE or name.startswith(".tmp-") for name in hidden), hidden
