@@ -44,11 +44,28 @@ def test_a_torn_metrics_line_neither_blocks_the_resume_nor_the_summary(tokenizer
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
 
 
-def start(run: dict, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """recipes/pretrain.py as a user starts it (flags on the command line), offline unless `env` says otherwise."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    cmd = [sys.executable, "recipes/pretrain.py", *as_flags(run), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+class Output:
+    """A process's output lines as they come, so a test can wait for one."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+
+        def read() -> None:
+            for line in process.stdout:
+                self.lines.append(line)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+
+def start(run: dict, *extra: str, hub) -> tuple[subprocess.Popen, Output]:  # noqa: F811
+    """recipes/pretrain.py as a user starts it (flags and --hub_token on the command line), pushing to the fake Hub."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": hub.endpoint}
+    cmd = [sys.executable, "recipes/pretrain.py", *as_flags(run), "--hub_token", TOKEN, *extra]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, Output(process)
 
 
 def files_holding(folder, secret: bytes) -> list[str]:
@@ -67,7 +84,7 @@ def test_no_file_of_a_running_run_holds_the_token(tokenizer, tmp_path, hub):  # 
     out = tmp_path / "run"
     pushing = dict(push_to_hub=True, hub_model_id=REPO, hub_strategy="checkpoint", report_to="tensorboard")
     run = settings(tokenizer, out, max_steps=1000, save_steps=2, **pushing)
-    process = start(run, "--hub_token", TOKEN, env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"})
+    process, output = start(run, hub=hub)
     try:
         wait_for(lambda: hub.upload_started.is_set() and list_checkpoints(out), process)
         names = {p.name for p in out.iterdir()}
@@ -77,6 +94,7 @@ def test_no_file_of_a_running_run_holds_the_token(tokenizer, tmp_path, hub):  # 
         hub.gate.set()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=300)
+    assert files_holding(out, TOKEN.encode()) == [] and not output.has(TOKEN)  # nor after, nor in what it printed
 
 
 def test_a_failed_final_push_ends_the_run_with_an_error(tokenizer, tmp_path, hub, monkeypatch):  # noqa: F811
@@ -92,27 +110,13 @@ def test_a_failed_final_push_ends_the_run_with_an_error(tokenizer, tmp_path, hub
     assert TOKEN not in message and (out / "model.safetensors").is_file()
 
 
-class Output:
-    """A process's output lines as they come, so a test can wait for one."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True).start()
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in list(self.lines))
-
-
 def stopped_while_uploading(tokenizer, out, hub, *extra: str) -> tuple[subprocess.Popen, Output]:  # noqa: F811
     """A pushing run, SIGTERM-ed while the Hub hangs on its first upload."""
     hub.gate.clear()
     hub.hang_limit = 600
     pushing = dict(push_to_hub=True, hub_model_id=REPO, hub_strategy="every_save")
     run = settings(tokenizer, out, max_steps=1000, save_steps=2, **pushing)
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": hub.endpoint}
-    cmd = [sys.executable, "recipes/pretrain.py", *as_flags(run), "--hub_token", TOKEN, *extra]
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = Output(process)
+    process, output = start(run, *extra, hub=hub)
     wait_for(lambda: hub.upload_started.is_set(), process)
     process.send_signal(signal.SIGTERM)
     return process, output
