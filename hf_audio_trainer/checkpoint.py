@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,14 +422,16 @@ class Checkpointer:
         if self.push is not None and self.push != "end":
             self.push_model(self.last_eval, checkpoint=Path(saved), step=step)
 
-    def push_model(self, metrics: dict, checkpoint: Path | None = None, step: int | None = None) -> None:
+    def push_model(self, metrics: dict, checkpoint: Path | None = None, step: int | None = None) -> Future | None:
         """Export the current model (and `ema/`) with a model card to a scratch folder and push that in the background.
 
         After a save (`step` given) the pusher's strategy decides what goes (`checkpoint` also sends the checkpoint
-        to `last-checkpoint/`, so a run can resume from the Hub); without one, this is the end-of-training push.
+        to `last-checkpoint/`, so a run can resume from the Hub); without one, this is the end-of-training push, whose
+        Future it returns (None on the other processes and after a save). The scratch folder and the pusher's
+        snapshots are named `.tmp-*`, so the start-of-run sweep removes those a killed run left.
         """
         if self.push is None or self.export is None:
-            return
+            return None
         self.accelerator.wait_for_everyone()
         scratch = (
             Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-push-")) if self.accelerator.is_main_process else None
@@ -437,15 +440,17 @@ class Checkpointer:
         self.export(scratch, self.final_ema)  # a collective under sharding: every rank takes part
         if self.ema is not None:
             self.export(scratch / "ema", True)
+        final = None
         if self.pusher is not None:
             self.card(scratch, metrics)
             # the pusher snapshots the folders first, so the scratch folder can go at once
             if step is None:
-                self.pusher.push(scratch, "End of training")
+                final = self.pusher.push(scratch, "End of training")
             else:
                 self.pusher.push_save(scratch, checkpoint, step)
         if self.accelerator.is_main_process:
             shutil.rmtree(scratch, ignore_errors=True)
+        return final
 
 
 # what torch says when a checkpoint's weights do not fit the model they are loaded into

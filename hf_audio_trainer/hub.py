@@ -7,9 +7,9 @@ import os
 import re
 import shutil
 import tempfile
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import validate_repo_id
 
-from hf_audio_trainer.errors import ConfigError, RemoteError
+from hf_audio_trainer.errors import ConfigError, RemoteError, check
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -50,10 +50,20 @@ def check_hub_args(push_to_hub: bool, hub_model_id: str | None, hub_strategy: st
         ) from None
 
 
+@dataclass
+class _Upload:
+    staging: Path
+    commit_message: str
+    path_in_repo: str | None
+    future: Future
+
+
 class HubPusher:
     """Creates a model repo now, then uploads folders to it one at a time on a background thread.
 
     Construct it on the main process only. `strategy` is used by `push_save`; `push` works with any strategy.
+    Saves that come faster than uploads do not queue up: a push replaces the one waiting for the same place in the
+    repo (`path_in_repo`), so at most one upload is in flight and one snapshot waits per place. `close` ends it.
     The token (given, or the logged-in one) never appears in logs, errors, `failures` or the repr.
     """
 
@@ -74,9 +84,6 @@ class HubPusher:
         self.failures: list[str] = []
         self._token = token
         self._api = HfApi(endpoint=endpoint, token=token)
-        # one worker: uploads land in the order they were asked for and never compete for bandwidth
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
-        self._futures: list[Future] = []
         try:
             self._token = token or get_token()  # only to redact it: HfApi finds it again itself
             self.url = str(self._api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
@@ -87,6 +94,13 @@ class HubPusher:
                 "Log in with `hf auth login` or pass --hub_token, and check that the token has write access to "
                 f"the namespace of {repo_id!r}."
             ) from None
+        self._changed = threading.Condition()  # guards the three below; notified whenever one of them changes
+        self._waiting: dict[str | None, _Upload] = {}  # by place in the repo, in the order they go
+        self._flying: _Upload | None = None
+        self._closed = threading.Event()
+        # one worker: uploads land in the order they were asked for and never compete for bandwidth. A daemon, so an
+        # upload still running after `close` cannot hold the process (a stopped run) past the bound it was given.
+        threading.Thread(target=self._work, name="hub-push", daemon=True).start()
 
     def __repr__(self) -> str:
         return f"HubPusher(repo_id={self.repo_id!r}, strategy={self.strategy!r}, pending={self.pending})"
@@ -94,21 +108,31 @@ class HubPusher:
     @property
     def pending(self) -> int:
         """Uploads asked for and not finished yet."""
-        return sum(not f.done() for f in self._futures)
+        with self._changed:
+            return len(self._waiting) + (self._flying is not None)
 
     def push(
         self, folder: str | os.PathLike, commit_message: str, path_in_repo: str | None = None, blocking: bool = False
     ) -> Future:
         """Snapshot `folder` now, upload the snapshot in the background; the Future yields a CommitInfo or None.
 
-        An upload that still fails after `max_retries` retries is logged and added to `failures`, never raised.
+        An upload that still fails after `max_retries` retries is logged and added to `failures`, never raised. A
+        push not started yet when the next one to the same `path_in_repo` comes is dropped (its Future cancelled):
+        every push here sends a whole model or checkpoint, so the newer one holds all it would have sent.
         """
-        staging = self._snapshot(Path(folder))
-        future = self._executor.submit(self._upload, staging, commit_message, path_in_repo)
-        self._futures = [f for f in self._futures if not f.done()] + [future]
+        if self._closed.is_set():
+            raise RuntimeError(f"{self!r} is closed")
+        upload = _Upload(self._snapshot(Path(folder)), commit_message, path_in_repo, Future())
+        with self._changed:
+            replaced = self._waiting.pop(path_in_repo, None)
+            self._waiting[path_in_repo] = upload  # at the end of the line, in the order of the latest requests
+            self._changed.notify_all()
+        if replaced is not None and replaced.future.cancel():
+            shutil.rmtree(replaced.staging, ignore_errors=True)
+            logger.info("push %r to %s replaced by %r", replaced.commit_message, self.repo_id, commit_message)
         if blocking:
-            future.result()
-        return future
+            upload.future.result()
+        return upload.future
 
     def push_save(
         self, model_dir: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None, step: int
@@ -123,15 +147,61 @@ class HubPusher:
 
     def wait(self, timeout: float | None = None) -> list[str]:
         """Wait for every pending upload (call at the end of training); return the failure messages."""
-        _, not_done = wait_futures(self._futures, timeout=timeout)
-        if not_done:
-            logger.warning("%d upload(s) to %s still running after %ss", len(not_done), self.repo_id, timeout)
+        with self._changed:
+            done = self._changed.wait_for(self._idle, timeout)
+        if not done:
+            logger.warning("%d upload(s) to %s still running after %ss", self.pending, self.repo_id, timeout)
         return list(self.failures)
+
+    def close(self, timeout: float, say: Callable[[str], None] = logger.warning) -> list[str]:
+        """Wait at most `timeout` seconds for the pending uploads, then drop the rest; returns what did not finish.
+
+        For a run that stops early (a signal, an error): the snapshots still waiting are deleted; the upload in flight
+        cannot be interrupted and goes on until it ends or the process exits (a Hub commit lands whole or not at
+        all), but no retry or other upload starts after this. `say` tells that the run is waiting, and for how long.
+        """
+        if self.pending:
+            say(f"waiting up to {timeout:g} s for {self.pending} upload(s) to {self.repo_id}")
+        with self._changed:
+            self._changed.wait_for(self._idle, timeout)
+            self._closed.set()
+            unfinished = [self._flying] if self._flying is not None else []
+            dropped = list(self._waiting.values())
+            self._waiting.clear()
+            self._changed.notify_all()
+        for upload in dropped:
+            upload.future.cancel()
+            shutil.rmtree(upload.staging, ignore_errors=True)
+        return [
+            f"push {u.commit_message!r} to {self.repo_id} did not finish within {timeout:g} s; it was dropped"
+            for u in unfinished + dropped
+        ]
+
+    def _idle(self) -> bool:
+        return not self._waiting and self._flying is None
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting or self._closed.is_set())
+                if self._closed.is_set():
+                    return
+                self._flying = self._waiting.pop(next(iter(self._waiting)))
+                upload = self._flying
+            if upload.future.set_running_or_notify_cancel():
+                try:
+                    upload.future.set_result(self._upload(upload.staging, upload.commit_message, upload.path_in_repo))
+                except BaseException as err:  # a bug: it belongs to whoever holds the Future
+                    upload.future.set_exception(err)
+            with self._changed:
+                self._flying = None
+                self._changed.notify_all()
 
     def _snapshot(self, folder: Path) -> Path:
         # Hard links cost no time or disk and survive the rotation deleting (or os.replace-ing) the original.
         # They would NOT survive a file rewritten in place (open "wb" on the same path); checkpoint.py never does
-        # that: it writes a hidden folder and renames it into place.
+        # that: it writes a hidden folder and renames it into place. The `.tmp-` name marks it as scratch for the
+        # start-of-run sweep, which removes the snapshots of a killed run.
         if not folder.is_dir():
             raise FileNotFoundError(f"cannot push {folder}: not a folder")
         try:
@@ -167,8 +237,9 @@ class HubPusher:
                     logger.warning(
                         "push %r to %s failed, retry in %.1fs: %s", commit_message, self.repo_id, delay, error
                     )
-                    time.sleep(delay)
-            message = f"push {commit_message!r} to {self.repo_id} failed after {self.max_retries + 1} tries: {error}"
+                    if self._closed.wait(delay):  # closed: the run is ending, no retry
+                        break
+            message = f"push {commit_message!r} to {self.repo_id} failed after {attempt + 1} tries: {error}"
             logger.error(message)
             self.failures.append(message)
             return None
@@ -299,9 +370,17 @@ class HubConfig:
     hub_token: str | None = field(
         default=None, repr=False, metadata={"help": "Hub token; unset: the logged-in one (never printed or saved)."}
     )
+    hub_stop_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a run that stops early (a signal, an error) waits for its uploads before it exits; what "
+            "has not finished by then is dropped (the checkpoints on disk are complete)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_hub_args(self.push_to_hub, self.hub_model_id, self.hub_strategy)
+        check(self.hub_stop_timeout >= 0, f"hub_stop_timeout={self.hub_stop_timeout}: must be >= 0 (seconds)")
 
 
 def start_pusher(h: HubConfig, accelerator: Accelerator) -> HubPusher | None:

@@ -220,10 +220,7 @@ def _load(run_dir: Path) -> tuple[list[dict], dict]:
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     if not (run_dir / METRICS_FILE).is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a run's output_dir?")
-    try:
-        records = read_metrics(run_dir)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{run_dir / METRICS_FILE}: a line is not JSON ({e}); is a run still writing it?") from e
+    records = read_metrics(run_dir)  # a line being written, or cut short by a crash, is skipped with a warning
     if not records:
         raise ValueError(f"{run_dir / METRICS_FILE} is empty: the run logged nothing yet")
     config_path = run_dir / RUN_CONFIG_FILE

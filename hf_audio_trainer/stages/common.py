@@ -24,7 +24,7 @@ from hf_audio_trainer.data.audio import load_audio_dataset
 from hf_audio_trainer.data.streaming import ShardStream
 from hf_audio_trainer.distributed import check_shared_folder, on_main, prepare, stage_accelerator
 from hf_audio_trainer.ema import build_ema
-from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.errors import ConfigError, RemoteError
 from hf_audio_trainer.families import Family
 from hf_audio_trainer.hub import HubPusher, model_card_writer, start_pusher
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
@@ -67,7 +67,15 @@ def start_run(cfg: StageConfig, stage: str) -> Iterator[Run]:
     t = cfg.training
     with stage_accelerator(t.output_dir, t.mixed_precision, t.gradient_accumulation_steps, cfg.logging.trackers) as acc:
         resume = prepare_output_dir(cfg, acc)
-        yield Run(cfg, acc, stage, resume, start_pusher(cfg.hub, acc))
+        pusher = start_pusher(cfg.hub, acc)
+        try:
+            yield Run(cfg, acc, stage, resume, pusher)
+        finally:
+            # still holding the lock: a run that stopped early (a signal, an error) ends its uploads, or drops them
+            # after --hub_stop_timeout, before the next run may start here (a finished run has nothing left)
+            if pusher is not None:
+                for dropped in pusher.close(cfg.hub.hub_stop_timeout, say=acc.print):
+                    acc.print(f"Hub: {dropped} (the local files are complete)")
 
 
 def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | None:
@@ -323,7 +331,8 @@ def run_and_finish(
 
 
 def finish(run: Run, family: Family, checkpointer: Checkpointer, metrics: dict[str, float]) -> None:
-    """Export the final model (and `ema/`), report the validation change, push with a model card, wait for uploads."""
+    """Export the final model (and `ema/`), report the validation change, push with a model card, wait for uploads;
+    a final push that failed is a `RemoteError` (the run exits non-zero; the model on disk is complete)."""
     cfg, out, export = run.cfg, run.out, checkpointer.export
     if checkpointer.ema is not None:
         export(out / "ema", True)
@@ -335,7 +344,17 @@ def finish(run: Run, family: Family, checkpointer: Checkpointer, metrics: dict[s
         run.accelerator.print(
             f"{label} {first:.4f} at step {s0} -> {last:.4f} at step {s1} ({100 * (last - first) / first:+.1f}%)"
         )
-    checkpointer.push_model(metrics)
-    if checkpointer.pusher is not None:
-        for failure in checkpointer.pusher.wait():
-            run.accelerator.print(f"Hub upload failed (the local files are complete): {failure}")
+    final = checkpointer.push_model(metrics)
+    if checkpointer.pusher is None:
+        return
+    failures = checkpointer.pusher.wait()
+    # uploads run one at a time, in order: a failure of the final push, the last one, is the last failure
+    final_failed = final is not None and final.result() is None
+    for failure in failures[:-1] if final_failed else failures:
+        run.accelerator.print(f"Hub upload failed (the local files are complete): {failure}")
+    if final_failed:
+        excluded = " ".join(f"--exclude '{pattern}'" for pattern in ("checkpoint-*", "best/*", ".*"))
+        raise RemoteError(
+            f"{failures[-1]}; the final model in {out} is complete: upload it with "
+            f"`hf upload {cfg.hub.hub_model_id} {out} {excluded}`"
+        )

@@ -37,7 +37,8 @@ def test_a_run_pushes_at_every_save_and_trains_on_while_an_upload_hangs(hub, tmp
     assert hub.repos == {REPO: False}
     messages = [c["message"] for c in hub.commits]
     assert messages[0].startswith("Training in progress, step 2") and messages[-1].startswith("End of training")
-    assert any(m.startswith("Training in progress, step 4") for m in messages)
+    # step 4's push goes unless it was still waiting behind step 2's when the final push replaced it
+    assert messages[1:-1] in ([], ["Training in progress, step 4"])
     final = hub.commits[-1]["files"]
     assert {"model.safetensors", "config.json", "README.md", "tokenizer/tokenizer_config.json"} <= set(final)
     card = final["README.md"].decode()

@@ -31,8 +31,9 @@ class FakeHub:
         self.unknown = []  # requests no route answered
         self.fail_commits, self.fail_status = 0, 500  # fail this many commits (float("inf"): all) with this status
         self.fail_create = None  # status to refuse repo creation with
-        self.gate = threading.Event()  # preupload (the first call of an upload) waits for it
+        self.gate = threading.Event()  # preupload (the first call of an upload) waits for it, at most hang_limit s
         self.gate.set()
+        self.hang_limit = 10.0
         self.upload_started = threading.Event()
 
 
@@ -52,13 +53,16 @@ def make_handler(hub):
 
         def reply(self, status, payload, headers=()):
             body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in headers:
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client is gone: a stopped run left this upload
+                pass
 
         def refuse(self, status):
             # a careless server that echoes the credentials: the pusher must redact them
@@ -83,7 +87,7 @@ def make_handler(hub):
                 return self.reply(200, {"id": m[1], "private": hub.repos[m[1]], "sha": "0" * 40})
             if method == "POST" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/main", path)):
                 hub.upload_started.set()
-                hub.gate.wait(10)
+                hub.gate.wait(hub.hang_limit)
                 files = json.loads(body)["files"]
                 # regular: contents come inline in the commit, so no LFS / xet transfer is needed
                 modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
@@ -274,6 +278,63 @@ def test_push_save_follows_the_strategy(hub, tmp_path):
     ]
     with pytest.raises(ValueError, match="end, every_save, checkpoint"):
         pusher_for(hub, strategy="always")
+
+
+def test_saves_faster_than_uploads_pin_at_most_one_waiting_snapshot_per_destination(hub, tmp_path):
+    hub.gate.clear()  # the Hub hangs on the first upload while 8 saves come
+    hub.hang_limit = 300
+    pusher = pusher_for(hub, strategy="checkpoint")
+    run = tmp_path / "run"
+    futures = []
+    for step in range(1, 9):
+        model, checkpoint = run / ".tmp-push-model", run / f"checkpoint-{step}"
+        shutil.rmtree(model, ignore_errors=True)  # a new export each time, as push_model writes it (never in place)
+        for folder in (model, checkpoint):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model.safetensors").write_text(f"{folder.name} at step {step}")
+        shutil.rmtree(run / f"checkpoint-{step - 1}", ignore_errors=True)  # the rotation
+        futures += pusher.push_save(model, checkpoint, step)
+        assert hub.upload_started.wait(10)
+        staging = [p.name for p in run.iterdir() if p.name not in (model.name, checkpoint.name)]
+        # one upload in flight, at most one waiting per destination (the model, last-checkpoint/), not 2 per save
+        assert len(staging) <= 3 and all(name.startswith(".tmp-") for name in staging), staging
+    assert pusher.pending == 3
+    hub.gate.set()
+    assert pusher.wait(timeout=60) == []
+    assert [(c["message"], c["files"]) for c in hub.commits] == [
+        ("Training in progress, step 1", {"model.safetensors": b".tmp-push-model at step 1"}),
+        # the waiting snapshots of steps 1 to 7 were replaced by newer ones of the same destination
+        ("Training in progress, step 8", {"model.safetensors": b".tmp-push-model at step 8"}),
+        ("Checkpoint at step 8", {"last-checkpoint/model.safetensors": b"checkpoint-8 at step 8"}),
+    ]
+    assert [f.cancelled() for f in futures] == [False] + [True] * 13 + [False, False]
+    assert sorted(p.name for p in run.iterdir()) == [".tmp-push-model", "checkpoint-8"]  # no staging left
+
+
+def test_close_waits_for_the_uploads_then_drops_what_is_left(hub, tmp_path):
+    (tmp_path / "a.json").write_text("1")
+    pusher = pusher_for(hub)
+    pusher.push(tmp_path, "step 1")
+    pusher.push(tmp_path, "step 1 checkpoint", path_in_repo="last-checkpoint")
+    assert pusher.close(timeout=60, say=print) == []  # a Hub that answers: both land
+    assert [c["message"] for c in hub.commits] == ["step 1", "step 1 checkpoint"]
+
+    hub.gate.clear()  # a Hub that hangs longer than the run may wait
+    hub.hang_limit = 300
+    pusher, said = pusher_for(hub), []
+    flying = pusher.push(tmp_path, "step 2")
+    assert hub.upload_started.wait(10)
+    waiting = pusher.push(tmp_path, "step 2 checkpoint", path_in_repo="last-checkpoint")
+    dropped = pusher.close(timeout=0.1, say=said.append)
+    assert said == [f"waiting up to 0.1 s for 2 upload(s) to {REPO}"]
+    assert len(dropped) == 2 and "'step 2'" in dropped[0] and "'step 2 checkpoint'" in dropped[1]
+    assert waiting.cancelled() and not flying.done()
+    with pytest.raises(RuntimeError, match="closed"):
+        pusher.push(tmp_path, "step 3")
+    hub.gate.set()  # the one in flight is not stopped (it ends with the process); nothing starts after it
+    flying.result(timeout=60)
+    assert [c["message"] for c in hub.commits[2:]] == ["step 2"]
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(".tmp-")) == []
 
 
 def test_model_card_holds_metadata_and_tables(tmp_path):

@@ -292,3 +292,11 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(run_dir, tmp_path):
     with pytest.raises(ValueError, match="would replace the run folder"):
         write_report(run_dir, run_dir)
     assert (run_dir / "metrics.jsonl").is_file()
+
+
+def test_a_torn_line_does_not_stop_the_report(tmp_path):
+    run = write_run(tmp_path / "run", make_records())
+    with open(run / "metrics.jsonl", "ab") as f:  # a crash in the middle of the last write
+        f.write(b'{"step": 51, "train/lo' + b"\0" * 16)
+    text = (write_report(run) / "summary.md").read_text()
+    assert f"logged lines: {len(make_records())}," in text and "final step: 50" in text
