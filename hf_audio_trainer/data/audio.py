@@ -72,6 +72,13 @@ class DataConfig:
     streaming_validation_rows: int = field(
         default=256, metadata={"help": "With --streaming: the first rows of the validation split evaluated on."}
     )
+    streaming_max_member_mb: float = field(
+        default=1024.0,
+        metadata={
+            "help": "With --streaming: a webdataset (.tar) member the run reads that is larger than this many MiB is "
+            "refused, naming shard and member (a sample's data is held in memory while it is read)."
+        },
+    )
     preprocessing_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -91,6 +98,7 @@ class DataConfig:
             "--streaming needs --dataset_name: a folder of parquet or webdataset .tar shards, or a Hub id",
         )
         check(self.streaming_validation_rows >= 1, "streaming_validation_rows must be >= 1")
+        check(self.streaming_max_member_mb > 0, f"streaming_max_member_mb={self.streaming_max_member_mb}: must be > 0")
         for name in ("max_duration_seconds", "segment_seconds"):
             check(getattr(self, name) is None or getattr(self, name) > 0, f"{name}={getattr(self, name)}: must be > 0")
         check(bool(self.audio_column), "audio_column must be a column name")

@@ -18,7 +18,7 @@ from hf_audio_trainer.codecs import AudioTokenizer
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.preprocess import encode_waves
 from hf_audio_trainer.data.segments import window_start
-from hf_audio_trainer.data.streaming import ShardStream, list_shards, stream_state
+from hf_audio_trainer.data.streaming import MAX_MEMBER_BYTES, ShardStream, list_shards, stream_state
 from hf_audio_trainer.errors import ConfigError
 
 
@@ -39,10 +39,22 @@ class StreamPlan:
         return {"epoch": epoch, "row": row, "seed": self.stream.seed}
 
 
-def open_stream(name: str, audio_column: str, seed: int, rank: int, world: int, validation_rows: int):
+def open_stream(
+    name: str,
+    audio_column: str,
+    seed: int,
+    rank: int,
+    world: int,
+    validation_rows: int,
+    max_member_bytes: int | None = MAX_MEMBER_BYTES,
+):
     """This rank's training stream of a shard folder or Hub dataset, and the first `validation_rows` rows of its
-    validation split as a (small, in-memory) Dataset."""
-    stream = ShardStream(list_shards(name, "train"), seed=seed, rank=rank, world=world)
+    validation split as a (small, in-memory) Dataset. `max_member_bytes` caps one webdataset member's size."""
+    # training reads only the audio: a webdataset sample's other members (video, stems, metadata) are skipped
+    stream = ShardStream(
+        list_shards(name, "train"), seed=seed, rank=rank, world=world, columns=[audio_column],
+        max_member_bytes=max_member_bytes,
+    )  # fmt: skip
     try:
         validation_shards = list_shards(name, "validation")
     except ConfigError as err:
@@ -52,7 +64,8 @@ def open_stream(name: str, audio_column: str, seed: int, rank: int, world: int, 
         ) from None
     rows = []
     for shard in validation_shards:
-        for row in ShardStream([shard], seed=seed).iter_epoch(0):  # one shard, one process: just its rows
+        # one shard, one process: just its rows, every column (evaluation may keep difficulty or quality)
+        for row in ShardStream([shard], seed=seed, max_member_bytes=max_member_bytes).iter_epoch(0):
             rows.append(row)
             if len(rows) == validation_rows:
                 break
