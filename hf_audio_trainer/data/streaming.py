@@ -229,7 +229,7 @@ def _check_size(member: tarfile.TarInfo, shard: str, max_member_bytes: int | Non
     if max_member_bytes is not None and member.size > max_member_bytes:
         raise ConfigError(
             f"member {member.name} of shard {shard} is {member.size} bytes, over max_member_bytes={max_member_bytes} "
-            "(raise --streaming_max_member_mb, or remove the member or read only the columns you need)"
+            "(raise --streaming_max_member_mb, or remove the member from the shard)"
         )
 
 

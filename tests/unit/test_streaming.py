@@ -374,8 +374,12 @@ def test_a_streamed_training_run_reads_only_the_audio_column(tmp_path, monkeypat
     from hf_audio_trainer.data.streamed import open_stream
 
     _tar_with_video(tmp_path / "train-00000.tar", count=8, video_bytes=200_000)
-    _tar_with_video(tmp_path / "validation-00000.tar", count=2, video_bytes=10)
-    train, _ = open_stream(str(tmp_path), "audio", seed=0, rank=0, world=1, validation_rows=2)
+    _tar_with_video(tmp_path / "validation-00000.tar", count=2, video_bytes=200_000)
+    # the videos are over the cap, but no column reads them: neither split refuses them
+    train, validation = open_stream(
+        str(tmp_path), "audio", seed=0, rank=0, world=1, validation_rows=2, max_member_bytes=100_000
+    )
+    assert validation.column_names == ["audio"] and len(validation) == 2
     monkeypatch.setattr(streaming, "_open", lambda path: _CountingFile(path, "rb"))
     _CountingFile.read_bytes = 0
     assert len(list(train.iter_epoch(0))) == 8
