@@ -4,7 +4,9 @@ lhotse's `max_duration` and F5-TTS's frame budget batch this way: short clips co
 and little of a batch is padding. What this sampler adds is what distributed training needs of it: one global plan
 per epoch, a pure function of (seed, epoch), in which every optimizer step is `accumulation x processes`
 micro-batches, so every rank runs the same number of micro-batches per step (a collective can never wait for a rank
-that has none left), and resuming at a step recomputes the plan (index arithmetic) instead of replaying data.
+that has none left), and resuming at a step recomputes a plan instead of replaying data. Epochs differ in length
+(and, under a growing window, a plan depends on the step its epoch starts at), so a checkpoint also records the
+epoch its step is in and that epoch's first step: a resume packs that one epoch, and only one plan is ever held.
 The loop weights the loss by target tokens, so micro-batches of different sizes still add up to one exact step.
 
 A micro-batch's cost is what it pads to: clips x longest clip x tokens per frame. Under a sequence-length curriculum
@@ -14,6 +16,7 @@ in tokens, so early steps are many short windows and steps stay comparable.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -62,7 +65,11 @@ class TokenBudgetSampler:
                 f"delay, x {tokens_per_frame} codebooks = {(longest + extra_frames) * tokens_per_frame} tokens); raise "
                 "it or lower --segment_seconds"
             )
-        self._plans: list[list[list[np.ndarray]]] = []  # epoch -> steps -> micro-batches, computed in order
+        # Only one epoch's plan is kept, and the first steps of a few epochs (0 and the latest two, where walks and
+        # checkpoints start): memory and a resume's work do not grow with the epoch.
+        self._plan: tuple[int, list[list[np.ndarray]]] | None = None
+        self._starts = {0: 0}
+        self.fingerprint = self._fingerprint()
         if not self.plan(0):
             raise ConfigError(
                 f"the dataset's {len(self.lengths)} clips do not fill one step of {self.per_step} micro-batches "
@@ -72,16 +79,42 @@ class TokenBudgetSampler:
         self.steps_per_epoch = len(self.plan(0))
         self.epoch = 0
 
+    def _fingerprint(self) -> str:
+        """A hash of what the plans depend on, so a checkpoint's epoch start is used only for the same plans."""
+        digest = hashlib.sha256(self.lengths.tobytes())
+        # the window schedule at log-spaced steps: its start, end and ramp length
+        windows = [self.segment_frames(0), *(self.segment_frames(2**k) for k in range(48))]
+        settings = [PLAN_SALT, self.seed, self.max_tokens, self.tokens_per_frame, self.per_step, self.extra_frames]
+        digest.update(repr([settings, windows]).encode())
+        return digest.hexdigest()[:16]
+
+    def _remember(self, epoch: int, first_step: int) -> None:
+        self._starts[epoch] = first_step
+        for old in sorted(self._starts)[1:-2]:
+            del self._starts[old]
+
+    def _known(self, step: int) -> tuple[int, int]:
+        """(epoch, its first step) of the latest remembered epoch that starts at or before `step`."""
+        epoch = max(e for e, first in self._starts.items() if first <= step)
+        return epoch, self._starts[epoch]
+
     def first_step(self, epoch: int) -> int:
-        return sum(len(self.plan(e)) for e in range(epoch))
+        """The step `epoch` starts at, counted from the nearest remembered epoch before it (packing those between)."""
+        known = max(e for e in self._starts if e <= epoch)
+        first = self._starts[known]
+        for e in range(known, epoch):
+            first += len(self._planned(e, first))
+        return first
 
     def plan(self, epoch: int) -> list[list[np.ndarray]]:
         """All ranks' micro-batches of an epoch, step by step (each step `per_step` index arrays)."""
-        while len(self._plans) <= epoch:
-            e = len(self._plans)
-            start = sum(len(p) for p in self._plans)
-            self._plans.append(self._pack(e, start))
-        return self._plans[epoch]
+        return self._planned(epoch, self.first_step(epoch))
+
+    def _planned(self, epoch: int, first_step: int) -> list[list[np.ndarray]]:
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = None  # let the previous plan go before packing the next
+            self._plan = (epoch, self._pack(epoch, first_step))
+        return self._plan[1]
 
     def _pack(self, epoch: int, first_step: int) -> list[list[np.ndarray]]:
         order = np.random.default_rng([self.seed, epoch, PLAN_SALT]).permutation(len(self.lengths))
@@ -130,26 +163,34 @@ class TokenBudgetSampler:
 
     def micro_batches(self, start_step: int = 0) -> Iterator[tuple[list[int], int, int]]:
         """Endless (indices, window frames, epoch) of this rank's micro-batches from optimizer step `start_step` on."""
-        epoch, first = 0, 0
-        while first + len(self.plan(epoch)) <= start_step:
-            first += len(self.plan(epoch))
-            epoch += 1
+        epoch, first = self._known(start_step)
+        plan = self._planned(epoch, first)
+        while first + len(plan) <= start_step:
+            first, epoch = first + len(plan), epoch + 1
+            plan = self._planned(epoch, first)
+        self._remember(epoch, first)
         step = start_step
         while True:
-            for local in range(step - first, len(self.plan(epoch))):
-                mine = self.plan(epoch)[local][self.rank * self.accumulation : (self.rank + 1) * self.accumulation]
+            for local in range(step - first, len(plan)):
+                mine = plan[local][self.rank * self.accumulation : (self.rank + 1) * self.accumulation]
                 segment = self.segment_frames(first + local)
                 for indices in mine:
                     yield indices.tolist(), segment, epoch
-            first += len(self.plan(epoch))
-            epoch += 1
+            first, epoch = first + len(plan), epoch + 1
             step = first
             self.epoch = epoch
+            self._remember(epoch, first)
+            plan = None  # the finished epoch's plan goes before the next is packed
+            plan = self._planned(epoch, first)
 
-    def state_at_step(self, step: int) -> dict[str, int]:
-        """A checkpoint's data position: the step says it all (the plan is recomputed from the seed)."""
-        return {"step": step, "seed": self.seed}
+    def state_at_step(self, step: int) -> dict:
+        """A checkpoint's data position: the step, and an epoch that starts at or before it (`epoch`, `epoch_start`)
+        so a resume packs that epoch's plan instead of every plan before it (plans are recomputed from the seed)."""
+        epoch, first = self._known(step)
+        return {"step": step, "seed": self.seed, "epoch": epoch, "epoch_start": first, "plan": self.fingerprint}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ConfigError(f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}")
+    def load_state_dict(self, state: dict) -> None:
+        """Take a checkpoint's epoch start when it was planned from these clips and settings; otherwise (an older
+        checkpoint, another seed or dataset) walks count the epochs from the first, to the same batches."""
+        if state.get("plan") == self.fingerprint and "epoch" in state:
+            self._remember(int(state["epoch"]), int(state["epoch_start"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -72,6 +73,13 @@ class DataConfig:
     streaming_validation_rows: int = field(
         default=256, metadata={"help": "With --streaming: the first rows of the validation split evaluated on."}
     )
+    streaming_max_member_mb: float = field(
+        default=1024.0,
+        metadata={
+            "help": "With --streaming: a webdataset (.tar) member the run reads that is larger than this many MiB is "
+            "refused, naming shard and member (a sample's data is held in memory while it is read)."
+        },
+    )
     preprocessing_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -91,6 +99,7 @@ class DataConfig:
             "--streaming needs --dataset_name: a folder of parquet or webdataset .tar shards, or a Hub id",
         )
         check(self.streaming_validation_rows >= 1, "streaming_validation_rows must be >= 1")
+        check(self.streaming_max_member_mb > 0, f"streaming_max_member_mb={self.streaming_max_member_mb}: must be > 0")
         for name in ("max_duration_seconds", "segment_seconds"):
             check(getattr(self, name) is None or getattr(self, name) > 0, f"{name}={getattr(self, name)}: must be > 0")
         check(bool(self.audio_column), "audio_column must be a column name")
@@ -174,6 +183,44 @@ def _undecoded(ds: datasets.Dataset, audio_column: str) -> datasets.Dataset:
     return ds
 
 
+def _read_metadata(path: Path):
+    """metadata.csv as pandas reads it, except that a column of text keeps its cells as written: pandas reads an
+    empty cell (or "NA", "None" ...) as a float NaN, which Arrow refuses among strings and a text family would read
+    as the text "nan". A column of numbers keeps its numbers (an empty cell there stays missing)."""
+    import pandas as pd  # a datasets dependency; only needed here
+
+    table = pd.read_csv(path)
+    written = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in table.columns:
+        # an all-empty column holds no numbers either: it is text with nothing written in it
+        numbers = pd.api.types.is_numeric_dtype(table[column]) and not table[column].isna().all()
+        if column == "file_name" or not numbers:
+            table[column] = written[column]
+    return table
+
+
+def _listed_files(names: list[str], metadata: Path) -> list[str]:
+    """metadata.csv's file names as paths inside the dataset folder, refusing an empty name, a name outside the
+    folder and a file listed twice (its two rows could land in train and validation)."""
+    listed, first_row = [], {}
+    for row, name in enumerate(names, start=1):
+        if not name.strip():
+            raise ConfigError(f"{metadata} row {row} has an empty file_name; fill it in or remove the row")
+        path = posixpath.normpath(Path(name).as_posix())
+        if Path(name).is_absolute() or path == ".." or path.startswith("../"):
+            raise ConfigError(
+                f"{metadata} row {row} lists {name}, outside the dataset folder {metadata.parent}; move the file into "
+                "the folder and list it by its path there"
+            )
+        if path in first_row:
+            raise ConfigError(
+                f"{metadata} lists {path} twice (rows {first_row[path]} and {row}); keep one row per file"
+            )
+        first_row[path] = row
+        listed.append(path)
+    return listed
+
+
 def _audio_folder(root: Path, audio_column: str) -> datasets.Dataset:
     """A folder of audio files (recursive, sorted) with an optional HF-style metadata.csv."""
     files = sorted(
@@ -189,14 +236,12 @@ def _audio_folder(root: Path, audio_column: str) -> datasets.Dataset:
     columns: dict[str, list] = {}
     metadata = root / METADATA_FILE
     if metadata.is_file():
-        import pandas as pd  # a datasets dependency; only needed here
-
-        table = pd.read_csv(metadata)
+        table = _read_metadata(metadata)
         if "file_name" not in table.columns:
             raise ConfigError(f"{metadata} has no 'file_name' column (columns: {list(table.columns)}); add one")
         if audio_column in table.columns:
             raise ConfigError(f"{metadata} has a column named '{audio_column}'; rename it or pass --audio_column")
-        listed = [Path(str(name)).as_posix() for name in table["file_name"]]
+        listed = _listed_files(table["file_name"].tolist(), metadata)
         missing = [name for name in listed if not (root / name).is_file()]
         if missing:
             raise ConfigError(f"{metadata} lists files that do not exist: {missing[:5]}; fix or remove those rows")

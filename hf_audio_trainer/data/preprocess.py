@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,7 +110,7 @@ def _write_chunks(chunks, files, encode_chunk, chunk_rows, num_rows, accelerator
     started, seconds = time.perf_counter(), 0.0
     for c in chunks:
         table, audio_seconds = encode_chunk(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))
-        tmp = files[c].with_name(files[c].name + f".tmp{os.getpid()}")
+        tmp = _temporary(files[c])
         with ArrowWriter(path=str(tmp), features=datasets.Features.from_arrow_schema(table.schema)) as writer:
             writer.write_table(table)
             writer.finalize()
@@ -120,10 +122,16 @@ def _write_chunks(chunks, files, encode_chunk, chunk_rows, num_rows, accelerator
     bar.close()
 
 
+def _temporary(path: Path) -> Path:
+    """A name beside `path` that no other writer uses. Ranks on several nodes write the same cache folder, and their
+    pids can be equal (containers number processes alike): the host and a random part make the name unique."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = _temporary(path)
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one, and the last writer wins
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ from hf_audio_trainer.codecs import AudioTokenizer
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.data.preprocess import encode_waves
 from hf_audio_trainer.data.segments import window_start
-from hf_audio_trainer.data.streaming import ShardStream, list_shards, stream_state
+from hf_audio_trainer.data.streaming import (
+    MAX_MEMBER_BYTES,
+    TAR_AUDIO_EXTENSIONS,
+    ShardStream,
+    list_shards,
+    stream_state,
+)
 from hf_audio_trainer.errors import ConfigError
 
 
@@ -39,10 +45,24 @@ class StreamPlan:
         return {"epoch": epoch, "row": row, "seed": self.stream.seed}
 
 
-def open_stream(name: str, audio_column: str, seed: int, rank: int, world: int, validation_rows: int):
+def open_stream(
+    name: str,
+    audio_column: str,
+    seed: int,
+    rank: int,
+    world: int,
+    validation_rows: int,
+    max_member_bytes: int | None = MAX_MEMBER_BYTES,
+):
     """This rank's training stream of a shard folder or Hub dataset, and the first `validation_rows` rows of its
-    validation split as a (small, in-memory) Dataset."""
-    stream = ShardStream(list_shards(name, "train"), seed=seed, rank=rank, world=world)
+    validation split as a (small, in-memory) Dataset. `max_member_bytes` caps one webdataset member's size."""
+    # A streamed run reads only the audio (what needs other columns, text or the curriculum's scores, does not
+    # stream): a webdataset sample's other members (video, stems, metadata) are skipped, never read.
+    columns = [audio_column]
+    stream = ShardStream(
+        list_shards(name, "train"), seed=seed, rank=rank, world=world, columns=columns,
+        max_member_bytes=max_member_bytes,
+    )  # fmt: skip
     try:
         validation_shards = list_shards(name, "validation")
     except ConfigError as err:
@@ -52,7 +72,8 @@ def open_stream(name: str, audio_column: str, seed: int, rank: int, world: int, 
         ) from None
     rows = []
     for shard in validation_shards:
-        for row in ShardStream([shard], seed=seed).iter_epoch(0):  # one shard, one process: just its rows
+        # one shard, one process: just its rows
+        for row in ShardStream([shard], seed=seed, columns=columns, max_member_bytes=max_member_bytes).iter_epoch(0):
             rows.append(row)
             if len(rows) == validation_rows:
                 break
@@ -61,7 +82,10 @@ def open_stream(name: str, audio_column: str, seed: int, rank: int, world: int, 
     if not rows:
         raise ConfigError(f"the validation split of {name} has no rows; add some")
     if audio_column not in rows[0]:
-        raise ConfigError(f"the streamed rows have no column '{audio_column}' ({sorted(rows[0])}); pass --audio_column")
+        raise ConfigError(
+            f"the validation rows of {name} have no column '{audio_column}' (a webdataset sample's first "
+            f"{'/'.join(TAR_AUDIO_EXTENSIONS)} member is its 'audio'); pass --audio_column or add the audio"
+        )
     # {"bytes", "path"} structs, read as undecoded Audio like every other split (a cast of the Arrow storage)
     validation = datasets.Dataset.from_list(rows).cast_column(audio_column, datasets.Audio(decode=False))
     return stream, validation

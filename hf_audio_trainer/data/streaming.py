@@ -9,12 +9,12 @@ needs only (epoch, row), and resuming reads at most the one block that holds tha
 from __future__ import annotations
 
 import bisect
-import itertools
+import functools
 import json
 import os
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -30,6 +30,11 @@ SHARD_FORMATS = (".parquet", ".tar")
 FORMATS_HINT = "parquet files (*.parquet) or webdataset shards (*.tar)"
 # webdataset's audio extensions; the first such member of a sample becomes its "audio" column.
 TAR_AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
+# The default cap on one tar member's bytes: a guard against a stray huge file (a sample's data is held in memory).
+MAX_MEMBER_BYTES = 1 << 30
+# Zero bytes allowed after tar's end-of-archive marker: writers pad to their record size (10 KiB for tarfile and GNU
+# tar; larger blocking factors stay far below this).
+END_PADDING = 1 << 20
 
 
 def _one_format(files: list[str], where: str) -> list[str]:
@@ -119,15 +124,46 @@ def _format(shard: str) -> str:
     return suffix
 
 
-def _tar_members(tar: tarfile.TarFile) -> Iterator[tuple[int, tarfile.TarInfo, str, str]]:
-    """(sample index, member, key, extension) of each sample member, in member order; data is not read.
+def _size(f) -> int:
+    """The file's length in bytes (its physical end, which a whole tar archive reaches)."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    return size
+
+
+def _open_tar(f, shard: str) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as err:
+        raise ConfigError(f"shard {shard} is not a readable tar archive ({err}); re-create it or remove it") from None
+
+
+def _tar_samples(tar: tarfile.TarFile, shard: str, size: int) -> Iterator[tuple[int, str, list]]:
+    """(sample index, key, [(member, extension)]) of each sample, in member order, from the headers alone.
 
     webdataset's grouping: key = path up to the first dot of the base name, and a sample is a run of members
-    with the same key; members without an extension or hidden ones belong to no sample.
+    with the same key; members without an extension or hidden ones belong to no sample. An archive that stops
+    before the file does is refused (tarfile reads a damaged header as the end, which would drop the rest).
     """
-    index, current = -1, None
-    while (member := tar.next()) is not None:
+    index, current, members, last = -1, None, [], None
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.TarError as err:  # a header past the file's end, a damaged extended header
+            after = f" after member {last.name}" if last is not None else ""
+            raise ConfigError(
+                f"shard {shard} is truncated or damaged{after} ({err}); re-create it or remove it from the dataset"
+            ) from None
+        if member is None:
+            break
         tar.members = []  # TarFile keeps every header it has seen; a large shard would fill memory
+        last = member
+        if member.offset_data + member.size > size:
+            raise ConfigError(
+                f"shard {shard} is truncated: member {member.name} needs bytes up to {member.offset_data + member.size}"
+                f" and the file has {size}; re-create it or remove it from the dataset"
+            )
         if not member.isfile():
             continue
         directory, _, base = member.name.rpartition("/")
@@ -136,48 +172,114 @@ def _tar_members(tar: tarfile.TarFile) -> Iterator[tuple[int, tarfile.TarInfo, s
             continue
         key = f"{directory}/{stem}" if directory else stem
         if key != current:
-            index, current = index + 1, key
-        yield index, member, key, ext.lower()
+            if members:
+                yield index, current, members
+            index, current, members = index + 1, key, []
+        members.append((member, ext.lower()))
+    if members:
+        yield index, current, members
+    _check_end(tar, shard, size, index + 1)
 
 
-def count_rows(shard: str) -> int:
-    """Rows of one shard: parquet from its footer, tar from the sample keys in its member headers."""
+def _check_end(tar: tarfile.TarFile, shard: str, size: int, samples: int) -> None:
+    """Refuse a shard whose archive stops before its physical end; warn when it lacks the end-of-archive marker."""
+    end = tar.offset  # where tarfile stopped: its end-of-archive marker, or a header it could not read
+    if end >= size:
+        warnings.warn(
+            f"shard {shard} ends without tar's end-of-archive marker: its writer may have stopped early, so samples "
+            f"after its {samples} may be missing; re-create it to be sure",
+            stacklevel=2,
+        )
+        return
+    tar.fileobj.seek(end)
+    tail = tar.fileobj.read(min(size - end, END_PADDING))
+    if size - end > END_PADDING or tail.strip(b"\0"):
+        raise ConfigError(
+            f"shard {shard} cannot be read past byte {end} of its {size}, after {samples} samples (a damaged header, "
+            "or tar files joined end to end), so the rest would be dropped; re-create it or remove it from the dataset"
+        )
+
+
+def _member_columns(extensions: list[str]) -> list[str | None]:
+    """The column each member of a sample fills: the first audio member "audio" (later ones their extension), .txt
+    "text", any other its extension; None for .json, whose fields are known only once it is read."""
+    columns, taken = [], {"__key__"}
+    for ext in extensions:
+        if ext.rsplit(".", 1)[-1] in TAR_AUDIO_EXTENSIONS:
+            column = ext if "audio" in taken else "audio"
+        else:
+            column = {"json": None, "txt": "text"}.get(ext, ext)
+        columns.append(column)
+        taken.add(column)
+    return columns
+
+
+def _needed(members: list, columns: list[str] | None) -> list[tuple[tarfile.TarInfo, str, str | None]]:
+    """(member, extension, column) of the members a row with `columns` (None: all) reads."""
+    named = [(m, ext, c) for (m, ext), c in zip(members, _member_columns([e for _, e in members]), strict=True)]
+    if columns is None:
+        return named
+    wanted = set(columns) - {"__key__"}
+    # a .json member is read only for a column no other member of the sample fills (members win over its fields)
+    json_wanted = bool(wanted - {c for *_, c in named})
+    return [(m, ext, c) for m, ext, c in named if (c in wanted if c is not None else json_wanted)]
+
+
+def _check_size(member: tarfile.TarInfo, shard: str, max_member_bytes: int | None) -> None:
+    if max_member_bytes is not None and member.size > max_member_bytes:
+        raise ConfigError(
+            f"member {member.name} of shard {shard} is {member.size} bytes, over max_member_bytes={max_member_bytes} "
+            "(raise --streaming_max_member_mb, or remove the member from the shard)"
+        )
+
+
+def count_rows(shard: str, columns: list[str] | None = None, max_member_bytes: int | None = None) -> int:
+    """Rows of one shard: parquet from its footer, tar from the sample keys in its member headers (refusing a
+    damaged or truncated archive, and a member that `columns` read over `max_member_bytes`)."""
     with _open(shard) as f:
         if _format(shard) == ".parquet":
             return pq.ParquetFile(f).metadata.num_rows
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            return 1 + max((index for index, *_ in _tar_members(tar)), default=-1)
+        size = _size(f)
+        with _open_tar(f, shard) as tar:
+            rows = 0
+            for _, _, members in _tar_samples(tar, shard, size):
+                for member, *_ in _needed(members, columns):
+                    _check_size(member, shard, max_member_bytes)
+                rows += 1
+            return rows
 
 
-def _tar_row(key: str, members: list[tuple[str, str, bytes]]) -> dict:
-    """One webdataset sample as a row: audio as {"bytes", "path"}, .json fields merged, .txt as "text"."""
+def _tar_row(key: str, members: list[tuple[str, str, str | None, bytes]]) -> dict:
+    """One webdataset sample as a row from its (name, extension, column, data) members: audio as {"bytes",
+    "path"}, .json fields merged, .txt as "text"."""
     row: dict = {"__key__": key}
     fields: dict = {}
-    for name, ext, data in members:
-        if ext.rsplit(".", 1)[-1] in TAR_AUDIO_EXTENSIONS:
-            row["audio" if "audio" not in row else ext] = {"bytes": data, "path": name}
-        elif ext == "json":
+    for name, ext, column, data in members:
+        if column is None:
             parsed = json.loads(data)
             if isinstance(parsed, dict):
                 fields.update(parsed)
             else:
                 row["json"] = parsed
+        elif ext.rsplit(".", 1)[-1] in TAR_AUDIO_EXTENSIONS:
+            row[column] = {"bytes": data, "path": name}
         elif ext == "txt":
-            row["text"] = data.decode("utf-8")
+            row[column] = data.decode("utf-8")
         else:
             try:
-                row[ext] = data.decode("utf-8")
+                row[column] = data.decode("utf-8")
             except UnicodeDecodeError:  # a binary member (.npy, .png ...): keep its bytes
-                row[ext] = data
+                row[column] = data
     # Members win over json fields so a stray "audio" or "__key__" in the metadata cannot hide them.
     return {**fields, **row}
 
 
-def _take(block: pa.Table | list[dict], indices: np.ndarray) -> list[dict]:
-    """The block's rows at `indices` as dicts; a parquet block converts only those rows to Python."""
+def _take(block: pa.Table | list[Callable[[], dict]], indices: np.ndarray) -> Iterator[dict]:
+    """The block's rows at `indices` as dicts; a parquet block converts only those rows to Python, a tar block
+    reads each row's data as it is taken."""
     if isinstance(block, pa.Table):
-        return block.take(pa.array(indices, type=pa.int64())).to_pylist()
-    return [block[i] for i in indices]
+        return iter(block.take(pa.array(indices, type=pa.int64())).to_pylist())
+    return (block[i]() for i in indices)
 
 
 class ShardStream:
@@ -191,6 +293,7 @@ class ShardStream:
         world: int = 1,
         block_rows: int = 256,
         columns: list[str] | None = None,
+        max_member_bytes: int | None = MAX_MEMBER_BYTES,
     ) -> None:
         if not shards:
             raise ConfigError(f"no shards to stream; pass a folder or Hub dataset with {FORMATS_HINT}")
@@ -201,8 +304,9 @@ class ShardStream:
         if seed < 0:
             raise ConfigError(f"seed={seed} must be non-negative for the stream's order")
         self.shards, self.seed, self.rank, self.world = list(shards), seed, rank, world
-        self.block_rows, self.columns = block_rows, columns
-        self.rows = [count_rows(s) for s in self.shards]
+        self.block_rows, self.columns, self.max_member_bytes = block_rows, columns, max_member_bytes
+        # counting reads every tar header, so a damaged shard or an oversized member is refused before training
+        self.rows = [count_rows(s, columns, max_member_bytes) for s in self.shards]
         # Rows decoded since construction (whole row groups of parquet, samples whose data was read of tar): the
         # cost of a resume, which tests bound.
         self.rows_read = 0
@@ -210,7 +314,10 @@ class ShardStream:
             with _open(self.shards[0]) as f:
                 names = pq.ParquetFile(f).schema_arrow.names
             if missing := [c for c in columns if c not in names]:
-                raise ConfigError(f"columns {missing} are not in shard {self.shards[0]} (it has {names}); fix columns")
+                raise ConfigError(
+                    f"columns {missing} are not in shard {self.shards[0]} (it has {names}); name one of those "
+                    "(--audio_column for the audio)"
+                )
         self.sharded = len(self.shards) % world == 0
         if not self.sharded:
             warnings.warn(
@@ -296,32 +403,44 @@ class ShardStream:
                 yield block, buffer.slice(lo - buffer_start, hi - lo)
                 buffer, buffer_start = buffer.slice(hi - buffer_start), hi
 
-    def _tar_blocks(self, shard: int, first_block: int) -> Iterator[tuple[int, list[dict]]]:
+    def _tar_blocks(self, shard: int, first_block: int) -> Iterator[tuple[int, list[Callable[[], dict]]]]:
+        """(block index, row readers) of a tar shard from block `first_block` on: a block holds its samples'
+        headers, and a sample's data is read when the shuffle takes it, so memory holds one sample, not a block."""
+        path = self.shards[shard]
         first_row = first_block * self.block_rows
         block, block_index = [], first_block
-        sample: tuple[int, str, list] | None = None
-        with _open(self.shards[shard]) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            # A tar cannot seek to a sample, but skipping one reads only its headers, never its data.
-            # A sentinel after the last member flushes the last sample.
-            for index, member, key, ext in itertools.chain(_tar_members(tar), [(None, None, None, None)]):
-                if index is not None and index < first_row:
-                    continue
-                if sample is not None and index != sample[0]:
-                    block.append(self._tar_row(sample[1], sample[2]))
+        with _open(path) as f:
+            size = _size(f)
+            with _open_tar(f, path) as tar:
+                # A tar cannot seek to a sample, but skipping one reads only its headers, never its data.
+                for index, key, members in _tar_samples(tar, path, size):
+                    if index < first_row:
+                        continue
+                    block.append(functools.partial(self._read_row, tar, path, key, _needed(members, self.columns)))
                     if len(block) == self.block_rows:
                         yield block_index, block
                         block, block_index = [], block_index + 1
-                if index is None:
-                    break
-                if sample is None or index != sample[0]:
-                    sample = (index, key, [])
-                sample[2].append((member.name, ext, tar.extractfile(member).read()))
-        if block:
-            yield block_index, block
+                if block:
+                    yield block_index, block
 
-    def _tar_row(self, key: str, members: list[tuple[str, str, bytes]]) -> dict:
+    def _read_row(self, tar: tarfile.TarFile, shard: str, key: str, members: list) -> dict:
         self.rows_read += 1
-        row = _tar_row(key, members)
+        read = []
+        for member, ext, column in members:
+            _check_size(member, shard, self.max_member_bytes)
+            try:
+                data = tar.extractfile(member).read()
+            except tarfile.TarError as err:  # the shard changed since it was counted
+                raise ConfigError(
+                    f"member {member.name} of shard {shard} cannot be read ({err}); re-create it"
+                ) from None
+            read.append((member.name, ext, column, data))
+        try:
+            row = _tar_row(key, read)
+        except ValueError as err:  # a .json or .txt member that does not parse
+            raise ConfigError(
+                f"sample {key} of shard {shard} has a member that does not parse ({err}); fix it"
+            ) from None
         return row if self.columns is None else {c: row[c] for c in self.columns if c in row}
 
 

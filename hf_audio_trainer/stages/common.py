@@ -234,8 +234,11 @@ def train_model(
     if run.resume is not None:
         check_same_data(cfg, run.resume, identity)
         start_step = checkpointer.resume(run.resume)
+        saved = ckpt.verify_checkpoint(run.resume)
+        if hasattr(sampler, "micro_batches"):  # batches by duration: plan from the checkpoint's epoch, not epoch 0
+            sampler.load_state_dict(saved.get("sampler", {}))
         if family.load_checkpoint_state is not None:
-            family.load_checkpoint_state(data, ckpt.verify_checkpoint(run.resume), run.resume)
+            family.load_checkpoint_state(data, saved, run.resume)
     acc.init_trackers(run.stage, config=flat)
     budget = cfg.training.max_tokens_per_batch if hasattr(sampler, "micro_batches") else None
     batch = f"global batch {global_batch}" if budget is None else (

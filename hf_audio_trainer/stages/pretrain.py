@@ -99,7 +99,7 @@ def stream_clips(run: Run) -> dict:
     d, acc = run.cfg.data, run.accelerator
     train, validation = open_stream(
         d.dataset_name, d.audio_column, run.cfg.training.seed, acc.process_index, acc.num_processes,
-        d.streaming_validation_rows,
+        d.streaming_validation_rows, max_member_bytes=int(d.streaming_max_member_mb * 2**20),
     )  # fmt: skip
     acc.print(f"streaming {len(train.shards)} shards ({sum(train.rows)} rows), {train.rows_per_rank(0)} per process")
     return {"train": train, "validation": validation}

@@ -8,7 +8,7 @@ from datasets import Dataset
 from hf_audio_trainer import pretrain
 from hf_audio_trainer.data.audio import AudioDecodeError
 from hf_audio_trainer.trackers import read_metrics
-from tests.helpers import fit_small_tokenizer, quick_run
+from tests.helpers import fit_small_tokenizer, flow_quick_run, quick_run
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,16 @@ def test_mixed_sample_rates_are_resampled_and_train(tokenizer, tmp_path):
 def test_fp16_on_cpu_is_refused_instead_of_silently_running_fp32(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs a GPU.*bf16"):
         pretrain(quick_run(tokenizer, tmp_path / "out", mixed_precision="fp16", max_steps=1))
+
+
+def test_an_empty_description_is_a_row_for_musicgen_and_the_null_condition_for_flow(tokenizer, tmp_path):
+    root = audio_folder(tmp_path / "clips")
+    rows = [f"clip_{i:02d}.wav,{'' if i % 2 else f'a tone of {220 + 20 * i} hertz'}" for i in range(12)]
+    (root / "metadata.csv").write_text("file_name,description\n" + "\n".join(rows) + "\n")
+    # 10 training clips, all in the one step
+    settings = dict(dataset_name=str(root), max_steps=1, per_device_train_batch_size=10, validation_split_percentage=20)
+    assert pretrain(quick_run(tokenizer, tmp_path / "musicgen", **settings)).global_step == 1
+    pretrain(flow_quick_run(tmp_path / "flow", condition_dropout=0.0, warmup_steps=0, **settings))
+    [metrics] = [m for m in read_metrics(tmp_path / "flow") if "train/loss" in m]
+    # with no dropout, the null conditions are the training rows without a description: 4 to 6 of the 10
+    assert 0.4 <= metrics["train/null_condition"] <= 0.6

@@ -115,6 +115,20 @@ def test_batches_by_duration_and_a_sequence_length_curriculum(tokenizer, tmp_pat
     assert len(seconds) == 8 and seconds[0] <= 0.25 + 1e-9 < 0.9 < seconds[-1] <= 1.0
 
 
+def test_batches_by_duration_resume_exactly_in_a_later_epoch(tokenizer, tmp_path):
+    import json
+
+    settings = dict(max_steps=20, save_steps=17, max_tokens_per_batch=2000, model_size="micro")  # 7 steps an epoch
+    straight = pretrain(quick_run(tokenizer, tmp_path / "straight", **settings))
+    checkpoint = tmp_path / "straight" / "checkpoint-17"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["sampler"]
+    # the epoch the step is in and its first step: a resume packs that epoch's plan, not every one before it
+    assert saved["epoch"] == 2 and 0 < saved["epoch_start"] <= 17
+    resumed = pretrain(quick_run(tokenizer, tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **settings))
+    assert straight.global_step == resumed.global_step == 20
+    assert max_abs_diff(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
+
+
 def test_streaming_trains_and_resumes_exactly_without_replay(tokenizer, tmp_path):
     from tests.helpers import parquet_shards
 

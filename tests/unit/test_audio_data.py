@@ -1,6 +1,7 @@
 """Audio decoding with soundfile + soxr, and dataset loading from folders, save_to_disk, the Hub and synthetic."""
 
 import io
+import re
 from pathlib import Path
 
 import datasets
@@ -10,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from hf_audio_trainer.data.audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, load_audio_dataset
+from hf_audio_trainer.errors import ConfigError
 
 SR = 16000
 
@@ -158,6 +160,52 @@ def test_folder_metadata_errors(tmp_path):
         load_audio_dataset(str(root))
     (root / "metadata.csv").write_text("name,label\na.wav,1\nb.wav,2\n")
     with pytest.raises(ValueError, match="file_name"):
+        load_audio_dataset(str(root))
+
+
+def test_folder_metadata_empty_cells(tmp_path):
+    root = _folder(tmp_path, ["a.wav", "b.wav", "c.wav", "d.wav"])
+    (root / "metadata.csv").write_text(
+        "file_name,description,quality,difficulty,notes\n"
+        "a.wav,a calm piano,clean,0.5,\n"
+        "b.wav,,noisy,,\n"  # no description, no difficulty
+        "c.wav,NA,clean,0.2,\n"  # a description is what is written, even a word pandas reads as missing
+        "d.wav,rain on a roof,clean,0.1,\n"
+    )
+    ds = load_audio_dataset(str(root), validation_split_percentage=25)
+    rows = {Path(r["audio"]["path"]).name: r for split in ds.values() for r in split}
+    # An empty text cell is an empty text (the text families' null condition), not a float NaN that crashes Arrow.
+    assert [rows[n]["description"] for n in ("a.wav", "b.wav", "c.wav", "d.wav")] == [
+        "a calm piano",
+        "",
+        "NA",
+        "rain on a roof",
+    ]
+    assert ds["train"].features["description"] == datasets.Value("string")
+    assert {r["notes"] for r in rows.values()} == {""}  # a column with nothing in it holds no numbers either
+    # A number column keeps its numbers; its empty cell stays missing, as before.
+    assert ds["train"].features["difficulty"] == datasets.Value("float64")
+    assert np.isnan(rows["b.wav"]["difficulty"]) and rows["c.wav"]["difficulty"] == 0.2
+    assert rows["b.wav"]["quality"] == "noisy"
+
+
+def test_folder_metadata_refuses_paths_outside_the_folder_by_name(tmp_path):
+    root = _folder(tmp_path / "data", ["a.wav", "b.wav"])
+    _folder(tmp_path, ["outside.wav"])
+    for name in ("../outside.wav", str(tmp_path / "outside.wav"), "sub/../../outside.wav"):
+        (root / "metadata.csv").write_text(f"file_name,label\na.wav,1\nb.wav,2\n{name},3\n")
+        with pytest.raises(ConfigError, match=rf"metadata.csv.*row 3.*{re.escape(name)}.*outside"):
+            load_audio_dataset(str(root))
+    (root / "metadata.csv").write_text("file_name,label\na.wav,1\n,2\nb.wav,3\n")
+    with pytest.raises(ConfigError, match=r"metadata.csv.*row 2.*empty file_name"):
+        load_audio_dataset(str(root))
+
+
+def test_folder_metadata_refuses_a_file_listed_twice(tmp_path):
+    root = _folder(tmp_path, ["a.wav", "b.wav", "c.wav"])
+    # two rows for one file could put it in both train and validation
+    (root / "metadata.csv").write_text("file_name,label\na.wav,1\nb.wav,2\nc.wav,3\n./b.wav,4\n")
+    with pytest.raises(ConfigError, match=r"metadata.csv lists b.wav twice \(rows 2 and 4\)"):
         load_audio_dataset(str(root))
 
 

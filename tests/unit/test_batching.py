@@ -100,3 +100,56 @@ def test_the_budget_counts_what_the_collator_pads_to():
         batch = collate([{"codes": torch.zeros(K, int(lens[i]), dtype=torch.long).tolist()} for i in indices])
         sizes.append(batch["input_ids"].numel())  # clips x codebooks x (longest + K - 1 delay positions)
     assert max(sizes) <= 4000 < max(sizes) * 1.5  # within the budget, and filling most of it
+
+
+def _through_epoch(stream, epoch: int) -> list:
+    """The stream's micro-batches up to and including the first one of `epoch`."""
+    out = [next(stream)]
+    while out[-1][2] < epoch:
+        out.append(next(stream))
+    return out
+
+
+def test_a_late_epoch_resumes_by_packing_one_epoch_with_the_same_batches(monkeypatch):
+    lens = lengths(300)
+    # the windows grow over the first epochs, so an epoch's plan depends on the step it starts at
+    schedule = segment_schedule(400, "linear", start_fraction=0.25, steps=60)
+    settings = dict(micro_batches_per_step=2, seed=3, segment_frames=schedule)
+    sampler = TokenBudgetSampler(lens, 6000, K, **settings)
+    straight = _through_epoch(sampler.micro_batches(), 13)
+    step = [b[2] for b in straight].index(12) // 2 + 3  # three steps into epoch 12
+    expected = straight[2 * step : 2 * step + 8]
+    assert {b[2] for b in expected} == {12}
+    saved = sampler.state_at_step(step)
+
+    packed = []
+    real_pack = TokenBudgetSampler._pack
+    monkeypatch.setattr(TokenBudgetSampler, "_pack", lambda self, *a: packed.append(a[0]) or real_pack(self, *a))
+    resumed = TokenBudgetSampler(lens, 6000, K, **settings)
+    resumed.load_state_dict(saved)
+    assert [next(s) for s in [resumed.micro_batches(step)] * 8] == expected
+    assert packed == [0, 12]  # epoch 0 (the budget check) and the one it resumes in: none of the eleven between
+
+    # A checkpoint without the epoch (an older one), or one planned from other data, walks from epoch 0: same batches.
+    for state in ({"step": step, "seed": 3}, {**saved, "plan": "another dataset"}):
+        walked = TokenBudgetSampler(lens, 6000, K, **settings)
+        walked.load_state_dict(state)
+        assert [next(s) for s in [walked.micro_batches(step)] * 8] == expected
+
+
+def test_walking_many_epochs_keeps_one_epochs_plan():
+    import tracemalloc
+
+    sampler = TokenBudgetSampler(lengths(2000), 6000, K, micro_batches_per_step=2, seed=3)
+    stream = sampler.micro_batches()
+    tracemalloc.start()
+    try:
+        held = []
+        for epoch in (1, 12):
+            while next(stream)[2] < epoch:
+                pass
+            held.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    # keeping every epoch's plan would hold about 12 times as much at epoch 12 as at epoch 1
+    assert held[1] < 1.5 * held[0], held

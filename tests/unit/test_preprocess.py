@@ -1,6 +1,9 @@
 """Cached preprocessing: codes equal the codec's own, a second run encodes nothing, an interrupted run resumes at
 the first chunk it had not written, long tracks are encoded in pieces, EnCodec batches like it encodes alone."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +152,31 @@ def test_text_states_equal_the_encoder_and_are_computed_once(tmp_path):
         encoder.shared.weight.add_(1.0)  # other weights: another cache
     preprocess.encode_text_states(rows, encoder, acc, "text_ids", "text_states", cache_dir=tmp_path, chunk_rows=3)
     assert len(list(tmp_path.glob("*/done.json"))) == 2
+
+
+@pytest.mark.parametrize("written", ["chunk-000000-of-000004.arrow", "done.json"])
+def test_two_nodes_whose_ranks_share_a_pid_write_the_same_cache_at_once(
+    clips, tokenizer, tmp_path, monkeypatch, written
+):
+    """Node A is about to rename a finished file into place when node B, a rank with the same pid on another host
+    (containers number their processes alike), writes the same file: neither may crash, and the cache stays whole."""
+    import socket
+
+    straight = encode_dataset(clips, tokenizer, Accelerator(cpu=True), cache_dir=tmp_path / "straight", chunk_rows=8)
+    real_replace, cut_in = os.replace, []
+
+    def replace(src, dst):
+        if os.path.basename(dst) == written and not cut_in:
+            cut_in.append(dst)
+            with monkeypatch.context() as node_b:
+                node_b.setattr(socket, "gethostname", lambda: "node-b")
+                encode_dataset(clips, tokenizer, Accelerator(cpu=True), cache_dir=tmp_path / "shared", chunk_rows=8)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = encode_dataset(clips, tokenizer, Accelerator(cpu=True), cache_dir=tmp_path / "shared", chunk_rows=8)
+    assert cut_in  # node B did write in between
+    assert list(result["codes"]) == list(straight["codes"])
+    [done] = (tmp_path / "shared").glob("*/done.json")
+    assert json.loads(done.read_text()) == {"rows": len(clips), "chunks": 4}
+    assert not list((tmp_path / "shared").glob("*/*.tmp*"))

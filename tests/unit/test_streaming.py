@@ -321,3 +321,140 @@ def test_list_shards_names_an_unreachable_hub_id():
     # conftest sets HF_HUB_OFFLINE=1, so resolving any id fails the way a typo or a missing network does.
     with pytest.raises(ConfigError, match="'nobody/no-such-dataset' is neither a local folder"):
         list_shards("nobody/no-such-dataset")
+
+
+# ---- damaged and oversized webdataset shards
+
+
+class _CountingFile(io.FileIO):
+    """A shard file that adds the bytes read from it to a shared total."""
+
+    read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        _CountingFile.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        _CountingFile.read_bytes += n or 0
+        return n
+
+
+def _tar_with_video(path: Path, count: int, video_bytes: int) -> str:
+    """A shard whose samples carry a large .mp4 member next to the small audio and json ones."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            _add(tar, f"{i:06d}.flac", f"flac-{i}".encode())
+            _add(tar, f"{i:06d}.mp4", bytes(video_bytes))
+            _add(tar, f"{i:06d}.json", json.dumps({"id": i}).encode())
+    return str(path)
+
+
+def test_tar_reads_only_the_members_its_columns_need(tmp_path, monkeypatch):
+    import hf_audio_trainer.data.streaming as streaming
+
+    shard = _tar_with_video(tmp_path / "train-00000.tar", count=10, video_bytes=200_000)
+    monkeypatch.setattr(streaming, "_open", lambda path: _CountingFile(path, "rb"))
+    stream = ShardStream([shard], seed=0, block_rows=4, columns=["audio"])
+    _CountingFile.read_bytes = 0
+    rows = list(stream.iter_epoch(0))
+    assert sorted(r["audio"]["path"] for r in rows) == [f"{i:06d}.flac" for i in range(10)]
+    assert all(set(r) == {"audio"} for r in rows)
+    # Headers and the 10-byte audio members only: the 2 MB of video is skipped, never read.
+    assert _CountingFile.read_bytes < 100_000, _CountingFile.read_bytes
+    # A column a json member may hold still reads it (and only then).
+    by_id = ShardStream([shard], seed=0, block_rows=4, columns=["id", "audio"])
+    assert sorted(r["id"] for r in by_id.iter_epoch(0)) == list(range(10))
+
+
+def test_a_streamed_training_run_reads_only_the_audio_column(tmp_path, monkeypatch):
+    import hf_audio_trainer.data.streaming as streaming
+    from hf_audio_trainer.data.streamed import open_stream
+
+    _tar_with_video(tmp_path / "train-00000.tar", count=8, video_bytes=200_000)
+    _tar_with_video(tmp_path / "validation-00000.tar", count=2, video_bytes=200_000)
+    # the videos are over the cap, but no column reads them: neither split refuses them
+    train, validation = open_stream(
+        str(tmp_path), "audio", seed=0, rank=0, world=1, validation_rows=2, max_member_bytes=100_000
+    )
+    assert validation.column_names == ["audio"] and len(validation) == 2
+    monkeypatch.setattr(streaming, "_open", lambda path: _CountingFile(path, "rb"))
+    _CountingFile.read_bytes = 0
+    assert len(list(train.iter_epoch(0))) == 8
+    assert _CountingFile.read_bytes < 100_000, _CountingFile.read_bytes
+
+
+def test_a_tar_member_over_the_size_cap_is_refused_naming_shard_and_member(tmp_path):
+    shard = _tar_with_video(tmp_path / "big.tar", count=3, video_bytes=5000)
+    with pytest.raises(ConfigError, match=r"member 000000\.mp4 of shard .*big\.tar is 5000 bytes.*max_member_bytes"):
+        list(ShardStream([shard], seed=0, max_member_bytes=4096).iter_epoch(0))
+    # A member no column reads is never refused: it is not read.
+    rows = list(ShardStream([shard], seed=0, max_member_bytes=4096, columns=["audio"]).iter_epoch(0))
+    assert len(rows) == 3
+
+
+def _flip_header_bit(shard: str, member_name: str) -> None:
+    """Flip one bit in the header of `member_name` (its name's first byte), as a bad disk or copy would."""
+    with tarfile.open(shard) as tar:
+        offset = tar.getmember(member_name).offset
+    data = bytearray(Path(shard).read_bytes())
+    data[offset] ^= 0x01
+    Path(shard).write_bytes(bytes(data))
+
+
+def test_a_tar_with_a_damaged_header_is_refused_naming_the_shard(tmp_path):
+    shard = _tar(tmp_path / "shard-00000.tar", list(range(10)))
+    _flip_header_bit(shard, "000004.flac")
+    # tarfile reads a bad checksum after the first header as the archive's end: 6 of 10 samples would vanish.
+    with pytest.raises(ConfigError, match=r"shard .*shard-00000\.tar .*byte \d+ .*after 4 samples"):
+        count_rows(shard)
+    with pytest.raises(ConfigError, match=r"shard-00000\.tar"):
+        ShardStream([shard], seed=0)
+
+
+def test_a_truncated_tar_is_refused_naming_shard_and_member(tmp_path):
+    shard = _tar(tmp_path / "shard-00000.tar", list(range(10)))
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("000006.json")
+    Path(shard).write_bytes(Path(shard).read_bytes()[: member.offset_data + 3])  # cut inside its data
+    with pytest.raises(ConfigError, match=r"shard .*shard-00000\.tar is truncated.*000006\.json"):
+        count_rows(shard)
+
+
+def test_tars_joined_end_to_end_are_refused(tmp_path):
+    first, second = _tar(tmp_path / "a.tar", [0, 1]), _tar(tmp_path / "b.tar", [2, 3])
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(Path(first).read_bytes() + Path(second).read_bytes())
+    with pytest.raises(ConfigError, match=r"joined\.tar .*after 2 samples"):
+        count_rows(str(joined))
+
+
+def test_a_tar_without_its_end_marker_warns(tmp_path):
+    shard = _tar(tmp_path / "shard-00000.tar", [0, 1, 2])
+    with tarfile.open(shard) as tar:
+        end = max(m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers())
+    Path(shard).write_bytes(Path(shard).read_bytes()[:end])  # a writer stopped before closing the archive
+    with pytest.warns(UserWarning, match=r"shard-00000\.tar ends without"):
+        assert count_rows(shard) == 3
+
+
+def test_a_tar_block_holds_one_sample_of_data_at_a_time(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "tracks.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(32):
+            _add(tar, f"{i:06d}.flac", bytes([i]) * 1_000_000)  # 1 MB tracks
+    stream = ShardStream([str(path)], seed=0, block_rows=32)
+    tracemalloc.start()
+    try:
+        for row in stream.iter_epoch(0):
+            assert len(row["audio"]["bytes"]) == 1_000_000
+            del row
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Reading a whole block of 32 tracks before shuffling it would hold 32 MB; a few tracks' worth is the bound.
+    assert peak < 4_000_000, peak
