@@ -28,7 +28,8 @@ class Batch(TypedDict):
 
     `num_items` is what the loss is a sum over (target tokens, pairs, clips), counted on the host by the collator,
     so the loop weights the loss without a device sync; `sample_stats` (optional) are per-sample sums the loop logs
-    as means (the curriculum's `mean_difficulty`).
+    as means (the curriculum's `mean_difficulty`). An evaluation batch with `padding` set only keeps this process's
+    forwards in step with the others': it is run and counts nothing.
     """
 
     num_items: float
@@ -390,19 +391,26 @@ def train(
 def evaluate_metrics(
     accelerator: Accelerator, model: torch.nn.Module, batches: Callable[[], Iterator[dict]], loss_fn: LossFn
 ) -> dict[str, float]:
-    """Item-weighted loss (`loss`) and the loss function's other per-item sums over all ranks' validation batches."""
+    """Item-weighted loss (`loss`) and the loss function's other per-item sums over all ranks' validation batches.
+
+    Every rank must bring as many batches (`data.codes.eval_batches` pads the short ones): a forward may be a
+    collective. A `padding` batch's forward runs and its sums are left out, but its names count, so a rank without
+    validation rows reduces the same sums as the others; the loss function must return the same names every batch.
+    """
     was_training = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
+    device = accelerator.device
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=device)}
     items = 0.0
     for batch in batches():
-        loss_sum, extras = loss_fn(model, to_device(batch, accelerator.device))
+        loss_sum, extras = loss_fn(model, to_device(batch, device))
         for name, value in {"loss": loss_sum, **extras}.items():
-            sums[name] = sums.get(name, 0.0) + value.float()
+            total = sums.setdefault(name, torch.zeros((), device=device))
+            if not batch.get("padding"):  # left out, not multiplied by 0: a NaN or inf there would survive that
+                sums[name] = total + value.float()
         items += batch["num_items"]
     model.train(was_training)
     names = sorted(sums)
-    device = accelerator.device
     totals = accelerator.reduce(torch.stack([*(sums[n] for n in names), torch.tensor(items, device=device)]))
     *totals, items = totals.tolist()
     return {name: total / max(items, 1.0) for name, total in zip(names, totals, strict=True)}

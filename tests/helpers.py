@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -73,10 +75,25 @@ def as_flags(settings: dict) -> list[str]:
 
 
 def launch(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch` a recipe the way a user would, offline."""
+    """`accelerate launch` a recipe the way a user would, offline. Past `timeout` seconds the launcher and its
+    workers are killed and `subprocess.TimeoutExpired` (with their output) is raised."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun starts each worker in a session of its own, and a worker stuck in a collective ignores the
+            # SIGTERM it would forward: kill them by pid, or they would hold the pipes open for gloo's 30 minutes
+            for worker in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
+            process.kill()
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def tiny_codec(folder: Path, num_codebooks: int = 2, codebook_size: int = 64) -> Path:

@@ -142,9 +142,29 @@ def eval_batches(
     world: int,
     columns: list[str] | None = None,
 ) -> Iterator[dict]:
-    """This rank's share (every world-th row) of the validation set, in order."""
+    """This rank's share (every world-th row) of the validation set, in order, then padding batches up to as many
+    batches as the rank with the most rows runs.
+
+    Under FSDP2 and ZeRO-3 every forward gathers parameters from all ranks (under DDP the first one after training
+    broadcasts buffers), so a rank that stopped early would leave the others waiting until the collective timeout.
+    A padding batch is row 0 collated again (a real forward) with `padding` set and `num_items`, `num_samples`,
+    `audio_seconds` 0: `loop.evaluate_metrics` runs it and counts nothing of it. A split the processes share evenly
+    (and one process's) gets none.
+    """
     rows = dataset.select_columns(columns or ["codes"])
     mine = list(range(rank, len(rows), world))
     for start in range(0, len(mine), batch_size):
-        picked = rows[mine[start : start + batch_size]]  # one column-wise read per batch
-        yield collate([dict(zip(picked, values, strict=True)) for values in zip(*picked.values(), strict=True)])
+        yield collate(_examples(rows, mine[start : start + batch_size]))
+    most = -(-len(rows) // world)  # rank 0's share
+    missing = -(-most // batch_size) - -(-len(mine) // batch_size)
+    if missing:
+        padding = {**collate(_examples(rows, [0])), "padding": True, "num_items": 0, "num_samples": 0}
+        padding.update(audio_seconds=0.0, sample_stats={})
+        for _ in range(missing):
+            yield padding
+
+
+def _examples(rows: Dataset, indices: list[int]) -> list[dict]:
+    """The rows at `indices` as example dicts, in one column-wise read."""
+    picked = rows[indices]
+    return [dict(zip(picked, values, strict=True)) for values in zip(*picked.values(), strict=True)]
