@@ -80,6 +80,8 @@ def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | Non
     resume = resolve_resume(cfg.checkpoint.resume_from_checkpoint, out, warn=accelerator.print)
     check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
     if accelerator.is_main_process:
+        if swept := ckpt.sweep(out):  # under the lock (start_run): no other run writes here
+            accelerator.print(f"{out}: removed what an interrupted run left: {', '.join(swept)}")
         if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
             remove_checkpoints(out)
             (out / METRICS_FILE).unlink(missing_ok=True)

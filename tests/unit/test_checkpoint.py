@@ -97,3 +97,13 @@ def test_any_other_failure_keeps_its_own_error_but_still_cleans_up(tmp_path):
             tmp.mkdir()
             raise KeyError("a bug")
     assert not tmp.exists()
+
+
+def test_a_delete_cut_short_by_a_kill_does_not_block_the_next_new_best(tmp_path, accelerator):
+    # a kill during the deletion of the previous best/ left its hidden folder behind, half deleted
+    leftover = tmp_path / ".deleting-best"
+    leftover.mkdir()
+    (leftover / "optimizer.bin").write_bytes(b"half")
+    for step in (2, 4, 6):  # every later new best replaces best/
+        ckpt.copy_to_best(accelerator, tmp_path, make(tmp_path, step))
+        assert json.loads((tmp_path / "best" / ckpt.STATE_FILE).read_text())["global_step"] == step

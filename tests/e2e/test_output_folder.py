@@ -1,0 +1,106 @@
+"""What a run leaves in its output folder across the faults of a long run: a kill while best/ is replaced."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_audio_trainer import pretrain
+from hf_audio_trainer.checkpoint import Checkpointer, resolve_resume, verify_checkpoint
+from hf_audio_trainer.hub import _STAGING_PREFIX
+from tests.helpers import fit_small_tokenizer, quick_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def settings(tokenizer, out, **overrides):
+    return quick_run(tokenizer, out, **{"model_size": "micro", **overrides})
+
+
+def scripted_evaluations(monkeypatch, values: dict[int, float]) -> None:
+    """Each evaluation reports `values[step]` as eval/loss, so which save is best is chosen by the test."""
+    record = Checkpointer.record
+    monkeypatch.setattr(
+        Checkpointer, "record", lambda self, step, res: record(self, step, {**res, "eval/loss": values[step]})
+    )
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+class Killed(BaseException):
+    """Stands in for kill -9: nothing after it runs (no handler catches a BaseException that is not an Exception)."""
+
+
+def kill_at(monkeypatch, module, name: str, hit, nth: int) -> None:
+    """Make `module.name(...)` raise Killed the `nth` time `hit(*args)` is true."""
+    real, seen = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        if hit(*args):
+            seen.append(args)
+            if len(seen) == nth:
+                raise Killed(f"{name}{args}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+# where step 4's new best/ (replacing step 2's) is killed
+KILL_POINTS = {
+    # deleting the replaced best/ (in a .deleting-* folder by then): the first deletion of a best/
+    "while deleting the old best": (
+        shutil, "rmtree", lambda path, *rest: Path(path).name.startswith(".deleting-best"), 1,
+    ),
+    # the new best/ is complete in .tmp-best, about to be renamed into place: the second best/ written
+    "before the new best is renamed into place": (
+        os, "replace", lambda src, dst, *rest: (Path(src).name, Path(dst).name) == (".tmp-best", "best"), 2,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kill_point, values, best",
+    [
+        # a kill mid-delete used to leave a .deleting-best folder that every later new best collided with
+        ("while deleting the old best", {2: 3.0, 4: 2.0, 6: 1.5, 8: 1.0}, 8),
+        # the checkpoint's record named step 4 as the best while no best/ held it: nothing after beats 4, so no
+        # best/ came back
+        ("before the new best is renamed into place", {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.5}, 4),
+    ],
+)
+def test_a_kill_while_best_is_replaced_then_resume_keeps_best_and_sweeps_leftovers(
+    tokenizer, tmp_path, monkeypatch, kill_point, values, best
+):
+    out = tmp_path / "run"
+    run = dict(max_steps=8, save_steps=2, eval_steps=2, save_total_limit=2)
+    scripted_evaluations(monkeypatch, values)
+    with monkeypatch.context() as patched:
+        kill_at(patched, *KILL_POINTS[kill_point])
+        with pytest.raises(Killed):
+            pretrain(settings(tokenizer, out, **run))
+    assert resolve_resume("latest", out).name == "checkpoint-4"  # killed while saving step 4's best
+    # what other kills leave behind: a Hub push's scratch export and staging copy, a half-deleted checkpoint
+    for leftover in (".tmp-push-k1ll3d", f"{_STAGING_PREFIX}k1ll3d", ".deleting-checkpoint-1-k1ll3d"):
+        (out / leftover / "sub").mkdir(parents=True)
+        (out / leftover / "sub" / "model.safetensors").write_bytes(b"partial")
+    (out / "notes.txt").write_text("the user's own file")
+    (out / ".cache").mkdir()  # and the user's own hidden folder
+
+    pretrain(settings(tokenizer, out, resume_from_checkpoint="latest", **run))
+    assert (out / "best").is_dir(), f"no best/ after the resumed run: {names(out)}"
+    state = verify_checkpoint(out / "best")
+    assert state["global_step"] == best and state["best"] == {
+        "step": best,
+        "value": values[best],
+        "metric": "eval/loss",
+    }
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".deleting-"))]
+    assert (out / "notes.txt").read_text() == "the user's own file" and (out / ".cache").is_dir()
