@@ -144,11 +144,27 @@ def _doomed(path: Path) -> Path:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename a complete hidden folder to its final name; a folder it replaces is deleted only then."""
+    """Rename a complete hidden folder to its final name, durably: its files and folders reach the disk before the
+    rename, the rename itself right after; a folder it replaces is deleted only then.
+
+    A host crash loses what is still in the page cache; without the fsyncs, the rotation that follows could delete
+    the previous checkpoints while the new one exists only in memory, leaving nothing to resume from.
+    """
+    for path in [*sorted(tmp.rglob("*"), reverse=True), tmp]:  # a folder after what it holds
+        _fsync(path)
     replaced = _doomed(final) if final.exists() else None
     os.replace(tmp, final)
+    _fsync(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -187,10 +203,8 @@ def save_checkpoint(
             # the state file is written last: its presence marks the checkpoint complete
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump({**state, "files": files}, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
     if accelerator.is_main_process:
-        _publish(tmp, final)
+        _publish(tmp, final)  # every process's files are on disk before older checkpoints go
         if save_total_limit is not None:
             for old in list_checkpoints(root)[:-save_total_limit]:
                 _remove(old)

@@ -1,4 +1,5 @@
-"""What a run leaves in its output folder across the faults of a long run: a kill while best/ is replaced."""
+"""What a run leaves in its output folder across the faults of a long run: a kill while best/ is replaced, a host
+crash right after a save (what is on disk before older checkpoints go)."""
 
 import os
 import shutil
@@ -104,3 +105,52 @@ def test_a_kill_while_best_is_replaced_then_resume_keeps_best_and_sweeps_leftove
     }
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".deleting-"))]
     assert (out / "notes.txt").read_text() == "the user's own file" and (out / ".cache").is_dir()
+
+
+def test_a_save_is_on_disk_before_older_checkpoints_are_deleted(tokenizer, tmp_path, monkeypatch):
+    """A host crash loses what is still in the page cache: every file and folder of a new checkpoint (and of a new
+    best/) is fsynced before its rename, the output folder right after it, and only then does an older one go."""
+    out = (tmp_path / "run").resolve()
+    events = []  # ("fsync", path) | ("replace", src, dst, [what src holds]) | ("rmtree", path)
+    fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recorded_replace(src, dst, *args, **kwargs):
+        src = Path(src).resolve()
+        inside = [str(p) for p in src.rglob("*")] if src.is_dir() else []
+        events.append(("replace", str(src), str(Path(dst).resolve()), inside))
+        return replace(src, dst, *args, **kwargs)
+
+    def recorded_rmtree(path, *args, **kwargs):
+        events.append(("rmtree", str(Path(path).resolve())))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    monkeypatch.setattr(shutil, "rmtree", recorded_rmtree)
+    scripted_evaluations(monkeypatch, {1: 3.0, 2: 2.0, 3: 1.0})  # a new best/ at every save
+    pretrain(settings(tokenizer, out, max_steps=3, save_steps=1, eval_steps=1, save_total_limit=1, ema=True))
+
+    published = [
+        (i, e)
+        for i, e in enumerate(events)
+        if e[0] == "replace" and Path(e[1]).name.startswith((".tmp-checkpoint-", ".tmp-best"))
+    ]
+    assert [Path(e[2]).name for _, e in published] == [
+        name for step in (1, 2, 3) for name in (f"checkpoint-{step}", "best")
+    ]
+    for i, (_, src, dst, inside) in published:
+        synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+        missing = [p for p in [src, *inside] if p not in synced]
+        assert inside and not missing, f"not fsynced before {Path(src).name} became {Path(dst).name}: {missing}"
+        parent = next((j for j in range(i + 1, len(events)) if events[j] == ("fsync", str(out))), None)
+        assert parent is not None, f"{out} not fsynced after {Path(dst).name} was renamed into place"
+        between = [e for e in events[i + 1 : parent] if e[0] != "fsync"]
+        assert not between, f"{between} before the rename of {Path(dst).name} was made durable"
+        if Path(dst).name in ("checkpoint-2", "checkpoint-3"):  # the rotation deletes the previous one only now
+            step = int(Path(dst).name.split("-")[1])
+            previous = str(out / f"checkpoint-{step - 1}")
+            assert next(j for j, e in enumerate(events) if e[0] != "fsync" and e[1] == previous) > parent
