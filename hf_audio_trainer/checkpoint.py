@@ -113,26 +113,12 @@ def check_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: b
         )
 
 
-def remove_checkpoints(output_dir: str | os.PathLike) -> None:
-    """Delete every checkpoint of an old run (--overwrite_output_dir)."""
-    for path in list_checkpoints(output_dir):
-        _remove(path)
-
-
-def sweep(output_dir: str | os.PathLike) -> list[str]:
-    """Delete the hidden folders that killed runs left in output_dir (writes and deletes cut short); returns their
-    names. Only under the output folder's lock: a running run's own are in use."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    stale = sorted(p for p in root.iterdir() if p.name.startswith((WRITING, DELETING)) and p.is_dir())
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return [p.name for p in stale]
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(_doomed(path))
+def delete(path: Path) -> None:
+    """Delete a file, or a folder via a hidden name (`_doomed`)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(_doomed(path))
+    else:
+        path.unlink()
 
 
 def _doomed(path: Path) -> Path:
@@ -207,7 +193,7 @@ def save_checkpoint(
         _publish(tmp, final)  # every process's files are on disk before older checkpoints go
         if save_total_limit is not None:
             for old in list_checkpoints(root)[:-save_total_limit]:
-                _remove(old)
+                delete(old)
     accelerator.wait_for_everyone()
     return final
 

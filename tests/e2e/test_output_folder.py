@@ -1,5 +1,6 @@
 """What a run leaves in its output folder across the faults of a long run: a kill while best/ is replaced, a host
-crash right after a save (what is on disk before older checkpoints go)."""
+crash right after a save (what is on disk before older checkpoints go), and a new run over an old one with
+--overwrite_output_dir."""
 
 import os
 import shutil
@@ -154,3 +155,34 @@ def test_a_save_is_on_disk_before_older_checkpoints_are_deleted(tokenizer, tmp_p
             step = int(Path(dst).name.split("-")[1])
             previous = str(out / f"checkpoint-{step - 1}")
             assert next(j for j, e in enumerate(events) if e[0] != "fsync" and e[1] == previous) > parent
+
+
+class Stop(Exception):
+    """Ends a run after its first checkpoint, before its final export."""
+
+
+def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the_users_files(
+    tokenizer, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    pretrain(settings(tokenizer, out, max_steps=4, save_steps=2, eval_steps=2, ema=True))
+    exported = {"config.json", "generation_config.json", "model.safetensors", "tokenizer"}
+    assert exported | {"best", "ema", "checkpoint-2", "checkpoint-4"} <= set(names(out)), names(out)
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "samples").mkdir()
+    (out / "samples" / "reference.wav").write_bytes(b"RIFF")
+
+    save = Checkpointer.save
+
+    def save_then_stop(self, step):
+        save(self, step)
+        raise Stop
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
+    with pytest.raises(Stop):  # a new run, no EMA, no evaluation, stopped after its first checkpoint
+        pretrain(settings(tokenizer, out, max_steps=4, save_steps=1, overwrite_output_dir=True))
+    # nothing of the old run is left to pass for the new run's: no best/ or ema/, no final model; the user's own
+    # files stay
+    kept = {"checkpoint-1", "metrics.jsonl", "run_config.json", "notes.txt", "samples", ".lock"}
+    assert set(names(out)) == kept, names(out)
+    assert (out / "samples" / "reference.wav").read_bytes() == b"RIFF"

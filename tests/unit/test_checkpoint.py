@@ -5,6 +5,7 @@ import pytest
 
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.errors import WriteError
+from hf_audio_trainer.output_folder import remove_run_outputs
 
 
 def make(root, step, complete=True):
@@ -39,7 +40,7 @@ def test_output_dir_with_old_run_needs_a_decision(tmp_path):
         ckpt.check_output_dir(tmp_path, resuming=False, overwrite=False)
     ckpt.check_output_dir(tmp_path, resuming=True, overwrite=False)
     ckpt.check_output_dir(tmp_path, resuming=False, overwrite=True)
-    ckpt.remove_checkpoints(tmp_path)
+    remove_run_outputs(tmp_path)
     assert ckpt.list_checkpoints(tmp_path) == []
 
 
