@@ -40,7 +40,10 @@ class CheckpointConfig:
     """Checkpoints and resumption."""
 
     save_steps: int = field(default=100, metadata={"help": "Write a checkpoint every N optimizer steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints (oldest go)."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={"help": "Keep at most N checkpoints (oldest go; best/ and a rollback's superseded-*/ do not count)."},
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (in output_dir) or a checkpoint folder to resume from."}
     )

@@ -28,7 +28,7 @@ from hf_audio_trainer.families import Family
 from hf_audio_trainer.hub import HubPusher, model_card_writer, start_pusher
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
 from hf_audio_trainer.optim import build_optimization
-from hf_audio_trainer.output_folder import recorded_final_model, remove_run_outputs, sweep
+from hf_audio_trainer.output_folder import recorded_final_model, remove_run_outputs, set_aside_later_steps, sweep
 from hf_audio_trainer.system import peak_flops
 from hf_audio_trainer.trackers import METRICS_FILE, read_metrics
 
@@ -86,6 +86,12 @@ def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | Non
         if resume is None:  # a new run: the old run's outputs (allowed by --overwrite_output_dir) and logs go
             remove_run_outputs(out)
             (out / METRICS_FILE).unlink(missing_ok=True)
+        elif (aside := set_aside_later_steps(out, resume)) is not None:  # a rollback: the later steps go aside
+            folder, moved = aside
+            accelerator.print(
+                f"{resume} is not the newest step in {out}: moved {', '.join(moved)} to {folder.name}/ (nothing is "
+                "deleted; --resume_from_checkpoint latest now continues this run)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
     set_seed(t.seed)

@@ -1,7 +1,8 @@
-"""What a run leaves in its output folder across the faults of a long run: a kill while best/ is replaced, a host
-crash right after a save (what is on disk before older checkpoints go), and a new run over an old one with
---overwrite_output_dir."""
+"""What a run leaves in its output folder across the faults of a long run: rolling back to an earlier checkpoint, a
+kill while best/ is replaced, a host crash right after a save (what is on disk before older checkpoints go), and a
+new run over an old one with --overwrite_output_dir."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hf_audio_trainer import pretrain
-from hf_audio_trainer.checkpoint import Checkpointer, resolve_resume, verify_checkpoint
+from hf_audio_trainer.checkpoint import Checkpointer, list_checkpoints, resolve_resume, verify_checkpoint
 from hf_audio_trainer.hub import _STAGING_PREFIX
-from tests.helpers import fit_small_tokenizer, quick_run
+from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -35,6 +36,48 @@ def scripted_evaluations(monkeypatch, values: dict[int, float]) -> None:
 
 def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("source", ["checkpoint-4", "best"])
+def test_rolling_back_sets_the_abandoned_checkpoints_aside_and_latest_follows_the_new_run(
+    tokenizer, tmp_path, monkeypatch, capsys, source
+):
+    out = tmp_path / "run"
+    # the first run: a checkpoint every 2 steps, the last 3 kept; the loss "spikes" after step 4, so best/ is step 4
+    with monkeypatch.context() as patched:
+        scripted_evaluations(patched, {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.6})
+        pretrain(settings(tokenizer, out, max_steps=8, save_steps=2, eval_steps=2, save_total_limit=3))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert verify_checkpoint(out / "best")["global_step"] == 4
+    abandoned = weights(out)  # its final model, of step 8
+    capsys.readouterr()
+    # the usual answer to a spike: back to step 4 with a lower learning rate; this run saves at 5 and 6 (it is stopped
+    # there, as a preempted run would be, before it reaches the abandoned run's last step)
+    pretrain(
+        settings(
+            tokenizer, out, max_steps=6, save_steps=1, save_total_limit=3, learning_rate=5e-4,
+            resume_from_checkpoint=str(out / source),
+        )
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    # `latest` is the new run's last checkpoint, and rotation counted the new run's checkpoints only: its own two and
+    # the one it resumed from
+    latest = resolve_resume("latest", out)
+    assert latest == out / "checkpoint-6" and verify_checkpoint(latest)["config"]["learning_rate"] == 5e-4
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
+    # nothing of the abandoned run was deleted: its later checkpoints, its final model and its log are set aside,
+    # whole, in one folder that one printed line names
+    (aside,) = out.glob("superseded-*")
+    assert "moved checkpoint-6, checkpoint-8, the final model of step 8" in printed and f"to {aside.name}/" in printed
+    assert {"checkpoint-6", "checkpoint-8", "metrics.jsonl", "model.safetensors", "tokenizer"} <= set(names(aside))
+    assert max_abs_diff(weights(aside), abandoned) == 0 and max_abs_diff(weights(out), abandoned) > 0
+    assert verify_checkpoint(aside / "checkpoint-8")["config"]["learning_rate"] == 2e-3
+    assert max(json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()) == 8
+    assert verify_checkpoint(out / "best")["global_step"] == 4  # best/ is the step the new run grew from
+    # and `latest` goes on from the new run's step 6, setting nothing more aside
+    pretrain(settings(tokenizer, out, max_steps=7, save_steps=1, learning_rate=5e-4, resume_from_checkpoint="latest"))
+    assert f"Resumed from {out / 'checkpoint-6'} at step 6" in capsys.readouterr().out
+    assert len(list(out.glob("superseded-*"))) == 1
 
 
 class Killed(BaseException):
@@ -168,6 +211,8 @@ def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the
     pretrain(settings(tokenizer, out, max_steps=4, save_steps=2, eval_steps=2, ema=True))
     exported = {"config.json", "generation_config.json", "model.safetensors", "tokenizer"}
     assert exported | {"best", "ema", "checkpoint-2", "checkpoint-4"} <= set(names(out)), names(out)
+    (out / "superseded-20250101-000000" / "checkpoint-6").mkdir(parents=True)  # what a rollback set aside
+    (out / "superseded-20250101-000000" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
     (out / "notes.txt").write_text("the user's own file")
     (out / "samples").mkdir()
     (out / "samples" / "reference.wav").write_bytes(b"RIFF")
@@ -181,8 +226,8 @@ def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the
     monkeypatch.setattr(Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):  # a new run, no EMA, no evaluation, stopped after its first checkpoint
         pretrain(settings(tokenizer, out, max_steps=4, save_steps=1, overwrite_output_dir=True))
-    # nothing of the old run is left to pass for the new run's: no best/ or ema/, no final model; the user's own
-    # files stay
+    # nothing of the old run is left to pass for the new run's: no best/ or ema/, no final model, no checkpoints set
+    # aside; the user's own files stay
     kept = {"checkpoint-1", "metrics.jsonl", "run_config.json", "notes.txt", "samples", ".lock"}
     assert set(names(out)) == kept, names(out)
     assert (out / "samples" / "reference.wav").read_bytes() == b"RIFF"
