@@ -386,11 +386,11 @@ class Checkpointer:
                 "resume with the checkpoint's settings, or start a new run in another --output_dir"
             ) from None
         # the best so far is what best/ holds, by its own record (another metric's best/ counts as none: the first
-        # evaluated save starts the comparison); the checkpoint's record may be ahead of it: a kill cut its copy short
-        self.best = self.recorded_best(self.out / BEST)
-        claim = self.recorded_best(path)
-        cut_short = claim.get("step") == state["global_step"] and claim != self.best and self.beats(claim["value"])
-        if broadcast_object(cut_short):  # the main process's view: the copy is a collective
+        # evaluated save starts the comparison); the checkpoint's record may be ahead of it: a kill cut its copy short.
+        # The main process's view on every rank: only it changes best/, and every rank must judge later saves alike
+        held, claim = broadcast_object((self.recorded_best(self.out / BEST), self.recorded_best(path)))
+        self.best = held
+        if claim.get("step") == state["global_step"] and claim != held and self.beats(claim["value"]):
             copy_to_best(self.accelerator, self.out, path)  # this checkpoint was the new best: finish its copy
             self.best = claim
         if self.ema is not None:

@@ -51,8 +51,9 @@ def test_rolling_back_sets_the_abandoned_checkpoints_aside_and_latest_follows_th
     assert verify_checkpoint(out / "best")["global_step"] == 4
     abandoned = weights(out)  # its final model, of step 8
     capsys.readouterr()
-    # the usual answer to a spike: back to step 4 with a lower learning rate; this run saves at 5 and 6 (it is stopped
-    # there, as a preempted run would be, before it reaches the abandoned run's last step)
+    # the usual answer to a spike: back to step 4 with a lower --learning_rate (its checkpoints record it: that tells
+    # them from the abandoned run's); this run saves at 5 and 6 (it is stopped there, as a preempted run would be,
+    # before it reaches the abandoned run's last step)
     pretrain(
         settings(
             tokenizer, out, max_steps=6, save_steps=1, save_total_limit=3, learning_rate=5e-4,
