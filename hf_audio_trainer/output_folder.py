@@ -104,7 +104,7 @@ def recorded_final_model(output_dir: str | os.PathLike, step: int, main_process:
     if main_process:
         # an export renames its files and folders into place (new inodes) or writes into them (new times)
         wrote = {name for name, identity in _identities(root).items() if before.get(name) != identity}
-        names = sorted({path.name for path in final_model(root)[1]} | {n for n in wrote if not n.startswith(".")})
+        names = sorted({path.name for path in final_model(root)[1]} | wrote)
         (root / FINAL_MODEL).write_text(json.dumps({"step": step, "names": names}))
 
 
@@ -123,6 +123,12 @@ def final_model(output_dir: str | os.PathLike) -> tuple[int | None, list[Path]]:
 
 
 def _identities(folder: Path) -> dict[str, tuple[int, int]]:
-    if not folder.is_dir():
-        return {}
-    return {p.name: (st.st_ino, st.st_mtime_ns) for p in folder.iterdir() for st in [p.lstat()]}
+    """(inode, modification time) of each entry but the hidden ones (the Hub pusher's thread deletes its staging
+    folders at any moment; no export writes a hidden name)."""
+    found = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if not path.name.startswith("."):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.lstat()
+                found[path.name] = (stat.st_ino, stat.st_mtime_ns)
+    return found
