@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
+# hidden folders of writes (checkpoints, best/, the final model, a Hub push's scratch export and staging copy: hub.py
+# names them `.tmp-hub-push-*`) and of deletes in progress; a kill leaves them behind, the next start sweeps them
+WRITING, DELETING = ".tmp-", ".deleting-"
 
 
 @dataclass
@@ -37,7 +41,10 @@ class CheckpointConfig:
     """Checkpoints and resumption."""
 
     save_steps: int = field(default=100, metadata={"help": "Write a checkpoint every N optimizer steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints (oldest go)."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={"help": "Keep at most N checkpoints (oldest go; best/ and a rollback's superseded-*/ do not count)."},
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (in output_dir) or a checkpoint folder to resume from."}
     )
@@ -117,17 +124,44 @@ def check_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: b
         )
 
 
-def remove_checkpoints(output_dir: str | os.PathLike) -> None:
-    """Delete every checkpoint of an old run (--overwrite_output_dir)."""
-    for path in list_checkpoints(output_dir):
-        _remove(path)
+def delete(path: Path) -> None:
+    """Delete a file, or a folder via a hidden name (`_doomed`)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(_doomed(path))
+    else:
+        path.unlink()
 
 
-def _remove(path: Path) -> None:
-    # rename first so a crash mid-delete leaves a hidden folder, never a broken checkpoint-N
-    doomed = path.with_name(f".deleting-{path.name}")
+def _doomed(path: Path) -> Path:
+    """Rename `path` to a hidden name to delete it there: a crash mid-delete leaves a hidden folder, never a broken
+    checkpoint-N or best/; a unique name, so a leftover never blocks the next delete of the same name."""
+    doomed = path.with_name(f"{DELETING}{path.name}-{secrets.token_hex(4)}")
     os.replace(path, doomed)
-    shutil.rmtree(doomed)
+    return doomed
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete hidden folder to its final name, durably: its files and folders reach the disk before the
+    rename, the rename itself right after; a folder it replaces is deleted only then.
+
+    A host crash loses what is still in the page cache; without the fsyncs, the rotation that follows could delete
+    the previous checkpoints while the new one exists only in memory, leaving nothing to resume from.
+    """
+    for path in [*sorted(tmp.rglob("*"), reverse=True), tmp]:  # a folder after what it holds
+        _fsync(path)
+    replaced = _doomed(final) if final.exists() else None
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -166,15 +200,11 @@ def save_checkpoint(
             # the state file is written last: its presence marks the checkpoint complete
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump({**state, "files": files}, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
     if accelerator.is_main_process:
-        if final.exists():
-            _remove(final)
-        os.replace(tmp, final)
+        _publish(tmp, final)  # every process's files are on disk before older checkpoints go
         if save_total_limit is not None:
             for old in list_checkpoints(root)[:-save_total_limit]:
-                _remove(old)
+                delete(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -291,9 +321,7 @@ def copy_to_best(accelerator: Accelerator, output_dir: str | os.PathLike, checkp
         shutil.rmtree(tmp, ignore_errors=True)
         with removed_on_failure(tmp, f"{BEST}/ (a copy of {Path(checkpoint).name})", root):
             shutil.copytree(checkpoint, tmp)
-        if best.exists():
-            _remove(best)
-        os.replace(tmp, best)
+        _publish(tmp, best)
     accelerator.wait_for_everyone()
 
 
@@ -365,11 +393,14 @@ class Checkpointer:
                 f"{settings_that_differ(self.model_settings, self.config, state.get('config', {}))}; "
                 "resume with the checkpoint's settings, or start a new run in another --output_dir"
             ) from None
-        # the best so far, if one was recorded by this metric (a save before any evaluation records none)
-        saved = state.get("best") or {}
-        self.best = {"step": saved["step"], "value": saved["value"]} if "value" in saved else {}
-        if saved.get("metric", self.metric) != self.metric:
-            self.best = {}  # another metric now picks best/: its first evaluated save starts the comparison
+        # the best so far is what best/ holds, by its own record (another metric's best/ counts as none: the first
+        # evaluated save starts the comparison); the checkpoint's record may be ahead of it: a kill cut its copy short.
+        # The main process's view on every rank: only it changes best/, and every rank must judge later saves alike
+        held, claim = broadcast_object((self.recorded_best(self.out / BEST), self.recorded_best(path)))
+        self.best = held
+        if claim.get("step") == state["global_step"] and claim != held and self.beats(claim["value"]):
+            copy_to_best(self.accelerator, self.out, path)  # this checkpoint was the new best: finish its copy
+            self.best = claim
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(ema_file)))
         if self.accelerator.is_main_process:
@@ -383,16 +414,30 @@ class Checkpointer:
             return f"ema-rank{self.accelerator.process_index}-of-{self.accelerator.num_processes}.safetensors"
         return EMA_FILE
 
+    def recorded_best(self, checkpoint: Path) -> dict:
+        """The {"step", "value"} of the best a checkpoint's state records by this run's metric; {} if none."""
+        try:
+            saved = json.loads((checkpoint / STATE_FILE).read_text()).get("best") or {}
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if "value" not in saved or saved.get("metric", self.metric) != self.metric:
+            return {}
+        return {"step": saved["step"], "value": saved["value"]}
+
+    def beats(self, value: float) -> bool:
+        """Whether `value` of the metric is better than the best so far (any value beats none)."""
+        best = self.best
+        return not best or (value > best["value"] if self.settings.greater_is_better else value < best["value"])
+
     def record(self, step: int, results: dict[str, float]) -> None:
         self.last_eval = {**results, "step": step}
 
     def save(self, step: int) -> None:
         # best is judged where a save follows an evaluation of the same step
         value = self.last_eval.get(self.metric) if self.last_eval.get("step") == step else None
-        greater, best = self.settings.greater_is_better, self.best
-        is_best = value is not None and (not best or (value > best["value"] if greater else value < best["value"]))
+        is_best = value is not None and self.beats(value)
         if is_best:
-            best.update(step=step, value=value)
+            self.best.update(step=step, value=value)
         state = {
             "global_step": step,
             "global_batch_size": self.global_batch,
@@ -400,7 +445,7 @@ class Checkpointer:
             "num_processes": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type),
             "config": self.config,
-            "best": {**best, "metric": self.metric},  # {"metric"} alone until an evaluated save
+            "best": {**self.best, "metric": self.metric},  # {"metric"} alone until an evaluated save
             **self.extra_state(step),
         }
 

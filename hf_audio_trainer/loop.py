@@ -69,7 +69,11 @@ class TrainingConfig:
 
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow training into an output_dir that already holds checkpoints."}
+        default=False,
+        metadata={
+            "help": "Allow a new run in an output_dir that holds another run's checkpoints; that run's checkpoints, "
+            "best/ and final model are deleted first (the folder's other files stay)."
+        },
     )
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; -1: use num_train_epochs."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to run when max_steps is -1."})

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.checkpoint import Checkpointer, check_output_dir, remove_checkpoints, resolve_resume
+from hf_audio_trainer.checkpoint import Checkpointer, check_output_dir, resolve_resume
 from hf_audio_trainer.config import StageConfig
 from hf_audio_trainer.curriculum import CurriculumSampler
 from hf_audio_trainer.data.audio import load_audio_dataset
@@ -29,6 +29,7 @@ from hf_audio_trainer.families import Family
 from hf_audio_trainer.hub import HubPusher, model_card_writer, start_pusher
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
 from hf_audio_trainer.optim import build_optimization
+from hf_audio_trainer.output_folder import recorded_final_model, remove_run_outputs, set_aside_later_steps, sweep
 from hf_audio_trainer.system import peak_flops
 from hf_audio_trainer.trackers import METRICS_FILE, read_metrics
 
@@ -93,9 +94,17 @@ def prepare_output_dir(cfg: StageConfig, accelerator: Accelerator) -> Path | Non
     )
     check_output_dir(out, resuming=resume is not None, overwrite=t.overwrite_output_dir)
     if accelerator.is_main_process:
-        if resume is None:  # a new run: old checkpoints (allowed by --overwrite_output_dir) and logs go
-            remove_checkpoints(out)
+        if swept := sweep(out):  # under the lock (start_run): no other run writes here
+            accelerator.print(f"{out}: removed what an interrupted run left: {', '.join(swept)}")
+        if resume is None:  # a new run: the old run's outputs (allowed by --overwrite_output_dir) and logs go
+            remove_run_outputs(out)
             (out / METRICS_FILE).unlink(missing_ok=True)
+        elif (aside := set_aside_later_steps(out, resume)) is not None:  # a rollback: the later steps go aside
+            folder, moved = aside
+            accelerator.print(
+                f"{resume} is not the newest step in {out}: moved {', '.join(moved)} to {folder.name}/ (nothing is "
+                "deleted; --resume_from_checkpoint latest now continues this run)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2))
     set_seed(t.seed)
@@ -337,9 +346,10 @@ def finish(run: Run, family: Family, checkpointer: Checkpointer, metrics: dict[s
     """Export the final model (and `ema/`), report the validation change, push with a model card, wait for uploads;
     a final push that failed is a `RemoteError` (the run exits non-zero; the model on disk is complete)."""
     cfg, out, export = run.cfg, run.out, checkpointer.export
-    if checkpointer.ema is not None:
-        export(out / "ema", True)
-    export(out, cfg.ema.final_model == "ema")
+    with recorded_final_model(out, checkpointer.max_steps, run.accelerator.is_main_process):
+        if checkpointer.ema is not None:
+            export(out / "ema", True)
+        export(out, cfg.ema.final_model == "ema")
     metric, label = family.headline
     evals = [(m["step"], m[metric]) for m in read_metrics(out) if metric in m]
     if len(evals) > 1:

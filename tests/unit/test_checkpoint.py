@@ -5,6 +5,7 @@ import pytest
 
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.errors import WriteError
+from hf_audio_trainer.output_folder import remove_run_outputs
 
 
 def make(root, step, complete=True):
@@ -39,7 +40,7 @@ def test_output_dir_with_old_run_needs_a_decision(tmp_path):
         ckpt.check_output_dir(tmp_path, resuming=False, overwrite=False)
     ckpt.check_output_dir(tmp_path, resuming=True, overwrite=False)
     ckpt.check_output_dir(tmp_path, resuming=False, overwrite=True)
-    ckpt.remove_checkpoints(tmp_path)
+    remove_run_outputs(tmp_path)
     assert ckpt.list_checkpoints(tmp_path) == []
 
 
@@ -97,3 +98,13 @@ def test_any_other_failure_keeps_its_own_error_but_still_cleans_up(tmp_path):
             tmp.mkdir()
             raise KeyError("a bug")
     assert not tmp.exists()
+
+
+def test_a_delete_cut_short_by_a_kill_does_not_block_the_next_new_best(tmp_path, accelerator):
+    # a kill during the deletion of the previous best/ left its hidden folder behind, half deleted
+    leftover = tmp_path / ".deleting-best"
+    leftover.mkdir()
+    (leftover / "optimizer.bin").write_bytes(b"half")
+    for step in (2, 4, 6):  # every later new best replaces best/
+        ckpt.copy_to_best(accelerator, tmp_path, make(tmp_path, step))
+        assert json.loads((tmp_path / "best" / ckpt.STATE_FILE).read_text())["global_step"] == step
