@@ -359,6 +359,17 @@ class OptimConfig:
         check(self.base_batch_size >= 1, f"base_batch_size={self.base_batch_size}: must be >= 1")
 
 
+def rescale_learning_rate(optimizer: torch.optim.Optimizer, scheduler, ratio: float) -> None:
+    """Scale a running schedule by `ratio`: the base rates it multiplies and the rates in effect now, so it continues
+    from where it is at another peak (accelerate's and DeepSpeed's wrappers hold the real ones inside)."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+
+
 def build_optimization(
     o: OptimConfig, accelerator: Accelerator, model: torch.nn.Module, global_batch: int, max_steps: int
 ):

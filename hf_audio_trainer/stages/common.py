@@ -28,7 +28,7 @@ from hf_audio_trainer.errors import ConfigError, RemoteError
 from hf_audio_trainer.families import Family
 from hf_audio_trainer.hub import HubPusher, model_card_writer, start_pusher
 from hf_audio_trainer.loop import LoopSettings, NonFiniteError, Preempted, train
-from hf_audio_trainer.optim import build_optimization
+from hf_audio_trainer.optim import build_optimization, rescale_learning_rate
 from hf_audio_trainer.output_folder import recorded_final_model, remove_run_outputs, set_aside_later_steps, sweep
 from hf_audio_trainer.system import peak_flops
 from hf_audio_trainer.trackers import METRICS_FILE, read_metrics
@@ -244,6 +244,7 @@ def train_model(
         check_same_data(cfg, run.resume, identity)
         start_step = checkpointer.resume(run.resume)
         saved = ckpt.verify_checkpoint(run.resume)
+        continue_at_new_learning_rate(run, saved, optimizers[0], schedulers[0], start_step)
         if hasattr(sampler, "micro_batches"):  # batches by duration: plan from the checkpoint's epoch, not epoch 0
             sampler.load_state_dict(saved.get("sampler", {}))
         if family.load_checkpoint_state is not None:
@@ -279,6 +280,24 @@ def train_model(
         )  # fmt: skip
 
     return run_and_finish(run, family, checkpointer, max_steps, run_loop, advice)
+
+
+def continue_at_new_learning_rate(run: Run, saved: dict, optimizer, scheduler, step: int) -> None:
+    """A resume given another --learning_rate (the usual answer to a loss spike) continues the restored schedule at
+    the new peak: the restored optimizer and schedule would otherwise keep the checkpoint's rate. The main network's
+    only (a codec's discriminator keeps its own --discriminator_learning_rate)."""
+    then, now = saved.get("config", {}).get("learning_rate"), run.cfg.optim.learning_rate
+    if "learning_rate" not in run.cfg.user_set or then is None or then == now:
+        return
+    if then == 0:
+        raise ConfigError(
+            f"{run.resume} was trained at --learning_rate 0, which no schedule can be scaled from; start a new run "
+            "from its exported model (--model_name_or_path) instead"
+        )
+    rescale_learning_rate(optimizer, scheduler, now / then)
+    run.accelerator.print(
+        f"--learning_rate {now:g} (the checkpoint's {then:g}): the schedule continues from step {step} at the new peak"
+    )
 
 
 def data_identity(cfg: StageConfig, data) -> dict:

@@ -11,6 +11,7 @@ import pytest
 
 from hf_audio_trainer import pretrain
 from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.trackers import read_metrics
 from tests.helpers import ROOT, fit_small_tokenizer, parquet_shards, quick_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -34,6 +35,23 @@ def test_a_resume_with_another_seed_or_other_data_is_refused_by_name(tokenizer, 
     assert pretrain(quick_run(tokenizer, out, **again)).global_step == 6
     more = {**again, "max_steps": 8, "synthetic_num_clips": 80, "allow_data_change": True}
     assert pretrain(quick_run(tokenizer, out, **more)).global_step == 8
+
+
+def test_a_resume_at_a_lower_learning_rate_continues_the_schedule_at_it(tokenizer, tmp_path):
+    # the usual answer to a loss spike: back to an earlier checkpoint, a lower rate; the restored optimizer and
+    # schedule must not keep the checkpoint's rate
+    out = tmp_path / "run"
+    settings = dict(max_steps=4, save_steps=2, model_size="micro", lr_scheduler_type="linear", warmup_steps=0,
+                    learning_rate=2e-3)  # fmt: skip
+    pretrain(quick_run(tokenizer, out, **settings))
+    before = {m["step"]: m["train/learning_rate"] for m in read_metrics(out) if "train/learning_rate" in m}
+    pretrain(quick_run(tokenizer, out, **{**settings, "learning_rate": 5e-4},
+                       resume_from_checkpoint=str(out / "checkpoint-2")))  # fmt: skip
+    after = {m["step"]: m["train/learning_rate"] for m in read_metrics(out) if "train/learning_rate" in m}
+    assert after[2] == before[2]  # the log up to the checkpoint is the first run's
+    for step in (3, 4):  # the same point of the same linear decay, a quarter as high
+        assert after[step] == pytest.approx(before[step] / 4, rel=1e-6), (before, after)
+    assert after[3] > after[4]
 
 
 def test_a_stream_whose_shard_list_changed_is_refused_by_name(tokenizer, tmp_path):
