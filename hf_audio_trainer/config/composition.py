@@ -101,6 +101,11 @@ class StageConfig:
     def __post_init__(self) -> None:
         family = FAMILIES[self.family]
         model = getattr(self, "model", None)
+        check(
+            getattr(model, "model_family", self.family) == self.family,
+            f"model_family={getattr(model, 'model_family', None)!r} in a config composed for the {self.family} "
+            f"family; build it with config.for_family(..., {getattr(model, 'model_family', None)!r})",
+        )
         if family.model_sizes and hasattr(model, "model_size"):
             size = model.model_size
             check(size in family.model_sizes, f"model_size={size!r}: choose one of {sorted(family.model_sizes)}")

@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 
 from hf_audio_trainer.config.composition import PretrainConfig, StageConfig, flags, for_family, sections
 from hf_audio_trainer.errors import ConfigError, MissingError
-from hf_audio_trainer.families import FAMILIES
+from hf_audio_trainer.families import FAMILIES, family_of_checkpoint
 
 RECIPE_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"  # the recipes' default YAML files
 NONE = ("none", "null")  # what switches an optional setting off, on the command line or in a YAML file
@@ -33,8 +33,21 @@ REFUSAL = "{flags}: the {family} family does not read them; they are {owners} (-
 
 def family_in(values: dict[str, Any]) -> str | None:
     """The model family a dict of settings names (flat, or under its `model` section), if any."""
-    model = values.get("model")
-    return values.get("model_family") or (model.get("model_family") if isinstance(model, dict) else None)
+    return _value_in(values, "model_family")
+
+
+def _value_in(values: dict[str, Any], key: str) -> Any:
+    """A setting of a flat or sectioned dict, if there."""
+    sectioned = [v[key] for v in values.values() if isinstance(v, dict) and key in v]
+    return values.get(key, sectioned[0] if sectioned else None)
+
+
+def recipe_family(recipe: dict[str, Any]) -> str | None:
+    """The model family a recipe's defaults imply: what its default starting model's own class says, when that folder
+    is here (only a name the user gave may be a Hub id), else its model_family."""
+    default = _value_in(recipe, "model_name_or_path")
+    found = family_of_checkpoint(default) if default is not None and Path(default).is_dir() else None
+    return found or family_in(recipe)
 
 
 def recipe_yaml(stage: str, family: str | None, default_yaml: str | os.PathLike | None = None) -> Path | None:
@@ -150,16 +163,22 @@ def parse_config(argv: list[str] | None = None, config_cls: type = PretrainConfi
             raise ConfigError("--config needs a YAML file path")
         user_yaml = load_yaml(source)
         del argv[i : i + (1 if "=" in config_arg else 2)]
-    family = _flag_value(argv, "model_family") or family_in(user_yaml)
+    given = _flag_value(argv, "model_family") or family_in(user_yaml)
+    model = _flag_value(argv, "model_name_or_path") or _value_in(user_yaml, "model_name_or_path")
+    family = family_of_checkpoint(model, given) if model is not None else given
     recipe_file = recipe_yaml(config_cls.stage, family, default_yaml) if default_yaml and not config_arg else None
     recipe = load_yaml(recipe_file) if recipe_file is not None else {}
-    cls = for_family(config_cls, family or family_in(recipe) or config_cls.default_family)
+    if family is None and (family := recipe_family(recipe)) is not None and recipe_file is not None:
+        recipe_file = recipe_yaml(config_cls.stage, family, default_yaml)  # the family's own file, if it has one
+        recipe = load_yaml(recipe_file)
+    cls = for_family(config_cls, family or config_cls.default_family)
     known = flags(cls)
     defaults = _flatten(recipe, cls, str(recipe_file), user=False)
     user = _flatten(user_yaml, cls, source)
     argv, nones = _without_nones(argv, optional_flags(cls))
     parser = _parser(cls)
-    stage_defaults = {k: v for k, v in cls.stage_defaults.items() if k in known}
+    # the family chosen (by a checkpoint's class, the recipe's file or the stage) is the model section's default
+    stage_defaults = {k: v for k, v in {**cls.stage_defaults, "model_family": cls.family}.items() if k in known}
     parser.set_defaults(**{**stage_defaults, **defaults, **user, **nones})
     *parsed, unknown = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False, return_remaining_strings=True
@@ -190,7 +209,8 @@ def config_from_dict(
     cls = for_family(config_cls, family)
     user = _flatten(values, cls, source)
     known = flags(cls)
-    base = {k: v for k, v in {**cls.stage_defaults, **(defaults or {})}.items() if k in known}
+    stage = {**cls.stage_defaults, "model_family": cls.family}  # the family chosen is the model section's default
+    base = {k: v for k, v in {**stage, **(defaults or {})}.items() if k in known}
     flat = {**base, **user}
     built = {}
     for name, section in sections(cls).items():
@@ -212,9 +232,14 @@ def resolve_config(config, config_cls: type = PretrainConfig):
     if not isinstance(config, dict):
         kind = type(config)
         raise TypeError(f"config must be a {config_cls.__name__}, a dict of overrides or a YAML path, not {kind}")
-    recipe_file = recipe_yaml(config_cls.stage, family_in(config))
+    model = _value_in(config, "model_name_or_path")
+    family = family_of_checkpoint(model, family_in(config)) if model is not None else family_in(config)
+    recipe_file = recipe_yaml(config_cls.stage, family)
     recipe = load_yaml(recipe_file) if recipe_file is not None else {}
-    cls = for_family(config_cls, family_in(config) or family_in(recipe) or config_cls.default_family)
+    if family is None and (family := recipe_family(recipe)) is not None:
+        recipe_file = recipe_yaml(config_cls.stage, family)
+        recipe = load_yaml(recipe_file) if recipe_file is not None else {}
+    cls = for_family(config_cls, family or config_cls.default_family)
     return config_from_dict(config, cls, defaults=_flatten(recipe, cls, str(recipe_file), user=False))
 
 

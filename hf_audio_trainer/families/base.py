@@ -9,6 +9,25 @@ from typing import Any, ClassVar
 from hf_audio_trainer.errors import check
 
 
+def class_of(index: dict) -> str | None:
+    """The class a checkpoint's model_index.json (`_class_name`) or config.json (`architectures`) names."""
+    return index.get("_class_name") or next(iter(index.get("architectures") or []), None)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The checkpoints a family trains from: what they are (for the refusal that lists every family's) and the test
+    on a checkpoint's model_index.json or config.json."""
+
+    description: str
+    claims: Callable[[dict], bool]
+
+    @classmethod
+    def of_class(cls, name: str) -> Checkpoints:
+        """Every checkpoint of the class `name`."""
+        return cls(name, lambda index: class_of(index) == name)
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family. Its functions take the stage's `Run` (config, accelerator, output folder, resume) and the
@@ -53,6 +72,8 @@ class Family:
       stage's config is its shared sections plus these; a flag of another family's section is refused by name.
     - `check_config(cfg)` (optional): checks across the family's sections and the stage's, when the config is built.
     - `model_sizes`: the sizes `--model_size` may name for a new model (empty: the family has no model section).
+    - `checkpoints` (optional): the checkpoints it trains from, recognised by their model_index.json (diffusers) or
+      config.json (transformers): `--model_name_or_path` alone then chooses the family.
     """
 
     name: str
@@ -84,6 +105,7 @@ class Family:
     sections: dict[str, type] = field(default_factory=dict)
     check_config: Callable[[Any], None] | None = None
     model_sizes: tuple[str, ...] = ()
+    checkpoints: Checkpoints | None = None
 
 
 @dataclass

@@ -49,7 +49,7 @@ from hf_audio_trainer.codec import (
 from hf_audio_trainer.codecs import EncodecTokenizer
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.errors import ConfigError, check
-from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.families.base import Checkpoints, Family
 from hf_audio_trainer.optim import build_optimization, build_optimizer, build_scheduler, scale_lr
 
 DISCRIMINATOR_DIR = "discriminator"
@@ -383,4 +383,5 @@ ENCODEC_GAN = Family(
         "adversarial": AdversarialConfig,
     },
     check_config=check_config,
+    checkpoints=Checkpoints.of_class("EncodecModel"),
 )

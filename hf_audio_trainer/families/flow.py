@@ -37,7 +37,7 @@ from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.text import IDS, STATES, TextConfig, dropped, encode_texts, text_of
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError, check
-from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.families.base import Checkpoints, Family, class_of
 from hf_audio_trainer.hub import ModelCardText
 from hf_audio_trainer.loop import evaluate_conditioned
 from hf_audio_trainer.models import load_pretrained, num_parameters
@@ -807,4 +807,10 @@ FLOW = Family(
     sections={"text": TextConfig, "flow": FlowConfig},
     check_config=check_config,
     model_sizes=tuple(DIT_SIZES),
+    checkpoints=Checkpoints(
+        f"StableAudioPipeline sampling with {' or '.join(FLOW_SCHEDULERS)} (rectified flow)",
+        lambda index: (
+            class_of(index) == "StableAudioPipeline" and (index.get("scheduler") or ["", ""])[1] in FLOW_SCHEDULERS
+        ),
+    ),
 )

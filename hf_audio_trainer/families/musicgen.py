@@ -36,7 +36,7 @@ from hf_audio_trainer.data.segments import middle_windows
 from hf_audio_trainer.data.streamed import first_rows, streamed_batches
 from hf_audio_trainer.data.streaming import ShardStream
 from hf_audio_trainer.errors import ConfigError, check
-from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.families.base import Checkpoints, Family
 from hf_audio_trainer.loop import evaluate_loss, evaluate_metrics
 from hf_audio_trainer.models import load_pretrained, num_parameters
 
@@ -524,6 +524,7 @@ MUSICGEN = Family(
     precompute_reference=precompute_reference,
     load_clip_scorer=load_clip_scorer,
     streams=True,
+    checkpoints=Checkpoints.of_class("MusicgenForCausalLM"),
     sections={"tokenizer": TokenizerConfig, "loss": LossConfig},
     model_sizes=tuple(MODEL_SIZES),
 )

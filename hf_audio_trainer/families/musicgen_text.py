@@ -44,7 +44,7 @@ from hf_audio_trainer.data.text import (
 )
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError
-from hf_audio_trainer.families.base import Family
+from hf_audio_trainer.families.base import Checkpoints, Family
 from hf_audio_trainer.families.musicgen import MODEL_SIZES, LossConfig
 from hf_audio_trainer.families.musicgen_hub import (
     codec_of,
@@ -401,5 +401,6 @@ MUSICGEN_TEXT = Family(
     # as musicgen-dreamboothing: the decoder's attention and feed-forward, the text projection and the LM heads
     lora_target_modules="q_proj,k_proj,v_proj,out_proj,fc1,fc2,enc_to_dec_proj,lm_heads",
     sections={"tokenizer": TokenizerConfig, "text": TextConfig, "loss": LossConfig},
+    checkpoints=Checkpoints.of_class("MusicgenForConditionalGeneration"),
     model_sizes=tuple(MODEL_SIZES),
 )

@@ -137,8 +137,11 @@ def test_bad_flow_inputs_are_refused_before_training(exported, tmp_path):
     mel = fit_small_tokenizer(tmp_path / "mel")
     musicgen = tmp_path / "musicgen"
     pretrain(quick_run(mel, musicgen, model_size="micro", max_steps=2))
-    with pytest.raises(ConfigError, match="not a StableAudioPipeline folder"):
+    with pytest.raises(ConfigError, match="--model_family flow, but .* is a MusicgenForCausalLM, which the musicgen "
+                       "family trains"):  # fmt: skip
         finetune(flow_run(tmp_path / "d", model_name_or_path=str(musicgen), max_steps=2))
+    with pytest.raises(ConfigError, match="not a StableAudioPipeline folder"):  # a folder whose class says nothing
+        finetune(flow_run(tmp_path / "d2", model_name_or_path=str(musicgen / "tokenizer"), max_steps=2))
     edm = tmp_path / "edm"  # a pipeline trained with another objective (Stable Audio Open's EDM scheduler)
     pipeline = json.loads((exported / "model_index.json").read_text())
     edm.mkdir()

@@ -369,3 +369,54 @@ def test_help_groups_the_flags_by_section_and_shows_the_chosen_familys():
     for title in ("optim: Optimizer", "model: Which model to train", "tokenizer: The discrete audio tokenizer"):
         assert title in musicgen
     assert "--config FILE.yaml" in musicgen
+
+
+# --- the family comes from the checkpoint ----------------------------------------------------------------------------
+
+
+def checkpoint_folder(root, name: str, file: str, index: dict):
+    import json
+
+    folder = root / name
+    folder.mkdir()
+    (folder / file).write_text(json.dumps(index))
+    return str(folder)
+
+
+def test_the_model_family_comes_from_the_checkpoints_own_class(tmp_path, monkeypatch):
+    flow_index = {"_class_name": "StableAudioPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
+    folders = {
+        "musicgen": checkpoint_folder(tmp_path, "dec", "config.json", {"architectures": ["MusicgenForCausalLM"]}),
+        "musicgen_text": checkpoint_folder(
+            tmp_path, "comp", "config.json", {"architectures": ["MusicgenForConditionalGeneration"]}
+        ),  # fmt: skip
+        "flow": checkpoint_folder(tmp_path, "flow", "model_index.json", flow_index),
+    }
+    for family, folder in folders.items():
+        assert parse_config(["--model_name_or_path", folder], FinetuneConfig).model.model_family == family
+        assert resolve_config({"model_name_or_path": folder}, AlignConfig).model.model_family == family
+    codec = checkpoint_folder(tmp_path, "codec", "config.json", {"architectures": ["EncodecModel"]})
+    assert parse_config(["--model_name_or_path", codec], CodecConfig).model.model_family == "encodec_gan"
+    with pytest.raises(ConfigError, match="the encodec_gan family cannot run the finetune stage"):
+        parse_config(["--model_name_or_path", codec], FinetuneConfig)
+    # a family given that the checkpoint contradicts is refused, naming both
+    with pytest.raises(ConfigError, match=r"--model_family musicgen, but .*/flow is a StableAudioPipeline with a "
+                       r"UniPCMultistepScheduler, which the flow family trains; drop --model_family"):  # fmt: skip
+        parse_config(["--model_family", "musicgen", "--model_name_or_path", folders["flow"]], FinetuneConfig)
+    # a class no family trains, listing what they do train
+    other = checkpoint_folder(tmp_path, "ldm", "model_index.json", {"_class_name": "AudioLDM2Pipeline"})
+    with pytest.raises(ConfigError, match=r"is a AudioLDM2Pipeline, which no model family trains; the toolkit trains "
+                       r"MusicgenForCausalLM \(musicgen\); MusicgenForConditionalGeneration \(musicgen_text\); "
+                       r"EncodecModel \(encodec_gan\); StableAudioPipeline sampling with"):  # fmt: skip
+        parse_config(["--model_name_or_path", other], FinetuneConfig)
+    # a folder that says nothing of its class (a run's checkpoint-N) leaves the choice to the flag or the default
+    plain = tmp_path / "checkpoint-4"
+    plain.mkdir()
+    assert parse_config(["--model_name_or_path", str(plain)], FinetuneConfig).model.model_family == "musicgen"
+    # the recipe's default starting model decides too, when it is here: finetune after a flow pretrain
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    checkpoint_folder(tmp_path / "outputs", "pretrain", "model_index.json", flow_index)
+    cfg = parse_config([], FinetuneConfig, str(RECIPE_CONFIGS / "finetune.yaml"))
+    assert cfg.model.model_family == "flow" and "label_smoothing" not in cfg.to_flat_dict()
+    assert resolve_config({}, FinetuneConfig).model.model_family == "flow"
