@@ -26,22 +26,24 @@ SNAKE_OFF = 40.0
 
 
 class LatentSpace(AudioTokenizer):
-    """Mono waveform <-> continuous latents [channels, frames] through a VAE (the posterior's mean, so latents are
-    computed once and cached); `decode` turns latents back into audio."""
+    """Waveform <-> continuous latents [channels, frames] through a VAE (the posterior's mean, so latents are
+    computed once and cached); `decode` turns latents back into audio. A mono VAE reads [samples], a stereo one
+    (Stable Audio Open's) [2, samples] (`audio_channels`)."""
 
     codebook_size = 0  # continuous: no codes
 
-    def __init__(self, vae, name: str = "vae", dct: dict | None = None):
+    def __init__(self, vae, name: str = "vae", dct: dict | None = None, what: str = "--vae"):
         from diffusers import AutoencoderOobleck
 
         if not isinstance(vae, AutoencoderOobleck):
-            raise ConfigError(f"--vae: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE)")
-        if vae.config.audio_channels != 1:
+            raise ConfigError(f"{what}: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE)")
+        if vae.config.audio_channels not in (1, 2):
             raise ConfigError(
-                f"--vae has {vae.config.audio_channels} audio channels; this toolkit trains on mono audio (pass a "
-                "mono AutoencoderOobleck)"
+                f"{what} has {vae.config.audio_channels} audio channels; this toolkit trains on mono or stereo audio "
+                "(pass an AutoencoderOobleck with audio_channels 1 or 2)"
             )
         self.vae = vae.eval().requires_grad_(False)
+        self.audio_channels = int(vae.config.audio_channels)
         self.name = name
         self.sample_rate = int(vae.config.sampling_rate)
         self.hop_length = int(vae.hop_length)
@@ -57,6 +59,10 @@ class LatentSpace(AudioTokenizer):
     def normalized(self, mean: np.ndarray, std: np.ndarray) -> LatentSpace:
         """This space with latents (z - mean) / std, folded into its VAE."""
         dct = None if self.dct is None else {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
+        if self.audio_channels != 1:
+            raise ConfigError(
+                "the latent statistics are folded into mono VAEs only; keep a stereo VAE's latents as they are"
+            )
         return LatentSpace(fold_statistics(self.vae, mean, std), self.name, dct)
 
     @property
@@ -68,18 +74,20 @@ class LatentSpace(AudioTokenizer):
 
     @torch.no_grad()
     def encode_batch(self, waveforms: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
-        """Latents [channels, len // hop_length] of each clip (float32, on the CPU), similar lengths padded together."""
+        """Latents [channels, samples // hop_length] of each clip ([samples], or [audio_channels, samples] for a
+        stereo VAE; float32, on the CPU), similar lengths padded together."""
         device = next(self.vae.parameters()).device
-        frames = [self.num_frames(len(w)) for w in waveforms]
+        frames = [self.num_frames(w.shape[-1]) for w in waveforms]
         width = max(frames, default=0) * self.hop_length
         if width == 0:
             return [torch.zeros(self.channels, 0) for _ in waveforms]
         if self.dct is not None:
             return [self._dct_encode(w, n) for w, n in zip(waveforms, frames, strict=True)]
-        batch = torch.zeros(len(waveforms), 1, width)
+        dtype = next(self.vae.parameters()).dtype  # a VAE cast to the run's mixed-precision dtype reads that
+        batch = torch.zeros(len(waveforms), self.audio_channels, width, dtype=dtype)
         for i, (w, n) in enumerate(zip(waveforms, frames, strict=True)):
-            w = torch.as_tensor(np.asarray(w, dtype=np.float32))[: n * self.hop_length]
-            batch[i, 0, : len(w)] = w
+            w = torch.as_tensor(np.asarray(w, dtype=np.float32))[..., : n * self.hop_length]
+            batch[i, :, : w.shape[-1]] = w
         latents = self.vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
         return [latents[i, :, :n] for i, n in enumerate(frames)]
 
@@ -96,16 +104,18 @@ class LatentSpace(AudioTokenizer):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """A mono waveform (float32, CPU) from latents [channels, frames] (or [batch, channels, frames])."""
-        device = next(self.vae.parameters()).device
-        x = torch.as_tensor(latents, dtype=torch.float32)
+        """A mono waveform (float32, CPU) from latents [channels, frames] (or [batch, channels, frames]); a stereo
+        VAE's [2, samples] (or [batch, 2, samples])."""
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        x = torch.as_tensor(latents, dtype=dtype)
         single = x.ndim == 2
         x = x[None] if single else x
         if self.dct is not None:
             z = x.cpu() * self._std[:, None] + self._mean[:, None]  # [B, C, T] -> blocks [B, T, hop]
             audio = (z.transpose(1, 2).double() @ self._d.double()).float().flatten(1)
         else:
-            audio = self.vae.decode(x.to(device)).sample.float().cpu()[:, 0]
+            audio = self.vae.decode(x.to(device)).sample.float().cpu()
+            audio = audio[:, 0] if self.audio_channels == 1 else audio
         return audio[0] if single else audio
 
     def _identity(self) -> dict:
@@ -124,7 +134,8 @@ def clone_vae(vae):
     with torch.random.fork_rng(devices=[]):
         copied = type(vae).from_config(vae.config)
     copied.load_state_dict(vae.state_dict())
-    return copied.to(next(vae.parameters()).device).eval().requires_grad_(False)
+    first = next(vae.parameters())  # a VAE run in the mixed-precision dtype stays in it
+    return copied.to(device=first.device, dtype=first.dtype).eval().requires_grad_(False)
 
 
 def load_latent_space(vae: str | None, sample_rate: int, hop_length: int, stats: dict | None = None) -> LatentSpace:

@@ -133,11 +133,17 @@ def _read(source: str | io.BytesIO, name: str) -> tuple[np.ndarray, int]:
     return samples, sample_rate
 
 
-def decode_audio(value: dict | str | os.PathLike, target_sample_rate: int, where: str = "") -> np.ndarray:
+def decode_audio(
+    value: dict | str | os.PathLike, target_sample_rate: int, where: str = "", channels: int | None = None
+) -> np.ndarray:
     """Mono float32 samples at target_sample_rate from a decoded dict, a {"bytes", "path"} dict or a file path.
 
-    ``where`` (e.g. "row 17") goes into error messages, next to the file name when there is one.
+    ``where`` (e.g. "row 17") goes into error messages, next to the file name when there is one. ``channels`` (a
+    stereo VAE's 2): samples [channels, samples] instead, each channel resampled; a mono clip is duplicated to every
+    channel, a clip with as many channels kept as it is, and any other count refused (1 downmixes, as None does).
     """
+    if channels is not None and channels != 1:
+        return _decode_channels(value, target_sample_rate, where, channels)
     if isinstance(value, dict) and "array" in value:
         name = where or "array"
         if value.get("sampling_rate") is None:
@@ -145,34 +151,84 @@ def decode_audio(value: dict | str | os.PathLike, target_sample_rate: int, where
         samples, sample_rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
         samples = _to_mono(samples, name)
     else:
-        if isinstance(value, dict):
-            path, data = value.get("path"), value.get("bytes")
-        elif isinstance(value, (str, os.PathLike)):
-            path, data = os.fspath(value), None
-        else:
-            raise AudioDecodeError(
-                f"audio {where or 'value'} is a {type(value).__name__}; expected a path, a {{'bytes', 'path'}} dict "
-                "or an {'array', 'sampling_rate'} dict"
-            )
-        name = " ".join(part for part in (str(path) if path else "", f"({where})" if where else "") if part)
-        name = name or "<unnamed bytes>"
-        if data is not None:
-            # Bytes win over the path: save_to_disk embeds the bytes and keeps only the file's base name as path.
-            samples, sample_rate = _read(io.BytesIO(data), name)
-        elif path is None:
-            raise AudioDecodeError(f"audio {name} has neither bytes nor a path; {REENCODE_FIX}")
-        elif not os.path.isfile(path):
-            raise AudioDecodeError(f"audio file {name} does not exist; fix the path or remove it from the dataset")
-        else:
-            samples, sample_rate = _read(path, name)
+        samples, sample_rate, name = _read_value(value, where)
         samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    _check_samples(samples, sample_rate, name)
+    if sample_rate != target_sample_rate and len(samples) > 0:
+        samples = soxr.resample(samples, sample_rate, target_sample_rate)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _read_value(value, where: str) -> tuple[np.ndarray, int, str]:
+    """Samples [frames, channels], rate and name of a {"bytes", "path"} dict or a file path."""
+    if isinstance(value, dict):
+        path, data = value.get("path"), value.get("bytes")
+    elif isinstance(value, (str, os.PathLike)):
+        path, data = os.fspath(value), None
+    else:
+        raise AudioDecodeError(
+            f"audio {where or 'value'} is a {type(value).__name__}; expected a path, a {{'bytes', 'path'}} dict "
+            "or an {'array', 'sampling_rate'} dict"
+        )
+    name = " ".join(part for part in (str(path) if path else "", f"({where})" if where else "") if part)
+    name = name or "<unnamed bytes>"
+    if data is not None:
+        # Bytes win over the path: save_to_disk embeds the bytes and keeps only the file's base name as path.
+        samples, sample_rate = _read(io.BytesIO(data), name)
+    elif path is None:
+        raise AudioDecodeError(f"audio {name} has neither bytes nor a path; {REENCODE_FIX}")
+    elif not os.path.isfile(path):
+        raise AudioDecodeError(f"audio file {name} does not exist; fix the path or remove it from the dataset")
+    else:
+        samples, sample_rate = _read(path, name)
+    return samples, sample_rate, name
+
+
+def _check_samples(samples: np.ndarray, sample_rate: int, name: str) -> None:
     if sample_rate <= 0:
         raise AudioDecodeError(f"audio {name} has sampling rate {sample_rate}; {REENCODE_FIX}")
     if not np.isfinite(samples).all():
         raise AudioDecodeError(f"audio {name} contains NaN or infinite samples; {REENCODE_FIX}")
+
+
+def _decode_channels(value, target_sample_rate: int, where: str, channels: int) -> np.ndarray:
+    """decode_audio's [channels, samples]: the file's channels as they are, or a mono clip on every channel."""
+    if isinstance(value, dict) and "array" in value:
+        name = where or "array"
+        if value.get("sampling_rate") is None:
+            raise AudioDecodeError(f"audio {name} has an array but no sampling_rate")
+        samples, sample_rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
+        if samples.ndim == 1:
+            samples = samples[:, None]
+        elif samples.ndim == 2 and samples.shape[0] <= samples.shape[1]:  # [channels, samples]: the short axis
+            samples = samples.T
+        elif samples.ndim != 2:
+            raise AudioDecodeError(f"audio {name} has shape {samples.shape}; expected 1-D or 2-D samples")
+    else:
+        samples, sample_rate, name = _read_value(value, where)
+    _check_samples(samples, sample_rate, name)
+    found = samples.shape[1]
+    if found not in (1, channels):
+        raise AudioDecodeError(
+            f"audio {name} has {found} channels and the model reads {channels}; downmix it to {channels} (or mono) "
+            "first, e.g. `ffmpeg -i IN -ac 2 OUT`"
+        )
     if sample_rate != target_sample_rate and len(samples) > 0:
-        samples = soxr.resample(samples, sample_rate, target_sample_rate)
-    return np.ascontiguousarray(samples, dtype=np.float32)
+        samples = soxr.resample(samples, sample_rate, target_sample_rate)  # [frames, channels]: each channel alike
+    samples = np.repeat(samples, channels, axis=1) if found == 1 else samples
+    return np.ascontiguousarray(samples.T, dtype=np.float32)
+
+
+def channel_count(value: dict | str | os.PathLike, where: str = "") -> int:
+    """How many channels an audio value holds: an array's short axis, or the file's header (nothing decoded)."""
+    if isinstance(value, dict) and "array" in value:
+        samples = np.asarray(value["array"])
+        return 1 if samples.ndim == 1 else int(min(samples.shape))
+    path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (os.fspath(value), None)
+    try:
+        return int(sf.info(io.BytesIO(data) if data is not None else path).channels)
+    except (RuntimeError, TypeError, ValueError, OSError, EOFError) as err:
+        raise AudioDecodeError(f"could not read audio {path or where or 'bytes'}: {err}; {REENCODE_FIX}") from err
 
 
 def _undecoded(ds: datasets.Dataset, audio_column: str) -> datasets.Dataset:

@@ -140,23 +140,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """Audio values of one chunk decoded to mono waveforms (in DataLoader workers when there are some)."""
+    """Audio values of one chunk decoded to mono waveforms, or [channels, samples] (in DataLoader workers when there
+    are some)."""
 
-    def __init__(self, values: list, start: int, sample_rate: int, max_samples: int | None, split: str):
-        self.values, self.start, self.sample_rate, self.max_samples, self.split = (
-            values,
-            start,
-            sample_rate,
-            max_samples,
-            split,
-        )
+    def __init__(
+        self, values: list, start: int, sample_rate: int, max_samples: int | None, split: str,
+        channels: int | None = None,
+    ):  # fmt: skip
+        self.values, self.start, self.sample_rate, self.max_samples = values, start, sample_rate, max_samples
+        self.split, self.channels = split, channels
 
     def __len__(self) -> int:
         return len(self.values)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        wave = decode_audio(self.values[i], self.sample_rate, where=f"{self.split} row {self.start + i}")
-        return wave[: self.max_samples] if self.max_samples is not None else wave
+        where = f"{self.split} row {self.start + i}"
+        wave = decode_audio(self.values[i], self.sample_rate, where=where, channels=self.channels)
+        return wave[..., : self.max_samples] if self.max_samples is not None else wave
 
 
 def _similar_length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
@@ -173,19 +173,27 @@ def encode_waves(tokenizer: AudioTokenizer, waves: list[np.ndarray], dtype=np.in
     lengths batched, long tracks in pieces."""
     piece = int(PIECE_SECONDS * tokenizer.sample_rate) // tokenizer.hop_length * tokenizer.hop_length
     pieces, owner = [], []  # each wave as pieces of at most `piece` samples (whole frames, so codes line up)
-    for i, w in enumerate(waves):
-        for start in range(0, max(len(w), 1), piece):
-            pieces.append(w[start : start + piece])
+    for i, w in enumerate(waves):  # a wave is [samples], or [channels, samples] for a multichannel encoder
+        for start in range(0, max(w.shape[-1], 1), piece):
+            pieces.append(w[..., start : start + piece])
             owner.append(i)
     codes: list = [None] * len(pieces)
     budget = int(BATCH_SECONDS * tokenizer.sample_rate)
-    for batch in _similar_length_batches([len(p) for p in pieces], budget):
+    for batch in _similar_length_batches([p.shape[-1] for p in pieces], budget):
         for i, c in zip(batch, tokenizer.encode_batch([pieces[i] for i in batch]), strict=True):
             codes[i] = c.numpy().astype(dtype)
     joined: list[list[np.ndarray]] = [[] for _ in waves]
     for i, c in zip(owner, codes, strict=True):
         joined[i].append(c)
     return [np.concatenate(parts, axis=1) for parts in joined]
+
+
+def _padded(wave: np.ndarray, length: int) -> np.ndarray:
+    """`wave` ([samples] or [channels, samples]) with zeros after it up to `length` samples."""
+    missing = length - wave.shape[-1]
+    if missing <= 0:
+        return wave
+    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, missing)])
 
 
 def nested_lists(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
@@ -207,11 +215,12 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def codes_table(
-    codes: list[np.ndarray], extra: dict[str, list], features: datasets.Features, values: str = "codes"
-) -> pa.Table:
-    """`codes` ([codebooks][frames] int16; or `latents`, float32) and `num_frames` built from numpy (no Python lists
-    of numbers), with the `extra` columns; typed by `features`."""
-    frames = np.asarray([c.shape[1] for c in codes], dtype=np.int32)
+    codes: list[np.ndarray], extra: dict[str, list], features: datasets.Features, values: str = "codes",
+    num_frames: list[int] | None = None,
+) -> pa.Table:  # fmt: skip
+    """`codes` ([codebooks][frames] int16; or `latents`, float32) and `num_frames` (theirs, unless given) built from
+    numpy (no Python lists of numbers), with the `extra` columns; typed by `features`."""
+    frames = np.asarray([c.shape[1] for c in codes] if num_frames is None else num_frames, dtype=np.int32)
     outer = nested_lists(codes, VALUE_TYPES[values][1])
     extra_features = datasets.Features({name: features[name] for name in extra})
     others = pa.Table.from_pydict(extra_features.encode_batch(extra), schema=extra_features.arrow_schema)
@@ -243,21 +252,31 @@ def encode_dataset(
     cache_dir: str | os.PathLike | None = None,
     chunk_rows: int = CHUNK_ROWS,
     values: str = "codes",
+    channels: int | None = None,
+    pad_to_samples: int | None = None,
 ) -> Dataset:
     """Every clip's `codes` ([num_codebooks][frames], int16) and `num_frames`, with the `keep` columns (and
     difficulty, quality) beside them; computed on the accelerator across ranks, once (see the module docstring).
-    `values="latents"`: a continuous encoder's `latents` ([channels][frames], float32) instead of codes."""
+    `values="latents"`: a continuous encoder's `latents` ([channels][frames], float32) instead of codes.
+
+    `channels`: the encoder reads [channels, samples] (a stereo VAE; `data.audio.decode_audio`'s rule). A clip
+    shorter than `pad_to_samples` is encoded with silence after it up to that length (the window a model trains on,
+    silence included), and `num_samples` records its own length."""
     kept = [c for c in dataset.column_names if c in ("difficulty", "quality", *keep)]
     kind = values
     max_samples = None if max_duration_seconds is None else int(max_duration_seconds * tokenizer.sample_rate)
+    # a mono encoder's key is what it always was, so existing caches stay valid
+    layout = [] if channels is None and pad_to_samples is None else [{"channels": channels, "pad": pad_to_samples}]
     key = fingerprint(
         values, split, dataset._fingerprint, tokenizer.fingerprint(), audio_column, max_samples, kept,
-        PIECE_SECONDS, BATCH_SECONDS, chunk_rows, str(accelerator.device.type),
+        PIECE_SECONDS, BATCH_SECONDS, chunk_rows, str(accelerator.device.type), *layout,
     )  # fmt: skip
     stored = {
         values: datasets.List(datasets.List(datasets.Value(VALUE_TYPES[values][2]))),
         "num_frames": CODES_FEATURES["num_frames"],
     }
+    if pad_to_samples is not None:
+        stored["num_samples"] = datasets.Value("int64")
     features = datasets.Features({**stored, **{c: dataset.features[c] for c in kept}})
     audio = dataset.select_columns([audio_column]).with_format("numpy")
     encoder = None
@@ -267,16 +286,20 @@ def encode_dataset(
         encoder = encoder or tokenizer.encoder_on(accelerator.device)
         # one column-wise read per chunk, as numpy: row by row as Python lists costs more than the codec itself
         values = list(audio[start:stop][audio_column])
-        rows = _Decoded(values, start, tokenizer.sample_rate, max_samples, split)
+        rows = _Decoded(values, start, tokenizer.sample_rate, max_samples, split, channels)
         # its own generator: a DataLoader draws its base seed from torch's global RNG, and the model is initialised
         # from that RNG after preprocessing, so a cold cache would otherwise change the initial weights
         loader = torch.utils.data.DataLoader(
             rows, batch_size=None, num_workers=num_workers or 0, generator=torch.Generator().manual_seed(0)
         )
         waves = list(loader)
+        lengths = [w.shape[-1] for w in waves]
+        if pad_to_samples is not None:
+            waves = [_padded(np.asarray(w, dtype=np.float32), pad_to_samples) for w in waves]
         with torch.no_grad():
             codes = encode_waves(encoder, waves, VALUE_TYPES[kind][0])
-        empty = [start + i for i, c in enumerate(codes) if c.shape[1] == 0]
+        own = [tokenizer.num_frames(n) for n in lengths] if pad_to_samples is not None else [c.shape[1] for c in codes]
+        empty = [start + i for i, n in enumerate(own) if n == 0]
         if empty:
             raise ConfigError(
                 f"{len(empty)} {split} clip(s) are shorter than one tokenizer frame ({tokenizer.hop_length} samples "
@@ -284,7 +307,9 @@ def encode_dataset(
                 "dataset (e.g. dataset.filter on the duration)"
             )
         extra = dataset.select_columns(kept)[start:stop] if kept else {}
-        return codes_table(codes, extra, features, kind), sum(len(w) for w in waves) / tokenizer.sample_rate
+        if pad_to_samples is not None:  # the clip's own frames and length, not the silence after it
+            extra = {"num_samples": lengths, **extra}
+        return codes_table(codes, extra, features, kind, own), sum(lengths) / tokenizer.sample_rate
 
     return cached_chunks(dataset, encode_chunk, key, accelerator, cache_dir, f"Tokenizing {split}", chunk_rows)
 
