@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -41,8 +43,8 @@ from hf_audio_trainer.families.base import Checkpoints, Family, class_of
 from hf_audio_trainer.hub import ModelCardText
 from hf_audio_trainer.loop import evaluate_conditioned
 from hf_audio_trainer.models import load_pretrained, num_parameters
+from hf_audio_trainer.objectives import NUM_TRAIN_TIMESTEPS, Objective, TimeDensity, rectified_flow, sd3_times
 
-NUM_TRAIN_TIMESTEPS = 1000  # the model reads timestep 1000 s, as diffusers' flow schedulers produce
 STATS_ROWS = 256  # training clips the latent statistics are estimated from
 NOISE_SALT, EVAL_SALT = 0xF10, 0xE7A1  # keep the noise streams apart from the other (seed, epoch, row) draws
 PIPELINE_PARTS = ("transformer", "projection_model", "text_encoder", "tokenizer", "vae", "scheduler")
@@ -149,6 +151,14 @@ class FlowModel(torch.nn.Module):
             rotary_embedding=tuple(r.to(x_t.device) for r in rotary), return_dict=False,
         )[0]  # fmt: skip
 
+    def new_like(self) -> FlowModel:
+        """An untrained FlowModel of this one's configuration, on the CPU (the twin a merged LoRA export loads),
+        drawing nothing from training's random stream."""
+        with torch.random.fork_rng(devices=[]):
+            transformer = type(self.transformer).from_config(self.transformer.config)
+            projection = type(self.projection).from_config(self.projection.config)
+        return FlowModel(transformer, projection)
+
     def save_pretrained(self, folder, state_dict=None, safe_serialization=True, **kwargs) -> None:
         """The pipeline's `transformer/` and `projection_model/` folders, from a gathered `state_dict` if given
         (diffusers' own save_pretrained takes none: under FSDP / ZeRO-3 it would write this rank's shards)."""
@@ -187,11 +197,16 @@ def new_flow_model(size: str, channels: int, frames: int, text_dim: int, max_sec
 
 
 def load_flow_model(source: str) -> FlowModel:
-    """The DiT and the conditioners of a pipeline folder or Hub id, every weight fitting (never re-initialised)."""
+    """The DiT and the conditioners of a flow pipeline folder or Hub id, every weight fitting (never re-initialised)."""
+    check_flow_pipeline(source)
+    return load_pipeline_model(source)
+
+
+def load_pipeline_model(source: str) -> FlowModel:
+    """The DiT and the conditioners of any StableAudioPipeline folder or Hub id, every weight fitting."""
     from diffusers import StableAudioDiTModel
     from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
 
-    check_flow_pipeline(source)
     transformer = load_pretrained(StableAudioDiTModel, source, "a StableAudioDiTModel", subfolder="transformer")
     projection = load_pretrained(
         StableAudioProjectionModel, source, "a StableAudioProjectionModel", subfolder="projection_model"
@@ -378,6 +393,15 @@ def row_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
+def exact_seconds(frame_rate: float) -> Callable[[dict, int], tuple[float, float]]:
+    """(seconds start, seconds total) of an example: its window's offset and its track's length, as they are."""
+
+    def seconds(example: dict, frames: int) -> tuple[float, float]:
+        return example.get("window_start", 0) / frame_rate, example.get("num_frames", frames) / frame_rate
+
+    return seconds
+
+
 class FlowCollator:
     """Rows (`latents` [C][T], `text_states`, `num_frames`, and `row` / `epoch` / `window_start` when training) ->
     a batch: latents zero-padded to the longest, `frame_mask`, one noise draw and timestep per row, the text states
@@ -385,23 +409,24 @@ class FlowCollator:
 
     Noise and timestep are a pure function of (seed, epoch, row) in training, so resume, accumulation and DDP see
     the same draws; with `fixed=True` (validation) of (seed, row) only, identical at every evaluation. `null=True`
-    gives every row the null condition (`eval/loss_uncond`)."""
+    gives every row the null condition (`eval/loss_uncond`). The timestep comes from `times` (default: the flow
+    section's SD3 density) and the duration condition from `seconds(example, frames)` (default: `exact_seconds`)."""
 
-    def __init__(self, frame_rate: float, text_length: int, flow_cfg, seed: int, dropout: float = 0.0,
-                 fixed: bool = False, null: bool = False):  # fmt: skip
-        self.frame_rate, self.text_length, self.f = frame_rate, text_length, flow_cfg
+    def __init__(self, frame_rate: float, text_length: int, flow_cfg=None, seed: int = 0, dropout: float = 0.0,
+                 fixed: bool = False, null: bool = False, times: TimeDensity | None = None,
+                 seconds: Callable[[dict, int], tuple[float, float]] | None = None):  # fmt: skip
+        self.frame_rate, self.text_length = frame_rate, text_length
         self.seed, self.dropout, self.fixed, self.null = seed, dropout, fixed, null
+        if times is None:
+            f = flow_cfg
+            times = sd3_times(f.weighting_scheme, f.logit_mean, f.logit_std, f.mode_scale)
+        self.times, self.seconds = times, seconds or exact_seconds(frame_rate)
 
     def draw(self, example: dict, row: int, channels: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         training = "epoch" in example and not self.fixed
         key = (self.seed, example["epoch"], row, NOISE_SALT) if training else (self.seed, row, EVAL_SALT)
         g = row_generator(*key)
-        f = self.f
-        sigma = compute_density_for_timestep_sampling(
-            f.weighting_scheme, 1, f.logit_mean, f.logit_std, f.mode_scale, generator=g
-        )
+        sigma = self.times(g)  # first: the noise below is drawn after it, as it always was
         return torch.randn(channels, frames, generator=g), sigma[0]
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -423,8 +448,7 @@ class FlowCollator:
                 states[i, : len(s)], text_mask[i, : len(s)] = torch.from_numpy(s), 1
             drop = self.null or not len(s) or ("epoch" in ex and dropped(self.seed, ex["epoch"], row, self.dropout))
             keep[i] = 0.0 if drop else 1.0
-            start[i] = ex.get("window_start", 0) / self.frame_rate
-            total[i] = ex.get("num_frames", x.shape[1]) / self.frame_rate
+            start[i], total[i] = self.seconds(ex, x.shape[1])
         return {
             "latents": x0, "noise": noise, "sigmas": sigmas, "frame_mask": mask, "text_states": states,
             "text_mask": text_mask, "keep": keep, "seconds_start": start, "seconds_total": total,
@@ -433,29 +457,31 @@ class FlowCollator:
         }  # fmt: skip
 
 
-def velocity_errors(model, batch: dict) -> torch.Tensor:
-    """Squared error of the predicted velocity, averaged over channels: [B, T] (float32)."""
-    x0, noise, s = batch["latents"], batch["noise"], batch["sigmas"]
-    x_t = (1.0 - s[:, None, None]) * x0 + s[:, None, None] * noise
+def velocity_errors(model, batch: dict, objective: Objective = rectified_flow) -> torch.Tensor:
+    """Squared error of the model's prediction of the `objective`'s target (rectified flow: the velocity), averaged
+    over channels: [B, T] (float32). `sigmas` holds each example's time in [0, 1]."""
+    x_t, time, target = objective(batch["latents"], batch["noise"], batch["sigmas"])
     pred = model(
-        x_t, s * NUM_TRAIN_TIMESTEPS, batch["text_states"], batch["text_mask"], batch["keep"], batch["seconds_start"],
+        x_t, time, batch["text_states"], batch["text_mask"], batch["keep"], batch["seconds_start"],
         batch["seconds_total"],
     )  # fmt: skip
-    return (pred.float() - (noise - x0).float()).pow(2).mean(1)
+    return (pred.float() - target.float()).pow(2).mean(1)
 
 
-def flow_loss(model, batch: dict, weighting_scheme: str = "none") -> tuple[torch.Tensor, dict]:
-    """Sum over unpadded latent frames of the (SD3-weighted) velocity error; the loop divides by the frame count."""
+def flow_loss(
+    model, batch: dict, weighting_scheme: str = "none", objective: Objective = rectified_flow
+) -> tuple[torch.Tensor, dict]:
+    """Sum over unpadded latent frames of the (SD3-weighted) error; the loop divides by the frame count."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     weights = compute_loss_weighting_for_sd3(weighting_scheme, batch["sigmas"].float())
-    return (velocity_errors(model, batch) * batch["frame_mask"] * weights[:, None]).sum(), {}
+    return (velocity_errors(model, batch, objective) * batch["frame_mask"] * weights[:, None]).sum(), {}
 
 
-def flow_sequence_logps(model, batch: dict) -> torch.Tensor:
-    """Diffusion-DPO's stand-in for a log-probability: -1/2 the mean velocity error of each sequence at its pair's
-    shared noise and timestep (so DPO's logits are diffusers' train_diffusion_dpo `-(model_diff - ref_diff) / 2`)."""
-    errors, mask = velocity_errors(model, batch), batch["frame_mask"]
+def flow_sequence_logps(model, batch: dict, objective: Objective = rectified_flow) -> torch.Tensor:
+    """Diffusion-DPO's stand-in for a log-probability: -1/2 the mean error of each sequence at its pair's shared
+    noise and timestep (so DPO's logits are diffusers' train_diffusion_dpo `-(model_diff - ref_diff) / 2`)."""
+    errors, mask = velocity_errors(model, batch, objective), batch["frame_mask"]
     return -0.5 * (errors * mask).sum(1) / mask.sum(1)
 
 
@@ -478,6 +504,9 @@ def sample_latents(model: FlowModel, states, text_mask, seconds: float, frames: 
     x = x.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     states, text_mask = states.to(device), text_mask.to(device)
     guided = guidance > 1.0
+    # a stochastic scheduler (CosineDPMSolverMultistepScheduler's SDE) seeds its noise from the generator, as the
+    # pipeline passes it
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     cond = dict(
         text_states=torch.cat([states, states]) if guided else states,
         text_mask=torch.cat([text_mask, text_mask]) if guided else text_mask,
@@ -493,7 +522,7 @@ def sample_latents(model: FlowModel, states, text_mask, seconds: float, frames: 
         if guided:
             uncond, text = v.chunk(2)
             v = uncond + guidance * (text - uncond)
-        x = scheduler.step(v, t, x).prev_sample
+        x = scheduler.step(v, t, x, **step_kwargs).prev_sample
     return x.float()
 
 
@@ -583,30 +612,41 @@ def evaluate(run, data: LatentData, models, loss_fn=None):
     and timestep) given the descriptions, and `eval/loss_uncond` given the null condition; on the `sample` pass,
     clips generated from validation descriptions (--guidance_scale, --num_inference_steps), scored by FAD
     (--fad_embedder) and CLAP (--clap_model)."""
+    return evaluate_latents(
+        run, data, models, loss_fn, functools.partial(collator, run, data), functools.partial(generate_waves, run),
+        flow_loss, data.latents, columns(data, "validation"),
+    )  # fmt: skip
+
+
+def evaluate_latents(run, data: LatentData, models, loss_fn, collate_with, generate_with, objective_loss, audio,
+                     eval_columns: list[str]):  # fmt: skip
+    """`evaluate` for a latent family: `collate_with(**kwargs)` its collator, `generate_with(data, model,
+    text_states, seconds)` its sampler's waveforms, `objective_loss` its plain loss, `audio` what decodes the
+    validation latents for FAD."""
     from hf_audio_trainer.samples import prompted_sample_metrics
 
     cfg, acc, model = run.cfg, run.accelerator, models["model"]
     t = cfg.training
-    with_text, null = collator(run, data, fixed=True), collator(run, data, fixed=True, null=True)
+    with_text, null = collate_with(fixed=True), collate_with(fixed=True, null=True)
     if data.pairs:
         with_text = PairCollator(with_text)
     seconds = cfg.samples.eval_sample_seconds
 
     def generate(m, num_frames: int, rows: list[int]) -> list[np.ndarray]:
-        return generate_waves(run, data, m, [data.prompt_states[r] for r in rows], seconds)
+        return generate_with(data, m, [data.prompt_states[r] for r in rows], seconds)
 
     sample_metrics = prompted_sample_metrics(
-        acc, cfg.samples, cfg.text.clap_model, data.prompts, generate, data.latents, data.validation, run.out, t.seed,
+        acc, cfg.samples, cfg.text.clap_model, data.prompts, generate, audio, data.validation, run.out, t.seed,
         column="latents",
     )  # fmt: skip
 
     def stream(collate):
         return lambda: eval_batches(
             data.validation, t.per_device_eval_batch_size, collate, acc.process_index, acc.num_processes,
-            columns(data, "validation"),
+            eval_columns,
         )  # fmt: skip
 
-    return evaluate_conditioned(acc, model, stream(with_text), stream(null), flow_loss, loss_fn, sample_metrics)
+    return evaluate_conditioned(acc, model, stream(with_text), stream(null), objective_loss, loss_fn, sample_metrics)
 
 
 def flops_per_item(models, data: LatentData) -> float:
@@ -700,12 +740,19 @@ def preferences(run) -> LatentData:
     """The pairs for `align`: TRL's format (a text `prompt`, `chosen` and `rejected` audio), or the embedded
     synthetic pairs (each clean clip's description; the clean clip chosen over a degraded copy), their audio encoded
     by the policy's VAE and their prompts by its frozen text encoder."""
-    cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
-    source = run.resume or cfg.model.model_name_or_path
+    source = run.resume or run.cfg.model.model_name_or_path
     if run.resume is None:
         check_flow_pipeline(str(source))
     text_encoder, tokenizer = text_parts(run, str(source))
     latents, stats = latent_space_for(run, None, source)
+    return preference_latents(run, text_encoder, tokenizer, latents, stats)
+
+
+def preference_latents(run, text_encoder, tokenizer, latents: LatentSpace, stats: dict, channels: int | None = None,
+                       data_class: type = LatentData, **extra) -> LatentData:  # fmt: skip
+    """The align stage's pairs as latents (through `latents`, decoding `channels` as `data.audio.decode_audio`
+    does) with their prompts' text states: a `data_class` with the `extra` fields."""
+    cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
     with acc.main_process_first():
         pairs = preference_pairs(d, cfg.training.seed, text_prompts=True)
     from hf_audio_trainer.data.audio import decode_audio
@@ -718,7 +765,9 @@ def preferences(run) -> LatentData:
         columns_ = {}
         for side in ("chosen", "rejected"):
             waves = [
-                decode_audio(a, latents.sample_rate, where=f"{name} pair {i} ({side})")[:max_samples]
+                decode_audio(a, latents.sample_rate, where=f"{name} pair {i} ({side})", channels=channels)[
+                    ..., :max_samples
+                ]
                 for i, a in enumerate(kept[side])
             ]
             with torch.no_grad():
@@ -730,9 +779,9 @@ def preferences(run) -> LatentData:
         if name == "validation":
             prompts, prompt_states = texts, states
     frames = max(len(x[0]) for s in splits.values() for c in ("chosen_latents", "rejected_latents") for x in s[c])
-    return LatentData(
+    return data_class(
         latents, text_encoder.to("cpu"), tokenizer, splits["train"], splits["validation"], None,
-        frames / latents.frame_rate, prompts, prompt_states, stats, pairs=True,
+        frames / latents.frame_rate, prompts, prompt_states, stats, pairs=True, **extra,
     )  # fmt: skip
 
 
@@ -773,10 +822,14 @@ def make_flow_preference_pairs(
 
 def precompute_reference(run, data: LatentData, reference: torch.nn.Module) -> LatentData:
     """The reference's Diffusion-DPO terms as columns, computed once at each pair's fixed noise and timestep."""
+    return reference_columns(run, data, reference, collator(run, data, fixed=True), flow_sequence_logps)
+
+
+def reference_columns(run, data: LatentData, reference: torch.nn.Module, collate, sequence_logps) -> LatentData:
+    """`precompute_reference` with a family's own (fixed-draw) collator and sequence log-probabilities."""
     from hf_audio_trainer.alignment import with_reference_logps
 
-    collate = PairCollator(collator(run, data, fixed=True))
-    return with_reference_logps(data, reference, collate, columns(data), run.accelerator, flow_sequence_logps)
+    return with_reference_logps(data, reference, PairCollator(collate), columns(data), run.accelerator, sequence_logps)
 
 
 FLOW = Family(
