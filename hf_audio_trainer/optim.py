@@ -316,6 +316,13 @@ class OptimConfig:
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers SchedulerType name."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of max_steps."})
+    lr_timescale: int | None = field(
+        default=None,
+        metadata={
+            "help": "--lr_scheduler_type inverse_sqrt only: after warm-up the rate is learning_rate / sqrt(1 + (step "
+            "- warmup) / timescale); unset: transformers' default (the warm-up length, else 10000)."
+        },
+    )
     sophia_rho: float = field(
         default=0.04, metadata={"help": "Sophia's clipping rho: updates are lr * clip(m / (rho * h), 1)."}
     )
@@ -352,6 +359,7 @@ class OptimConfig:
         check(self.lr_scheduler_type in names, f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {names}")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        check(self.lr_timescale is None or self.lr_timescale >= 1, f"lr_timescale={self.lr_timescale}: must be >= 1")
         check(
             self.scale_lr is None or self.scale_lr in LR_SCALING,
             f"scale_lr={self.scale_lr!r}: choose linear, sqrt or none",
@@ -391,4 +399,5 @@ def build_optimization(
         **({"rho": o.sophia_rho, "hessian_update_period": o.hessian_update_period} if o.optim == "sophia" else {}),
     )
     warmup = o.warmup_steps or math.ceil(o.warmup_ratio * max_steps)
-    return optimizer, build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps)
+    timescale = {"timescale": o.lr_timescale} if o.lr_scheduler_type == "inverse_sqrt" and o.lr_timescale else {}
+    return optimizer, build_scheduler(optimizer, o.lr_scheduler_type, warmup, max_steps, **timescale)

@@ -100,3 +100,28 @@ def test_adam_couples_weight_decay_and_adamw_decouples_it():
         results[name] = param.detach().clone()
     assert torch.allclose(results["adamw"], torch.full((3,), 1 - 0.1 * 0.1))
     assert torch.allclose(results["adam"], torch.full((3,), 0.9), atol=1e-4)  # a full normalised step of lr
+
+
+def test_inverse_sqrt_with_a_timescale_is_stable_audio_opens_inverse_lr_after_the_warm_up():
+    """--lr_timescale T: after W warm-up steps the rate is lr (1 + (step - W) / T)^-1/2, stable-audio-tools'
+    InverseLR shape (its release: T = 1e6); other schedules do not read it."""
+    from accelerate import Accelerator
+
+    from hf_audio_trainer.optim import OptimConfig, build_optimization
+
+    model = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(learning_rate=5e-5, lr_scheduler_type="inverse_sqrt", warmup_steps=10, lr_timescale=1000)
+    optimizer, scheduler = build_optimization(cfg, Accelerator(cpu=True), model, 4, 100)
+    rates = []
+    for _ in range(60):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[5] == pytest.approx(5e-5 * 5 / 10)  # linear warm-up
+    for step in (10, 30, 59):
+        assert rates[step] == pytest.approx(5e-5 * (1 + (step - 10) / 1000) ** -0.5, rel=1e-9)
+    cosine = OptimConfig(lr_scheduler_type="cosine", warmup_steps=10, lr_timescale=1000)
+    _, plain = build_optimization(cosine, Accelerator(cpu=True), model, 4, 100)
+    assert type(plain.lr_lambdas[0]).__name__ == "partial" and "timescale" not in plain.lr_lambdas[0].keywords
+    with pytest.raises(Exception, match="lr_timescale=0: must be >= 1"):
+        OptimConfig(lr_timescale=0)
