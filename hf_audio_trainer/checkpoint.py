@@ -283,11 +283,17 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike, sta
 
 
 def save_final_model(
-    accelerator: Accelerator, model, output_dir: str | os.PathLike, extra_save: Any = None, merge_lora: bool = False
+    accelerator: Accelerator,
+    model,
+    output_dir: str | os.PathLike,
+    extra_save: Any = None,
+    merge_lora: bool = False,
+    save_adapter: Callable[[Any, dict, Path], None] | None = None,
 ) -> None:
     """Write a `from_pretrained` folder (safetensors) into output_dir, file by file via a hidden folder.
 
-    `merge_lora`: the model carries peft LoRA adapters; the folder gets a plain model with them merged in.
+    `merge_lora`: the model carries peft LoRA adapters; the folder gets a plain model with them merged in, and
+    `save_adapter(peft_model, state_dict, folder)` (if given) writes the adapters beside it from the gathered state.
     """
     root = Path(output_dir)
     tmp = root / ".tmp-final"
@@ -295,10 +301,14 @@ def save_final_model(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         target = accelerator.unwrap_model(model)
+        adapters = merge_lora and save_adapter is not None
+        peft_model, gathered = target, state_dict
         if merge_lora:
             target, state_dict = merged_model(target, state_dict), None
         with removed_on_failure(tmp, f"the model for {root}", root):
             target.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if adapters:
+                save_adapter(peft_model, gathered, tmp)
             if extra_save is not None:
                 extra_save(tmp)
         for item in tmp.iterdir():

@@ -121,11 +121,13 @@ def adapt_for_finetuning(
 def merged_model(peft_model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain transformers model with the LoRA adapters merged in, rebuilt on the CPU from the full state dict
     (`accelerator.get_state_dict`), so it works whatever wraps or shards the training model (FSDP2 forbids deepcopy;
-    ZeRO-3 holds partitions). The training model is left as it is."""
+    ZeRO-3 holds partitions). The training model is left as it is. A model that its config alone does not build
+    (the flow families' DiT and conditioners) builds its empty twin with `new_like()`."""
     from peft import get_peft_model
 
     base = peft_model.get_base_model()
-    fresh = get_peft_model(type(base)(base.config), copy.deepcopy(peft_model.peft_config["default"]))
+    twin = base.new_like() if hasattr(base, "new_like") else type(base)(base.config)
+    fresh = get_peft_model(twin, copy.deepcopy(peft_model.peft_config["default"]))
     fresh.load_state_dict({name: value.to("cpu") for name, value in state_dict.items()})
     return fresh.merge_and_unload()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import subprocess
@@ -51,6 +52,14 @@ def flow_quick_run(output_dir: Path, **overrides) -> dict:
     run = quick_run(None, output_dir, model_family="flow", model_size="micro", learning_rate=1e-2)
     del run["tokenizer"]
     return {**run, "max_duration_seconds": 1.0, "synthetic_num_clips": 48, **overrides}
+
+
+def stable_audio_quick_run(source: Path, output_dir: Path, **overrides) -> dict:
+    """quick_run for fine-tuning a tiny StableAudioPipeline (`tiny_stable_audio`; its family comes from its class),
+    clips cut to 1 s (each then one 32-frame window with its silence), no EMA, so runs end where the weights are."""
+    run = quick_run(None, output_dir, model_name_or_path=str(source), learning_rate=3e-3, ema=False)
+    del run["tokenizer"]
+    return {**run, "final_model": "raw", "max_duration_seconds": 1.0, "synthetic_num_clips": 24, **overrides}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -231,4 +240,70 @@ def parquet_shards(folder: Path, train_shards: int = 4, rows_per_shard: int = 16
         # cast on Arrow storage: encoding an Audio value in Python would need torchcodec
         shard = datasets.Dataset.from_list(part, features=features).cast_column("audio", datasets.Audio(decode=False))
         shard.to_parquet(str(folder / f"{split}-{i:05d}-of-{count:05d}.parquet"))
+    return folder
+
+
+# words of the synthetic descriptions, so a tiny tokenizer gives them a few tokens each (letters cover the rest)
+DESCRIPTION_WORDS = (
+    "a bpm melody of notes in major minor played on triangle wave with light noise arpeggio over chord sawtooth synth "
+    "clean sine tone plucked string heavy moderate struck times single note square-wave pentatonic dominant "
+    "diminished third 7th clipped bit-crushed"
+).split()
+
+
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A T5 tokenizer (transformers builds its Unigram model from a vocabulary list: no download, no sentencepiece)
+    over the synthetic descriptions' words and single characters."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789#,-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += (
+        [(c, -5.0) for c in chars] + [(f"▁{c}", -5.0) for c in chars] + [(f"▁{w}", -1.0) for w in DESCRIPTION_WORDS]
+    )
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+# Stable Audio Open 1.0's scheduler (its scheduler/scheduler_config.json)
+SAO_SCHEDULER = dict(
+    sigma_min=0.3, sigma_max=500.0, sigma_data=1.0, sigma_schedule="exponential", prediction_type="v_prediction",
+    solver_order=2, solver_type="midpoint", final_sigmas_type="zero", num_train_timesteps=1000, rho=7.0,
+)  # fmt: skip
+
+
+def tiny_stable_audio(folder: Path, sample_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random StableAudioPipeline in Stable Audio Open 1.0's layout: its scheduler's config, a stereo 44.1 kHz
+    AutoencoderOobleck with its 2048-sample hop (21.5 latent frames/s), a T5 encoder and T5 tokenizer, a DiT of
+    `sample_size` frames (1.49 s at 32) and the duration conditioners, saved with diffusers' save_pretrained."""
+    from diffusers import (
+        AutoencoderOobleck,
+        CosineDPMSolverMultistepScheduler,
+        StableAudioDiTModel,
+        StableAudioPipeline,
+    )
+    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   dropout_rate=0.0))  # fmt: skip
+    vae = AutoencoderOobleck(
+        encoder_hidden_size=8, downsampling_ratios=[2, 4, 4, 8, 8], channel_multiples=[1, 1, 1, 1, 1],
+        decoder_channels=4, decoder_input_channels=4, audio_channels=2, sampling_rate=44100,
+    )  # fmt: skip
+    transformer = StableAudioDiTModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, num_key_value_attention_heads=1, cross_attention_dim=16, time_proj_dim=16,
+        cross_attention_input_dim=16, global_states_input_dim=32,
+    )  # fmt: skip
+    projection = StableAudioProjectionModel(text_encoder_dim=16, conditioning_dim=16, min_value=0, max_value=16)
+    pipe = StableAudioPipeline(
+        vae=vae, text_encoder=text, projection_model=projection, tokenizer=tokenizer, transformer=transformer,
+        scheduler=CosineDPMSolverMultistepScheduler(**SAO_SCHEDULER),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # as Stable Audio Open's names it
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

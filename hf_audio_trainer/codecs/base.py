@@ -53,7 +53,7 @@ class AudioTokenizer(ABC):
         for name, value in sorted(self._identity().items()):
             digest.update(name.encode())
             if isinstance(value, torch.Tensor):
-                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(tensor_bytes(value))
             else:
                 digest.update(repr(value).encode())
         self._fingerprint = digest.hexdigest()
@@ -83,6 +83,13 @@ class AudioTokenizer(ABC):
                 f"codes must lie in [0, {self.codebook_size}), got [{codes.min().item()}, {codes.max().item()}]"
             )
         return codes
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's memory as bytes, for hashing: numpy's for the dtypes it has, reinterpreted for bfloat16 (which
+    numpy lacks: a frozen part run in the mixed-precision dtype)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy().tobytes()
 
 
 def _as_mono(waveform: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,6 @@ class LatentSpace(AudioTokenizer):
     def normalized(self, mean: np.ndarray, std: np.ndarray) -> LatentSpace:
         """This space with latents (z - mean) / std, folded into its VAE."""
         dct = None if self.dct is None else {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
-        if self.audio_channels != 1:
-            raise ConfigError(
-                "the latent statistics are folded into mono VAEs only; keep a stereo VAE's latents as they are"
-            )
         return LatentSpace(fold_statistics(self.vae, mean, std), self.name, dct)
 
     @property
@@ -134,8 +130,10 @@ def clone_vae(vae):
     with torch.random.fork_rng(devices=[]):
         copied = type(vae).from_config(vae.config)
     copied.load_state_dict(vae.state_dict())
-    first = next(vae.parameters())  # a VAE run in the mixed-precision dtype stays in it
-    return copied.to(device=first.device, dtype=first.dtype).eval().requires_grad_(False)
+    first = next(vae.parameters())
+    if first.dtype != torch.float32:  # a VAE run in the mixed-precision dtype stays in it (diffusers warns on any cast)
+        copied = copied.to(first.dtype)
+    return copied.to(first.device).eval().requires_grad_(False)
 
 
 def load_latent_space(vae: str | None, sample_rate: int, hop_length: int, stats: dict | None = None) -> LatentSpace:

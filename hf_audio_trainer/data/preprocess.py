@@ -34,6 +34,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from hf_audio_trainer.codecs import AudioTokenizer
+from hf_audio_trainer.codecs.base import tensor_bytes
 from hf_audio_trainer.data.audio import decode_audio
 from hf_audio_trainer.errors import ConfigError
 
@@ -210,7 +211,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     """A hash of a network's weights (what its outputs depend on)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(name.encode() + tensor_bytes(tensor))
     return digest.hexdigest()
 
 

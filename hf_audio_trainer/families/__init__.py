@@ -16,12 +16,14 @@ from hf_audio_trainer.families.encodec_gan import ENCODEC_GAN
 from hf_audio_trainer.families.flow import FLOW
 from hf_audio_trainer.families.musicgen import MUSICGEN
 from hf_audio_trainer.families.musicgen_text import MUSICGEN_TEXT
+from hf_audio_trainer.families.stable_audio import STABLE_AUDIO
 
 FAMILIES: dict[str, Family] = {
     "musicgen": MUSICGEN,
     "musicgen_text": MUSICGEN_TEXT,
     "encodec_gan": ENCODEC_GAN,
     "flow": FLOW,
+    "stable_audio": STABLE_AUDIO,
 }
 
 

@@ -233,9 +233,9 @@ def check_flow_pipeline(source: str) -> None:
         raise ConfigError(f"--model_name_or_path {source}: its pipeline has no {', '.join(missing)}")
     if scheduler not in FLOW_SCHEDULERS:
         raise ConfigError(
-            f"--model_name_or_path {source} samples with {scheduler}: it was not trained with rectified flow (Stable "
-            "Audio Open is a v-objective model), so the flow objective would start it from a mismatch; fine-tune a "
-            "flow run's export"
+            f"--model_name_or_path {source} samples with {scheduler}: it was not trained with rectified flow, so the "
+            "flow objective would start it from a mismatch; fine-tune a flow run's export (Stable Audio Open, a "
+            "v-objective model: the stable_audio family)"
         )
 
 
@@ -320,6 +320,12 @@ def latent_space_for(run, clips: Dataset, source: str | None) -> tuple[LatentSpa
     from hf_audio_trainer.data.audio import decode_audio
 
     raw = load_latent_space(f.vae, f.sample_rate, f.latent_hop_length)
+    if raw.audio_channels != 1:  # its data, samples and FAD are mono
+        raise ConfigError(
+            f"--vae {f.vae} has {raw.audio_channels} audio channels; the flow family trains over a mono VAE (Stable "
+            "Audio Open's stereo one is fine-tuned with its own pipeline: --model_name_or_path "
+            "stabilityai/stable-audio-open-1.0, the stable_audio family)"
+        )
     rows = list(range(min(STATS_ROWS, len(clips))))
     audio = clips.select(rows)[cfg.data.audio_column]
     fit = 30 * raw.sample_rate  # the start of a long track is enough

@@ -5,26 +5,41 @@ run ends exactly where a straight one does. A new family adds its tiny settings 
 import pytest
 import torch
 
-from hf_audio_trainer import pretrain, train_codec
-from hf_audio_trainer.config import CodecConfig, PretrainConfig, resolve_config
+from hf_audio_trainer import finetune, pretrain, train_codec
+from hf_audio_trainer.config import CodecConfig, FinetuneConfig, PretrainConfig, resolve_config
 from hf_audio_trainer.families import FAMILIES
 from hf_audio_trainer.loop import DefaultStep
 from hf_audio_trainer.optim import build_optimization
 from hf_audio_trainer.stages.common import load_clips, shuffled_sampler, start_run
 from tests.e2e.test_codec import codec_run
-from tests.helpers import fit_small_tokenizer, flow_quick_run, max_abs_diff, quick_run, tiny_codec, weights
+from tests.helpers import (
+    fit_small_tokenizer,
+    flow_quick_run,
+    max_abs_diff,
+    quick_run,
+    stable_audio_quick_run,
+    tiny_codec,
+    tiny_stable_audio,
+    weights,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-STAGES = {"pretrain": (pretrain, PretrainConfig), "codec": (train_codec, CodecConfig)}
+STAGES = {
+    "pretrain": (pretrain, PretrainConfig),
+    "codec": (train_codec, CodecConfig),
+    "finetune": (finetune, FinetuneConfig),  # a family that only continues a checkpoint (stable_audio)
+}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    """The tokenizers the families' tiny runs use: mel k-means for musicgen, a tiny EnCodec for musicgen_text."""
+    """What the families' tiny runs start from: mel k-means for musicgen, a tiny EnCodec for musicgen_text, a tiny
+    Stable-Audio-Open-shaped pipeline for stable_audio."""
     return {
         "mel_kmeans": fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer")),
         "encodec": tiny_codec(tmp_path_factory.mktemp("codec")),
+        "stable_audio": tiny_stable_audio(tmp_path_factory.mktemp("stable_audio")),
     }
 
 
@@ -46,6 +61,10 @@ def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
         "encodec_gan": lambda: codec_run(output_dir, discriminator_start_step=1, learning_rate=3e-3),
         # the weight-free block DCT latents and a micro DiT; dropout on for the same reason as musicgen_text
         "flow": lambda: flow_quick_run(output_dir, condition_dropout=0.5),
+        # fine-tunes the tiny pipeline (its stereo VAE, its DiT's 32-frame windows); dropout on, as above
+        "stable_audio": lambda: stable_audio_quick_run(
+            tokenizer["stable_audio"], output_dir, condition_dropout=0.5, learning_rate=1e-2
+        ),
     }[name]()
     return {**settings, **overrides}
 
@@ -58,7 +77,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(name, tokenizer, tmp_path):
     with start_run(cfg, stage) as run:
         data = family.preprocess(run, load_clips(run))
         assert len(data.train) > 0 and len(data.validation) > 0
-        models = family.build_model(run, data, None)
+        models = family.build_model(run, data, cfg.model.model_name_or_path)  # None: a new model
         main = next(iter(models))
         sampler = shuffled_sampler(run, len(data.train))
         if family.optimizers is not None:

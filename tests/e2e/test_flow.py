@@ -12,7 +12,15 @@ import torch
 from hf_audio_trainer import align, finetune, pretrain
 from hf_audio_trainer.errors import ConfigError
 from hf_audio_trainer.trackers import read_metrics
-from tests.helpers import ROOT, fit_small_tokenizer, flow_quick_run, max_abs_diff, quick_run, weights
+from tests.helpers import (
+    ROOT,
+    fit_small_tokenizer,
+    flow_quick_run,
+    max_abs_diff,
+    quick_run,
+    tiny_stable_audio,
+    weights,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -130,6 +138,9 @@ def test_diffusion_dpo_raises_held_out_reward_accuracy(exported, tmp_path):
 def test_bad_flow_inputs_are_refused_before_training(exported, tmp_path):
     with pytest.raises(ConfigError, match="could not load an AutoencoderOobleck"):
         pretrain(flow_run(tmp_path / "a", vae=str(tmp_path), max_steps=2))
+    stereo = tiny_stable_audio(tmp_path / "sao") / "vae"  # Stable Audio Open's kind of VAE: stereo
+    with pytest.raises(ConfigError, match="has 2 audio channels; the flow family trains over a mono VAE"):
+        pretrain(flow_run(tmp_path / "a2", vae=str(stereo), max_steps=2))
     with pytest.raises(ConfigError, match=r"weighting_scheme='uniform': choose one of"):
         pretrain(flow_run(tmp_path / "b", weighting_scheme="uniform", max_steps=2))
     with pytest.raises(ConfigError, match="the musicgen family does not read them; they are the flow family's"):
@@ -148,7 +159,8 @@ def test_bad_flow_inputs_are_refused_before_training(exported, tmp_path):
     (edm / "model_index.json").write_text(
         json.dumps({**pipeline, "scheduler": ["diffusers", "CosineDPMSolverMultistepScheduler"]})
     )
-    with pytest.raises(ConfigError, match="not trained with rectified flow"):
+    with pytest.raises(ConfigError, match="--model_family flow, but .* with a CosineDPMSolverMultistepScheduler, which "
+                       "the stable_audio family trains"):  # fmt: skip
         finetune(flow_run(tmp_path / "e", model_name_or_path=str(edm), max_steps=2))
     assert not (tmp_path / "e" / "metrics.jsonl").exists()
     assert ROOT.is_dir()

@@ -218,7 +218,7 @@ def test_the_model_family_is_chosen_by_name_and_a_stage_it_cannot_run_is_refused
 
     assert parse_config([]).model.model_family == "musicgen"
     assert parse_config([], CodecConfig).model.model_family == "encodec_gan"
-    valid = r"\['encodec_gan', 'flow', 'musicgen', 'musicgen_text'\]"
+    valid = r"\['encodec_gan', 'flow', 'musicgen', 'musicgen_text', 'stable_audio'\]"
     with pytest.raises(ConfigError, match=rf"model_family='wavenet': choose one of {valid}"):
         parse_config(["--model_family", "wavenet"])
     # refused before any work: nothing is created in the output folder
@@ -391,10 +391,25 @@ def test_the_model_family_comes_from_the_checkpoints_own_class(tmp_path, monkeyp
             tmp_path, "comp", "config.json", {"architectures": ["MusicgenForConditionalGeneration"]}
         ),  # fmt: skip
         "flow": checkpoint_folder(tmp_path, "flow", "model_index.json", flow_index),
+        "stable_audio": checkpoint_folder(  # Stable Audio Open 1.0's model_index.json
+            tmp_path,
+            "sao",
+            "model_index.json",
+            {**flow_index, "scheduler": ["diffusers", "CosineDPMSolverMultistepScheduler"]},
+        ),  # fmt: skip
     }
     for family, folder in folders.items():
         assert parse_config(["--model_name_or_path", folder], FinetuneConfig).model.model_family == family
         assert resolve_config({"model_name_or_path": folder}, AlignConfig).model.model_family == family
+    # and its own recipe defaults, the command line's and a notebook's alike (Stable Audio Open's training)
+    sao = ["--model_name_or_path", folders["stable_audio"]]
+    for cfg in (parse_config(sao, FinetuneConfig, str(RECIPE_CONFIGS / "finetune.yaml")),
+                resolve_config({"model_name_or_path": folders["stable_audio"]}, FinetuneConfig)):  # fmt: skip
+        assert (cfg.optim.learning_rate, cfg.optim.lr_scheduler_type, cfg.ema.ema_decay) == (
+            5e-5,
+            "inverse_sqrt",
+            0.9999,
+        )
     codec = checkpoint_folder(tmp_path, "codec", "config.json", {"architectures": ["EncodecModel"]})
     assert parse_config(["--model_name_or_path", codec], CodecConfig).model.model_family == "encodec_gan"
     with pytest.raises(ConfigError, match="the encodec_gan family cannot run the finetune stage"):

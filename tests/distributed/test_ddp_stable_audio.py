@@ -1,0 +1,55 @@
+"""The stable_audio family on two real CPU processes: fine-tuning a tiny Stable-Audio-Open-shaped pipeline (with EMA
+and condition dropout) under DDP and DeepSpeed ZeRO-3, and a LoRA fine-tune under DDP, end where one process with the
+same global batch does. Noise, times, windows and dropout are drawn per example from (seed, epoch, row), not per rank,
+so the runs are the same computation."""
+
+import pytest
+
+from hf_audio_trainer import finetune
+from hf_audio_trainer.config import FinetuneConfig, parse_config
+from tests.distributed.test_ddp_flow import check_ran, run_two, strategy_param
+from tests.helpers import ROOT, as_flags, max_abs_diff, stable_audio_quick_run, tiny_stable_audio, weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
+
+PORT_OFFSET = 10  # beside the flow family's ports
+
+
+def settings(source, output_dir, **overrides) -> dict:
+    return stable_audio_quick_run(
+        source, output_dir, synthetic_num_clips=20, max_steps=3, save_steps=3, condition_dropout=0.3, ema=True,
+        ema_decay=0.5, learning_rate=1e-2, **overrides,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, one_torch_thread):
+    """The one-process references (per-device batch 4 = 2 processes x 2), read as recipes/finetune.py reads flags."""
+    root = tmp_path_factory.mktemp("stable-audio-ddp")
+    source = tiny_stable_audio(root / "source")
+    recipe = str(ROOT / "recipes" / "configs" / "finetune.yaml")
+    for name, extra in (("single", {}), ("single-lora", {"use_peft": True, "lora_dropout": 0.0})):
+        flags = as_flags(settings(source, root / name, per_device_train_batch_size=4, **extra))
+        finetune(parse_config(flags, FinetuneConfig, recipe))
+    return root, source
+
+
+@pytest.mark.parametrize("strategy", [strategy_param(s) for s in ("ddp", "zero3")])
+def test_two_processes_fine_tune_like_one(single, strategy):
+    root, source = single
+    out = root / strategy
+    run_two(strategy, "recipes/finetune.py", settings(source, out, per_device_train_batch_size=2), PORT_OFFSET)
+    check_ran(out, strategy)
+    assert max_abs_diff(weights(out), weights(root / "single")) < 2e-5
+    assert max_abs_diff(weights(out / "ema"), weights(root / "single" / "ema")) < 2e-5
+    assert max_abs_diff(weights(root / "single"), weights(source)) > 1e-3  # it trained
+
+
+def test_two_processes_lora_fine_tune_like_one(single):
+    root, source = single
+    out = root / "ddp-lora"
+    lora = {"use_peft": True, "lora_dropout": 0.0}
+    run_two("ddp", "recipes/finetune.py", settings(source, out, per_device_train_batch_size=2, **lora), PORT_OFFSET + 1)
+    check_ran(out, "ddp")
+    assert max_abs_diff(weights(out), weights(root / "single-lora")) < 2e-5
+    assert (out / "transformer_lora" / "adapter_model.safetensors").is_file()
