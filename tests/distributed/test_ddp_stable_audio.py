@@ -1,7 +1,7 @@
 """The stable_audio family on two real CPU processes: fine-tuning a tiny Stable-Audio-Open-shaped pipeline (with EMA
-and condition dropout) under DDP and DeepSpeed ZeRO-3, and a LoRA fine-tune under DDP, end where one process with the
-same global batch does. Noise, times, windows and dropout are drawn per example from (seed, epoch, row), not per rank,
-so the runs are the same computation."""
+and condition dropout) under DDP, DeepSpeed ZeRO-3 and FSDP2, and a LoRA fine-tune under DDP, end where one process
+with the same global batch does. Noise, times, windows and dropout are drawn per example from (seed, epoch, row), not
+per rank, so the runs are the same computation."""
 
 import pytest
 
@@ -34,7 +34,7 @@ def single(tmp_path_factory, one_torch_thread):
     return root, source
 
 
-@pytest.mark.parametrize("strategy", [strategy_param(s) for s in ("ddp", "zero3")])
+@pytest.mark.parametrize("strategy", [strategy_param(s) for s in ("ddp", "zero3", "fsdp2")])
 def test_two_processes_fine_tune_like_one(single, strategy):
     root, source = single
     out = root / strategy

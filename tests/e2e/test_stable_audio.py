@@ -189,6 +189,20 @@ def test_lora_and_full_fine_tunes_keep_t5_and_the_vae_and_export_stereo_pipeline
     print(f"sizes on disk: {sizes} (source {size_mb(source):.3f} MB)")
 
 
+def test_accumulation_2x2_equals_4x1_and_a_curriculum_runs(source, tmp_path):
+    a = stable_audio_quick_run(source, tmp_path / "2x2", max_steps=3, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=2, condition_dropout=0.5, learning_rate=1e-2)  # fmt: skip
+    b = {**a, "output_dir": str(tmp_path / "4x1"), "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+    finetune(a)
+    finetune(b)
+    assert max_abs_diff(weights(tmp_path / "2x2"), weights(tmp_path / "4x1")) < 1e-6
+    assert max_abs_diff(weights(tmp_path / "2x2"), weights(source)) > 1e-3
+    assert read_metrics(tmp_path / "2x2")[-1]["train/null_condition"] > 0  # dropout drew the null condition
+    paced = stable_audio_quick_run(source, tmp_path / "curriculum", max_steps=2, difficulty_method="acoustic",
+                                   curriculum="linear", curriculum_steps=2)  # fmt: skip
+    assert finetune(paced).global_step == 2
+
+
 def test_under_bf16_the_frozen_parts_run_in_bf16_and_are_exported_unchanged(source, tmp_path, capsys):
     out = tmp_path / "bf16"
     finetune(stable_audio_quick_run(source, out, max_steps=2, mixed_precision="bf16", use_peft=True))
@@ -198,21 +212,29 @@ def test_under_bf16_the_frozen_parts_run_in_bf16_and_are_exported_unchanged(sour
     assert audio.shape == (2, RATE) and torch.isfinite(audio).all()
 
 
-def test_align_runs_diffusion_dpo_and_exports_the_source_pipeline(source, tmp_path):
+def test_diffusion_dpo_with_the_v_objective_separates_chosen_from_rejected_and_exports_the_pipeline(source, tmp_path):
+    """align from the pipeline alone (align_stable_audio.yaml's beta 2000): the chosen members' v error falls below the
+    rejected ones' against the frozen reference, on the training pairs and the held-out ones; with the reference's
+    terms precomputed it runs too."""
+    settings = {
+        "model_name_or_path": str(source), "report_to": "none", "synthetic_num_pairs": 18, "max_steps": 60,
+        "eval_steps": 60, "eval_on_start": True, "save_steps": 1000, "logging_steps": 10,
+        "per_device_train_batch_size": 8, "max_duration_seconds": 1.0, "learning_rate": 1e-3, "warmup_steps": 0,
+    }  # fmt: skip
     out = tmp_path / "align"
-    result = align({
-        "model_name_or_path": str(source), "output_dir": str(out), "report_to": "none", "synthetic_num_pairs": 16,
-        "max_steps": 3, "eval_steps": 3, "save_steps": 1000, "logging_steps": 1, "per_device_train_batch_size": 4,
-        "max_duration_seconds": 1.0, "learning_rate": 1e-2,
-    })  # fmt: skip
-    assert result.global_step == 3
+    assert align({**settings, "output_dir": str(out)}).global_step == 60
     config = json.loads((out / "run_config.json").read_text())
-    assert config["model_family"] == "stable_audio" and config["beta"] == 2000.0  # align_stable_audio.yaml
-    evals = [m for m in read_metrics(out) if "eval/rewards/accuracies" in m]
-    assert evals and np.isfinite(evals[-1]["eval/loss"])
+    assert config["model_family"] == "stable_audio" and config["beta"] == 2000.0
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if "eval/rewards/margins" in m]
+    assert [m["step"] for m in evals] == [0, 60] and evals[0]["eval/rewards/margins"] == 0  # the policy starts as it
+    assert evals[-1]["eval/rewards/margins"] > 0 and evals[-1]["eval/loss"] < 0.6931
+    assert [m["train/loss"] for m in metrics if "train/loss" in m][-1] < 0.6931
     assert files(out) == files(source) and max_abs_diff(weights(out), weights(source)) > 0
     audio, _ = generate(out)
     assert audio.shape == (2, RATE)
+    precomputed = {**settings, "output_dir": str(tmp_path / "precomputed"), "max_steps": 2, "eval_steps": 2}
+    assert align({**precomputed, "precompute_ref_log_probs": True}).global_step == 2
 
 
 def stereo_folder(folder: Path, channels: int = 2, rate: int = 48000, count: int = 6) -> Path:
