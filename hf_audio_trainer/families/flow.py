@@ -683,9 +683,10 @@ def save_parts(run, data: LatentData, folder: Path) -> None:
 
 
 def export(run, data: LatentData, models, folder: Path) -> None:
-    """A `StableAudioPipeline` folder: the DiT and conditioners (gathered under FSDP / ZeRO-3), the frozen text
-    encoder and tokenizer, the normalised VAE, a flow scheduler."""
-    ckpt.save_final_model(run.accelerator, models["model"], folder, lambda f: save_parts(run, data, f))
+    """A `StableAudioPipeline` folder: the DiT and conditioners (gathered under FSDP / ZeRO-3; LoRA adapters merged
+    in), the frozen text encoder and tokenizer, the normalised VAE, a flow scheduler."""
+    lora = getattr(run.cfg, "finetune", None) is not None and run.cfg.finetune.use_peft
+    ckpt.save_final_model(run.accelerator, models["model"], folder, lambda f: save_parts(run, data, f), merge_lora=lora)
 
 
 def checkpoint_files(run, data: LatentData, models, folder: Path) -> None:

@@ -120,6 +120,20 @@ def test_finetune_at_lr_0_exports_the_input_and_a_resumed_finetune_reads_the_che
         assert a.read_bytes() == b.read_bytes()
 
 
+def test_a_lora_fine_tune_exports_a_pipeline_with_the_adapters_merged(exported, tmp_path):
+    """--use_peft: the export is a StableAudioPipeline whose DiT holds the merged adapters (it used to be a bare peft
+    adapter folder that diffusers could not load)."""
+    from diffusers import StableAudioPipeline
+
+    out = tmp_path / "lora"
+    finetune(flow_run(out, model_name_or_path=str(exported), max_steps=2, use_peft=True, high_quality_only=False))
+    assert not (out / "adapter_model.safetensors").exists()
+    trained = weights(out)
+    assert not any("lora" in k for k in trained) and trained.keys() == weights(exported).keys()
+    assert max_abs_diff(trained, weights(exported)) > 0
+    assert type(StableAudioPipeline.from_pretrained(out).transformer).__name__ == "StableAudioDiTModel"
+
+
 def test_diffusion_dpo_raises_held_out_reward_accuracy(exported, tmp_path):
     out = tmp_path / "align"
     result = align({
