@@ -211,7 +211,8 @@ def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the
     out = tmp_path / "run"
     pretrain(settings(tokenizer, out, max_steps=4, save_steps=2, eval_steps=2, ema=True))
     exported = {"config.json", "generation_config.json", "model.safetensors", "tokenizer"}
-    assert exported | {"best", "ema", "checkpoint-2", "checkpoint-4"} <= set(names(out)), names(out)
+    assert exported | {"best", "ema", "checkpoint-2", "checkpoint-4", "frozen"} <= set(names(out)), names(out)
+    old_frozen = json.loads((out / "frozen" / "frozen.json").read_text())["id"]
     (out / "superseded-20250101-000000" / "checkpoint-6").mkdir(parents=True)  # what a rollback set aside
     (out / "superseded-20250101-000000" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
     (out / "notes.txt").write_text("the user's own file")
@@ -229,6 +230,8 @@ def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the
         pretrain(settings(tokenizer, out, max_steps=4, save_steps=1, overwrite_output_dir=True))
     # nothing of the old run is left to pass for the new run's: no best/ or ema/, no final model, no checkpoints set
     # aside; the user's own files stay
-    kept = {"checkpoint-1", "metrics.jsonl", "run_config.json", "notes.txt", "samples", ".lock"}
+    kept = {"checkpoint-1", "frozen", "metrics.jsonl", "run_config.json", "notes.txt", "samples", ".lock"}
     assert set(names(out)) == kept, names(out)
+    new_frozen = json.loads((out / "frozen" / "frozen.json").read_text())["id"]  # the new run's frozen parts
+    assert new_frozen != old_frozen and verify_checkpoint(out / "checkpoint-1")["frozen"] == new_frozen
     assert (out / "samples" / "reference.wav").read_bytes() == b"RIFF"
