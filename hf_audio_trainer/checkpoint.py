@@ -42,6 +42,7 @@ _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
 WRITING, DELETING = ".tmp-", ".deleting-"
 FROZEN = "frozen"  # the run's frozen parts, stored once beside its checkpoints
 FROZEN_STATE = "frozen.json"  # its id and files, written last: its presence marks the folder complete
+JOINED = "frozen_joined"  # in best/'s record: the id of the frozen/ it joined in
 
 
 @dataclass
@@ -455,6 +456,14 @@ def frozen_parts_of(checkpoint: str | os.PathLike, state: dict | None = None) ->
     )
 
 
+def stored_id(output_dir: str | os.PathLike) -> str | None:
+    """The id of the frozen/ in output_dir; None if there is none."""
+    try:
+        return json.loads((Path(output_dir) / FROZEN / FROZEN_STATE).read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def write_frozen(
     output_dir: str | os.PathLike, weights: list[dict], save_files: Callable[[Path], None] | None
 ) -> str | None:
@@ -486,7 +495,8 @@ def write_frozen(
 
 def join_frozen(folder: Path, store: Path) -> None:
     """Make a copied checkpoint stand alone: the files of its frozen parts (`store`) copied in, each network's frozen
-    weights merged into its model file, and its record saying so (no frozen/ id; weights "all")."""
+    weights merged into its model file, and its record saying so (weights "all", the frozen/ id as the one it joined:
+    a rollback to it goes on with the same frozen/, which the run's other checkpoints name)."""
     state = json.loads((folder / STATE_FILE).read_text())
     if state.get(FROZEN) is None:
         return
@@ -501,7 +511,7 @@ def join_frozen(folder: Path, store: Path) -> None:
                 merged = {**load_file(str(rest)), **load_file(str(model_file))}
                 save_file(merged, str(model_file), metadata={"format": "pt"})
         state[WEIGHTS] = "all"
-    del state[FROZEN]
+    state[JOINED] = state.pop(FROZEN)
     files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
     files.pop(STATE_FILE, None)
     (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=2))
@@ -577,8 +587,9 @@ class Checkpointer:
         if self.ema is not None and not ema_file.is_file():
             raise ConfigError(f"{path} has no {ema_file.name}: it was trained without --ema; resume without it")
         frozen = frozen_parts_of(path, state) if frozen is None else frozen
-        if state.get(FROZEN) is not None and frozen.resolve() == (self.out / FROZEN).resolve():
-            self.reusable = state[FROZEN]  # the run goes on in its own folder: its frozen/ serves the next saves
+        recorded = state.get(FROZEN, state.get(JOINED))
+        if recorded is not None and stored_id(self.out) == recorded:
+            self.reusable = recorded  # the run goes on in its own folder: its frozen/ serves the next saves
         try:
             load_checkpoint(self.accelerator, path, state, frozen)
         except RuntimeError as err:

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from hf_audio_trainer import pretrain
-from hf_audio_trainer.checkpoint import Checkpointer, list_checkpoints, resolve_resume, verify_checkpoint
+from hf_audio_trainer.checkpoint import (
+    Checkpointer,
+    frozen_parts_of,
+    list_checkpoints,
+    resolve_resume,
+    verify_checkpoint,
+)
 from hf_audio_trainer.hub import _STAGING_PREFIX
 from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
 
@@ -50,6 +56,7 @@ def test_rolling_back_sets_the_abandoned_checkpoints_aside_and_latest_follows_th
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     assert verify_checkpoint(out / "best")["global_step"] == 4
     abandoned = weights(out)  # its final model, of step 8
+    frozen = (out / "frozen" / "frozen.json").read_text()
     capsys.readouterr()
     # the usual answer to a spike: back to step 4 with a lower --learning_rate (its checkpoints record it: that tells
     # them from the abandoned run's); this run saves at 5 and 6 (it is stopped there, as a preempted run would be,
@@ -75,6 +82,9 @@ def test_rolling_back_sets_the_abandoned_checkpoints_aside_and_latest_follows_th
     assert verify_checkpoint(aside / "checkpoint-8")["config"]["learning_rate"] == 2e-3
     assert max(json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()) == 8
     assert verify_checkpoint(out / "best")["global_step"] == 4  # best/ is the step the new run grew from
+    # the run's frozen parts serve on, for the new run's checkpoints and for those set aside (found one level up)
+    assert (out / "frozen" / "frozen.json").read_text() == frozen
+    assert frozen_parts_of(aside / "checkpoint-8") == out / "frozen" == frozen_parts_of(out / "checkpoint-5")
     # and `latest` goes on from the new run's step 6, setting nothing more aside
     pretrain(settings(tokenizer, out, max_steps=7, save_steps=1, learning_rate=5e-4, resume_from_checkpoint="latest"))
     assert f"Resumed from {out / 'checkpoint-6'} at step 6" in capsys.readouterr().out
