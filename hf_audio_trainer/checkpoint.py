@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +28,7 @@ from hf_audio_trainer.distributed import broadcast_object
 from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.errors import ConfigError, ExistsError, MissingError, WriteError, check
 from hf_audio_trainer.hub import HubPusher
-from hf_audio_trainer.models import merged_model, split_state_dict
+from hf_audio_trainer.models import WeightsDoNotFit, load_entries, merged_model, split_state_dict
 from hf_audio_trainer.trackers import truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -316,10 +315,6 @@ def check_files(folder: Path, files: dict[str, int], what: str, fix: str) -> Non
 WEIGHTS = "weights"
 
 
-class WeightsDoNotFit(RuntimeError):
-    """A checkpoint's weights are not exactly what this run's model trains (and holds frozen)."""
-
-
 def load_checkpoint(
     accelerator: Accelerator, checkpoint: str | os.PathLike, state: dict | None = None, frozen: Path | None = None
 ) -> dict:
@@ -356,29 +351,6 @@ def load_checkpoint(
 def weights_name(stem: str, index: int) -> str:
     """accelerate's file names, one per network: model.safetensors, model_1.safetensors ..."""
     return f"{stem}_{index}.safetensors" if index else f"{stem}.safetensors"
-
-
-def load_entries(model, trained: dict, frozen: dict, split: bool) -> None:
-    """Copy saved entries into `model`: `trained` must be exactly its trained entries and `frozen` the rest (`split`),
-    or `trained` all of them, each of its shape; `WeightsDoNotFit` names what differs."""
-    want_trained, want_frozen = split_state_dict(model)
-    if split:
-        checks = [("trained", trained, want_trained), ("frozen", frozen, want_frozen)]
-    else:
-        checks = [("saved", trained, {**want_trained, **want_frozen})]
-    problems = []
-    for what, got, want in checks:
-        missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-        other = sorted(n for n in want.keys() & got.keys() if got[n].shape != want[n].shape)
-        for names, label in ((missing, "missing"), (unexpected, "unexpected"), (other, "of another shape")):
-            if names:
-                problems.append(f"{len(names)} {what} weight(s) {label} (e.g. {names[:3]})")
-    if problems:
-        raise WeightsDoNotFit("; ".join(problems))
-    live = {**want_trained, **want_frozen}
-    with torch.no_grad():
-        for name, value in {**frozen, **trained}.items():
-            live[name].copy_(value)
 
 
 def save_final_model(

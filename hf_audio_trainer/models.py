@@ -1,5 +1,5 @@
 """What a stage does to any model: load it with every weight accounted for, freeze parameters, add LoRA adapters
-(peft) and merge them, tell what trains from what is frozen, count parameters."""
+(peft) and merge them, tell what trains from what is frozen and load each back, count parameters."""
 
 from __future__ import annotations
 
@@ -169,6 +169,35 @@ def split_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], d
         seen.add(storage)
         parts[name not in trained][name] = tensor
     return parts
+
+
+class WeightsDoNotFit(RuntimeError):
+    """Saved weights are not exactly what a model trains (and holds frozen)."""
+
+
+def load_entries(
+    model: torch.nn.Module, trained: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], split: bool
+) -> None:
+    """Copy saved entries into `model`: `trained` must be exactly its trained entries and `frozen` the rest (`split`),
+    or `trained` all of them, each of its shape; `WeightsDoNotFit` names what differs."""
+    want_trained, want_frozen = split_state_dict(model)
+    if split:
+        checks = [("trained", trained, want_trained), ("frozen", frozen, want_frozen)]
+    else:
+        checks = [("saved", trained, {**want_trained, **want_frozen})]
+    problems = []
+    for what, got, want in checks:
+        missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        other = sorted(n for n in want.keys() & got.keys() if got[n].shape != want[n].shape)
+        for names, label in ((missing, "missing"), (unexpected, "unexpected"), (other, "of another shape")):
+            if names:
+                problems.append(f"{len(names)} {what} weight(s) {label} (e.g. {names[:3]})")
+    if problems:
+        raise WeightsDoNotFit("; ".join(problems))
+    live = {**want_trained, **want_frozen}
+    with torch.no_grad():
+        for name, value in {**frozen, **trained}.items():
+            live[name].copy_(value)
 
 
 def num_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from hf_audio_trainer import checkpoint as ckpt
-from hf_audio_trainer.checkpoint import load_entries
 from hf_audio_trainer.errors import WriteError
-from hf_audio_trainer.models import split_state_dict, trained_names
+from hf_audio_trainer.models import WeightsDoNotFit, load_entries, split_state_dict, trained_names
 from hf_audio_trainer.output_folder import remove_run_outputs
 
 
@@ -157,8 +156,8 @@ def test_loading_needs_exactly_the_trained_and_the_frozen_entries_of_the_model()
     assert torch.equal(target.head.weight, source.embed.weight)  # the tied name got it too
     # the same entries split otherwise (the codec frozen now): every shape fits, and still it is refused
     target.codec.requires_grad_(False)
-    with pytest.raises(ckpt.WeightsDoNotFit, match=r"3 trained weight\(s\) unexpected .* 3 frozen weight\(s\) missing"):
+    with pytest.raises(WeightsDoNotFit, match=r"3 trained weight\(s\) unexpected .* 3 frozen weight\(s\) missing"):
         load_entries(target, trained, frozen, True)
     wrong = {**trained, "embed.weight": torch.zeros(6, 2)}
-    with pytest.raises(ckpt.WeightsDoNotFit, match=r"1 saved weight\(s\) of another shape \(e.g. \['embed.weight'\]\)"):
+    with pytest.raises(WeightsDoNotFit, match=r"1 saved weight\(s\) of another shape \(e.g. \['embed.weight'\]\)"):
         load_entries(Net(), {**wrong, **frozen}, {}, False)
