@@ -1,4 +1,9 @@
-"""Checkpoints that are never half-written: save, find the latest, rotate, resume, export the final model."""
+"""Checkpoints that are never half-written: save, find the latest, rotate, resume, export the final model.
+
+A checkpoint holds what trains (weights or adapters, optimizer, scheduler, RNG, EMA); a run's frozen parts (a text
+encoder, a VAE or codec, a LoRA's base weights, the files that make a model folder) are stored once, in its `frozen/`
+folder, which each checkpoint names and `best/` joins back in.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from hf_audio_trainer.distributed import broadcast_object
 from hf_audio_trainer.ema import EMA
 from hf_audio_trainer.errors import ConfigError, ExistsError, MissingError, WriteError, check
 from hf_audio_trainer.hub import HubPusher
-from hf_audio_trainer.models import merged_model
+from hf_audio_trainer.models import WeightsDoNotFit, load_entries, merged_model, split_state_dict
 from hf_audio_trainer.trackers import truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -34,6 +39,9 @@ _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
 # hidden folders of writes (checkpoints, best/, the final model, a Hub push's scratch export and staging copy: hub.py
 # names them `.tmp-hub-push-*`) and of deletes in progress; a kill leaves them behind, the next start sweeps them
 WRITING, DELETING = ".tmp-", ".deleting-"
+FROZEN = "frozen"  # the run's frozen parts, stored once beside its checkpoints
+FROZEN_STATE = "frozen.json"  # its id and files, written last: its presence marks the folder complete
+JOINED = "frozen_joined"  # in best/'s record: the id of the frozen/ it joined in
 
 
 @dataclass
@@ -172,12 +180,17 @@ def save_checkpoint(
     extra_save: Any = None,
     save_total_limit: int | None = None,
     rank_save: Any = None,
+    store_frozen: Callable[[list[dict]], dict] | None = None,
 ) -> Path:
     """Write checkpoint-{step} into a hidden folder, then rename it into place; rotate old ones.
 
     Holds everything for exact resumption: model, optimizer, scheduler, RNG states of every rank (accelerate's
-    save_state), plus `state` (step, data position ...) as JSON. `extra_save(folder)` adds files (the tokenizer)
-    from the main process, `rank_save(folder)` from every process (its own shards).
+    save_state), plus `state` (step, data position ...) as JSON. `extra_save(folder)` adds files from the main
+    process, `rank_save(folder)` from every process (its own shards).
+
+    `store_frozen(frozen)`: the weights then hold only what trains (`models.split_state_dict`, under the unwrapped
+    model's names); it receives the rest, one dict per network, stores it once per run (`Checkpointer`) and returns
+    the record that names the store. FSDP2 and DeepSpeed save their own shards, whole: it then receives nothing.
     """
     root = Path(output_dir)
     final, tmp = root / f"{PREFIX}{step}", root / f".tmp-{PREFIX}{step}"
@@ -185,8 +198,24 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+    record: dict[str, Any] = {}
+
+    def trained_only(models: list, weights: list[dict], folder: str) -> None:
+        frozen = []
+        for model, entries in zip(models, weights, strict=False):  # no weights: the strategy saves its own shards
+            trained, rest = split_state_dict(accelerator.unwrap_model(model))
+            entries.clear()
+            entries.update(trained)
+            frozen.append(rest)
+        record.update(store_frozen(frozen), **({WEIGHTS: "trained"} if weights else {}))
+
     with removed_on_failure(tmp, final.name, root):
-        accelerator.save_state(str(tmp))
+        hook = accelerator.register_save_state_pre_hook(trained_only) if store_frozen is not None else None
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            if hook is not None:
+                hook.remove()
         if rank_save is not None:
             rank_save(tmp)
         # every process has written its own files (RNG state, shards) before the manifest lists them and the folder
@@ -199,7 +228,7 @@ def save_checkpoint(
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             # the state file is written last: its presence marks the checkpoint complete
             with open(tmp / STATE_FILE, "w") as f:
-                json.dump({**state, "files": files}, f, indent=2)
+                json.dump({**state, **record, "files": files}, f, indent=2)
     if accelerator.is_main_process:
         _publish(tmp, final)  # every process's files are on disk before older checkpoints go
         if save_total_limit is not None:
@@ -265,21 +294,63 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {folder} is damaged: {STATE_FILE} cannot be read ({err}); {fix}") from None
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         raise ConfigError(f"checkpoint {folder} is damaged: {STATE_FILE} has no global_step; {fix}")
-    for name, size in state.get("files", {}).items():
+    check_files(folder, state.get("files", {}), f"checkpoint {folder}", fix)
+    return state
+
+
+def check_files(folder: Path, files: dict[str, int], what: str, fix: str) -> None:
+    """Every file of `files` (name: size when saved) is in `folder` with that size, or a ConfigError names it."""
+    for name, size in files.items():
         path = folder / name
         problem = "is missing" if not path.is_file() else None
         if problem is None and path.stat().st_size != size:
             problem = f"is truncated or altered ({path.stat().st_size} bytes, {size} when saved)"
         if problem:
-            raise ConfigError(f"checkpoint {folder} is damaged: {path} {problem}; {fix}")
-    return state
+            raise ConfigError(f"{what} is damaged: {path} {problem}; {fix}")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike, state: dict | None = None) -> dict:
-    """Restore model, optimizer, scheduler and RNG states; return the saved JSON state (`state`: already verified)."""
+# how a checkpoint's model files hold the weights, under the unwrapped model's names: "trained" (what trains; the
+# run's frozen/ folder holds the rest), "all" (best/, which joins them); unset: accelerate's own files (checkpoints
+# written before frozen/ existed, and FSDP2's and DeepSpeed's shards)
+WEIGHTS = "weights"
+
+
+def load_checkpoint(
+    accelerator: Accelerator, checkpoint: str | os.PathLike, state: dict | None = None, frozen: Path | None = None
+) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the saved JSON state (`state`: already verified).
+
+    `frozen`: where the checkpoint's frozen parts are (`frozen_parts_of`). A checkpoint of what trains is loaded
+    together with them, and must hold exactly this run's trained entries (`WeightsDoNotFit` otherwise): another set
+    of the same shapes (another --freeze_modules) would load and train the wrong weights.
+    """
+    checkpoint = Path(checkpoint)
     state = verify_checkpoint(checkpoint) if state is None else state
-    accelerator.load_state(str(checkpoint))
+    saved_as = state.get(WEIGHTS)
+    if saved_as is None:
+        accelerator.load_state(str(checkpoint))
+        return state
+    store = frozen_parts_of(checkpoint, state) if frozen is None else frozen
+
+    def load_weights(models: list, folder: str) -> None:
+        for i, model in enumerate(models):
+            saved = load_file(str(checkpoint / weights_name("model", i)))
+            rest = store / weights_name(FROZEN, i)
+            rest = load_file(str(rest)) if saved_as == "trained" and rest.is_file() else {}
+            load_entries(accelerator.unwrap_model(model), saved, rest, split=saved_as == "trained")
+        models.clear()  # loaded here; accelerate goes on with the optimizer, scheduler and RNG states
+
+    hook = accelerator.register_load_state_pre_hook(load_weights)
+    try:
+        accelerator.load_state(str(checkpoint))
+    finally:
+        hook.remove()
     return state
+
+
+def weights_name(stem: str, index: int) -> str:
+    """accelerate's file names, one per network: model.safetensors, model_1.safetensors ..."""
+    return f"{stem}_{index}.safetensors" if index else f"{stem}.safetensors"
 
 
 def save_final_model(
@@ -324,15 +395,111 @@ BEST = "best"
 
 
 def copy_to_best(accelerator: Accelerator, output_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
-    """Copy a checkpoint to output_dir/best, outside the last-K rotation; the old best goes only once the new is in."""
+    """Copy a checkpoint to output_dir/best, outside the last-K rotation; the old best goes only once the new is in.
+
+    best/ joins the run's frozen parts back in (`join_frozen`): it stands alone, as a model folder (a MusicGen's
+    loads with `from_pretrained`) and as a checkpoint to resume from, whatever becomes of the run's other folders.
+    """
     if accelerator.is_main_process:
         root = Path(output_dir)
         tmp, best = root / f".tmp-{BEST}", root / BEST
         shutil.rmtree(tmp, ignore_errors=True)
+        store = frozen_parts_of(checkpoint)
         with removed_on_failure(tmp, f"{BEST}/ (a copy of {Path(checkpoint).name})", root):
             shutil.copytree(checkpoint, tmp)
+            join_frozen(tmp, store)
         _publish(tmp, best)
     accelerator.wait_for_everyone()
+
+
+def frozen_parts_of(checkpoint: str | os.PathLike, state: dict | None = None) -> Path:
+    """Where a checkpoint's frozen parts are: its run's frozen/ folder, by the id the checkpoint records (beside it,
+    or one folder up for one a rollback set aside in superseded-*/), checked like a checkpoint; or the checkpoint
+    itself when it records none (written before frozen/ existed, or best/, which joins them in)."""
+    checkpoint = Path(checkpoint)
+    state = verify_checkpoint(checkpoint) if state is None else state
+    wanted = state.get(FROZEN)
+    if wanted is None:
+        return checkpoint
+    places = [checkpoint.parent / FROZEN, checkpoint.parent.parent / FROZEN]
+    for folder in places:
+        try:
+            record = json.loads((folder / FROZEN_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("id") == wanted:
+            fix = "copy that run's frozen/ folder in again, or start a new run"
+            check_files(folder, record.get("files", {}), f"the frozen parts {folder} of {checkpoint}", fix)
+            return folder
+    raise ConfigError(
+        f"{checkpoint} keeps its frozen parts (text encoder, VAE or codec, the weights it does not train) in its run's "
+        f"{FROZEN}/ folder, and none with its id {wanted} is in {' or '.join(str(p) for p in places)}: copy the "
+        f"checkpoint together with its run's {FROZEN}/ folder (beside it), or resume from that run's best/"
+    )
+
+
+def stored_id(output_dir: str | os.PathLike) -> str | None:
+    """The id of the frozen/ in output_dir; None if there is none."""
+    try:
+        return json.loads((Path(output_dir) / FROZEN / FROZEN_STATE).read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_frozen(
+    output_dir: str | os.PathLike, weights: list[dict], save_files: Callable[[Path], None] | None
+) -> str | None:
+    """Store a run's frozen parts in output_dir/frozen/, atomically as a checkpoint: the family's files
+    (`save_files(folder)`: a pipeline's text encoder and VAE, a model folder's config) and each network's frozen
+    entries (`weights`); returns the folder's new id, or None when there is nothing frozen (no folder)."""
+    root = Path(output_dir)
+    final, tmp = root / FROZEN, root / f"{WRITING}{FROZEN}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with removed_on_failure(tmp, f"{FROZEN}/", root):
+        if save_files is not None:
+            save_files(tmp)
+        for i, entries in enumerate(weights):
+            if entries:
+                tensors = {name: value.detach().cpu().contiguous() for name, value in entries.items()}
+                save_file(tensors, str(tmp / weights_name(FROZEN, i)), metadata={"format": "pt"})
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        if not files:
+            shutil.rmtree(tmp)
+            if final.exists():  # another run's, which a resume from elsewhere leaves behind
+                delete(final)
+            return None
+        key = secrets.token_hex(8)
+        (tmp / FROZEN_STATE).write_text(json.dumps({"id": key, "files": files}, indent=2))
+    _publish(tmp, final)
+    return key
+
+
+def join_frozen(folder: Path, store: Path) -> None:
+    """Make a copied checkpoint stand alone: the files of its frozen parts (`store`) copied in, each network's frozen
+    weights merged into its model file, and its record saying so (weights "all", the frozen/ id as the one it joined:
+    a rollback to it goes on with the same frozen/, which the run's other checkpoints name)."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state.get(FROZEN) is None:
+        return
+    for item in store.iterdir():
+        if item.name == FROZEN_STATE or _FROZEN_WEIGHTS.match(item.name) or (folder / item.name).exists():
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+    if state.get(WEIGHTS) == "trained":
+        for rest in store.iterdir():
+            if match := _FROZEN_WEIGHTS.match(rest.name):
+                model_file = folder / weights_name("model", int(match.group(1) or 0))
+                merged = {**load_file(str(rest)), **load_file(str(model_file))}
+                save_file(merged, str(model_file), metadata={"format": "pt"})
+        state[WEIGHTS] = "all"
+    state[JOINED] = state.pop(FROZEN)
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    files.pop(STATE_FILE, None)
+    (folder / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=2))
+
+
+_FROZEN_WEIGHTS = re.compile(rf"^{FROZEN}(?:_(\d+))?\.safetensors$")
 
 
 EMA_FILE = "ema.safetensors"  # the EMA state inside a checkpoint
@@ -358,10 +525,13 @@ class Checkpointer:
         push: str | None = None,
         final_ema: bool = False,
         model_settings: list[str] | None = None,
+        frozen_files: Callable[[Path], None] | None = None,
     ):
         """`config`: the run's flat settings, saved in every checkpoint; `model_settings` names those that shape the
         networks (a resume that does not fit names which differ). `push`: the Hub strategy when the run pushes
-        (`hub.HUB_STRATEGIES`), None when it does not; `final_ema`: the output folder holds the EMA weights."""
+        (`hub.HUB_STRATEGIES`), None when it does not; `final_ema`: the output folder holds the EMA weights.
+        `save_extras(folder)` adds files to every checkpoint; `frozen_files(folder)` writes the family's frozen parts,
+        stored once per run in frozen/ with the weights no checkpoint holds (`write_frozen`)."""
         self.settings, self.accelerator, self.ema, self.pusher = settings, accelerator, ema, pusher
         self.export, self.card = export, card  # export(folder, use_ema); card(folder, metrics)
         self.out = Path(output_dir)
@@ -372,9 +542,14 @@ class Checkpointer:
         self.metric = settings.metric_for_best_model or default
         self.best: dict = {}  # {"step", "value"} of the best checkpoint so far
         self.last_eval: dict = {}
+        self.frozen_files = frozen_files
+        self.frozen: dict | None = None  # what each checkpoint records of frozen/, once the first save stored it
+        self.reusable: str | None = None  # the id of the frozen/ in output_dir the resumed checkpoint already names
 
-    def resume(self, path: Path) -> int:
-        """Load a checkpoint into the prepared objects; returns its step. Mismatches are refused before loading."""
+    def resume(self, path: Path, frozen: Path | None = None) -> int:
+        """Load a checkpoint into the prepared objects; returns its step. Mismatches are refused before loading.
+
+        `frozen`: where its frozen parts are (`frozen_parts_of`, the main process's answer)."""
         state = verify_checkpoint(path)
         if state["global_batch_size"] != self.global_batch:
             raise ConfigError(
@@ -393,10 +568,14 @@ class Checkpointer:
         ema_file = path / self.ema_file()
         if self.ema is not None and not ema_file.is_file():
             raise ConfigError(f"{path} has no {ema_file.name}: it was trained without --ema; resume without it")
+        frozen = frozen_parts_of(path, state) if frozen is None else frozen
+        recorded = state.get(FROZEN, state.get(JOINED))
+        if recorded is not None and stored_id(self.out) == recorded:
+            self.reusable = recorded  # the run goes on in its own folder: its frozen/ serves the next saves
         try:
-            load_checkpoint(self.accelerator, path, state)
+            load_checkpoint(self.accelerator, path, state, frozen)
         except RuntimeError as err:
-            if not any(text in str(err) for text in LOAD_MISMATCH):
+            if not isinstance(err, WeightsDoNotFit) and not any(text in str(err) for text in LOAD_MISMATCH):
                 raise
             raise ConfigError(
                 f"{path} does not fit this run's model: "
@@ -470,12 +649,24 @@ class Checkpointer:
         sharded_ema = self.ema is not None and self.ema.sharded
         saved = save_checkpoint(
             self.accelerator, self.out, step, state, extras, self.settings.save_total_limit,
-            rank_save=shards if sharded_ema else None,
+            rank_save=shards if sharded_ema else None, store_frozen=self.store_frozen,
         )  # fmt: skip
         if is_best:
             copy_to_best(self.accelerator, self.out, saved)
         if self.push is not None and self.push != "end":
             self.push_model(self.last_eval, checkpoint=Path(saved), step=step)
+
+    def store_frozen(self, weights: list[dict]) -> dict:
+        """At the run's first save, its frozen parts (the family's files, `weights` each network does not train) go
+        into output_dir/frozen/, unless the resumed checkpoint's are already there; the record every checkpoint
+        keeps of them. On the main process (only it writes the checkpoint's record)."""
+        if self.frozen is None and self.accelerator.is_main_process:
+            key = self.reusable if self.reusable is not None else write_frozen(self.out, weights, self.frozen_files)
+            self.frozen = {FROZEN: key} if key is not None else {}
+            if key is not None and self.pusher is not None and self.push == "checkpoint":
+                # before any last-checkpoint/ that names it, so a resume from the Hub finds both
+                self.pusher.push(self.out / FROZEN, "Frozen parts of the run", path_in_repo=FROZEN)
+        return self.frozen or {}
 
     def push_model(self, metrics: dict, checkpoint: Path | None = None, step: int | None = None) -> Future | None:
         """Export the current model (and `ema/`) with a model card to a scratch folder and push that in the background.

@@ -1,5 +1,5 @@
 """What a stage does to any model: load it with every weight accounted for, freeze parameters, add LoRA adapters
-(peft) and merge them, count parameters."""
+(peft) and merge them, tell what trains from what is frozen and load each back, count parameters."""
 
 from __future__ import annotations
 
@@ -130,6 +130,76 @@ def merged_model(peft_model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     fresh = get_peft_model(twin, copy.deepcopy(peft_model.peft_config["default"]))
     fresh.load_state_dict({name: value.to("cpu") for name, value in state_dict.items()})
     return fresh.merge_and_unload()
+
+
+def trained_names(model: torch.nn.Module) -> set[str]:
+    """The state-dict entries training changes: the trainable parameters, and the buffers of the modules that train
+    (a codec's EMA codebooks, kept by a module without parameters inside a trained codec). A buffer belongs to the
+    nearest module around it that has parameters; it is frozen when all of that module's parameters are (a frozen
+    EnCodec's codebooks inside a MusicGen)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    has_params, trains = set(), set()
+    for name, param in params.items():
+        parts = name.split(".")[:-1]
+        for depth in range(len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            has_params.add(prefix)
+            if param.requires_grad:
+                trains.add(prefix)
+    names = {name for name, param in params.items() if param.requires_grad}
+    for name in model.state_dict(keep_vars=True):
+        if name in params:
+            continue
+        parts = name.split(".")[:-1]
+        owners = (".".join(parts[:depth]) for depth in range(len(parts), -1, -1))
+        owner = next((prefix for prefix in owners if prefix in has_params), None)
+        if owner is None or owner in trains:  # a model without parameters, or a buffer of a module that trains
+            names.add(name)
+    return names
+
+
+def split_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trained, frozen) entries of `model.state_dict()` (`trained_names`), each tensor under one name only: tied
+    weights (T5's shared embedding) keep their first name, as safetensors needs. The tensors share the model's
+    storage: copying into them loads the model."""
+    trained = trained_names(model)
+    seen, parts = set(), ({}, {})
+    for name, tensor in model.state_dict().items():
+        storage = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if tensor.numel() and storage in seen:
+            continue
+        seen.add(storage)
+        parts[name not in trained][name] = tensor
+    return parts
+
+
+class WeightsDoNotFit(RuntimeError):
+    """Saved weights are not exactly what a model trains (and holds frozen)."""
+
+
+def load_entries(
+    model: torch.nn.Module, trained: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], split: bool
+) -> None:
+    """Copy saved entries into `model`: `trained` must be exactly its trained entries and `frozen` the rest (`split`),
+    or `trained` all of them, each of its shape; `WeightsDoNotFit` names what differs."""
+    want_trained, want_frozen = split_state_dict(model)
+    if split:
+        checks = [("trained", trained, want_trained), ("frozen", frozen, want_frozen)]
+    else:
+        checks = [("saved", trained, {**want_trained, **want_frozen})]
+    problems = []
+    for what, got, want in checks:
+        missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        other = sorted(n for n in want.keys() & got.keys() if got[n].shape != want[n].shape)
+        for names, label in ((missing, "missing"), (unexpected, "unexpected"), (other, "of another shape")):
+            if names:
+                problems.append(f"{len(names)} {what} weight(s) {label} (e.g. {names[:3]})")
+    if problems:
+        raise WeightsDoNotFit("; ".join(problems))
+    live = {**want_trained, **want_frozen}
+    with torch.no_grad():
+        for name, value in {**frozen, **trained}.items():
+            live[name].copy_(value)
 
 
 def num_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

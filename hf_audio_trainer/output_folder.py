@@ -1,8 +1,8 @@
 """An output folder across runs: what killed runs left is swept, a run resumed from an earlier step sets the later
 steps aside, a new run starts clean of an old run's outputs.
 
-Only what this toolkit wrote is touched: checkpoints, best/, hidden `.tmp-*` / `.deleting-*` folders, `superseded-*`
-folders, and the names the final export recorded. The folder may hold the user's own files; they stay.
+Only what this toolkit wrote is touched: checkpoints, best/, frozen/, hidden `.tmp-*` / `.deleting-*` folders,
+`superseded-*` folders, and the names the final export recorded. The folder may hold the user's own files; they stay.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from hf_audio_trainer.checkpoint import BEST, DELETING, PREFIX, STATE_FILE, WRITING, delete, list_checkpoints
+from hf_audio_trainer.checkpoint import (
+    BEST,
+    DELETING,
+    FROZEN,
+    FROZEN_STATE,
+    PREFIX,
+    STATE_FILE,
+    WRITING,
+    delete,
+    list_checkpoints,
+)
 from hf_audio_trainer.trackers import METRICS_FILE
 
 FINAL_MODEL = ".final_model.json"  # what the final export wrote: {"step": N, "names": [top-level names]}
@@ -83,12 +93,15 @@ def _new_folder(root: Path, name: str) -> Path:
 
 def remove_run_outputs(output_dir: str | os.PathLike) -> None:
     """Delete an old run's outputs, for a new run in its folder (--overwrite_output_dir): its checkpoints, best/, its
-    final model (`ema/` included) and what a rollback set aside, so none can pass for the new run's."""
+    frozen parts (frozen/), its final model (`ema/` included) and what a rollback set aside, so none can pass for the
+    new run's."""
     root = Path(output_dir)
     old = [*list_checkpoints(root), *final_model(root)[1]]
     old += [path for path in root.glob(f"{SUPERSEDED}*") if _SUPERSEDED.match(path.name) and path.is_dir()]
     if (root / BEST / STATE_FILE).is_file():
         old.append(root / BEST)
+    if (root / FROZEN / FROZEN_STATE).is_file():
+        old.append(root / FROZEN)
     for path in [*old, root / FINAL_MODEL]:
         if path.exists() or path.is_symlink():
             delete(path)

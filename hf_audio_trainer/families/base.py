@@ -47,8 +47,13 @@ class Family:
     - `load_export(folder)` -> that library's model, loaded from an export (what users and the contract test do).
     - `describe(data, models)` -> the summary printed at start.
     - `headline`: the validation metric whose change the run reports at the end.
-    - `checkpoint_files(run, data, models, folder)` (optional): what a checkpoint needs beside the weights (the
-      tokenizer).
+    - `frozen_files(run, data, models, folder)` (optional): the family's frozen parts and the files that make a model
+      folder of the weights (a pipeline's text encoder, tokenizer, VAE and scheduler; a model's config and
+      processor). The run stores them once, in its `frozen/` folder, with the weights no checkpoint holds (frozen
+      parameters: a LoRA's base, a frozen T5 or codec inside the model); a resumed run's `preprocess` finds them at
+      `run.frozen`, and `best/` joins them in. A checkpoint holds only what trains.
+    - `checkpoint_files(run, data, models, folder)` (optional): files every checkpoint needs beside what trains
+      (none of the built-in families has any: what does not change belongs in `frozen_files`).
     - `optimizers(run, data, models, global_batch, max_steps)` (optional): (optimizers, schedulers), one per
       network; unset: one of each from the config's optim section.
     - `prepare(run, data, models, optimizers, schedulers)` (optional): `accelerator.prepare` for several networks.
@@ -88,6 +93,7 @@ class Family:
     load_export: Callable[..., Any]
     describe: Callable[..., str]
     headline: tuple[str, str] = ("eval/loss", "validation loss")
+    frozen_files: Callable[..., None] | None = None
     checkpoint_files: Callable[..., None] | None = None
     optimizers: Callable[..., Any] | None = None
     prepare: Callable[..., Any] | None = None

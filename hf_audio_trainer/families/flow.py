@@ -356,7 +356,8 @@ def preprocess(run, clips: dict[str, Dataset]) -> LatentData:
     """Latents of both splits (through the normalised VAE) and the frozen text encoder's states of their
     descriptions, computed once on the accelerator across ranks and cached."""
     cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
-    source = run.resume if run.resume is not None else cfg.model.model_name_or_path
+    # a resumed run reads its frozen parts where its checkpoint's are (the run's frozen/, or an older checkpoint)
+    source = run.frozen if run.resume is not None else cfg.model.model_name_or_path
     if source is not None and run.resume is None:
         check_flow_pipeline(str(source))
     if run.resume is not None:
@@ -689,8 +690,9 @@ def export(run, data: LatentData, models, folder: Path) -> None:
     ckpt.save_final_model(run.accelerator, models["model"], folder, lambda f: save_parts(run, data, f), merge_lora=lora)
 
 
-def checkpoint_files(run, data: LatentData, models, folder: Path) -> None:
-    """Beside a checkpoint's weights: what resuming needs to read the same latents and text states."""
+def frozen_files(run, data: LatentData, models, folder: Path) -> None:
+    """The frozen parts a run stores once (in its frozen/, never in a checkpoint): what resuming needs to read the
+    same latents and text states."""
     save_parts(run, data, folder)
 
 
@@ -747,7 +749,7 @@ def preferences(run) -> LatentData:
     """The pairs for `align`: TRL's format (a text `prompt`, `chosen` and `rejected` audio), or the embedded
     synthetic pairs (each clean clip's description; the clean clip chosen over a degraded copy), their audio encoded
     by the policy's VAE and their prompts by its frozen text encoder."""
-    source = run.resume or run.cfg.model.model_name_or_path
+    source = run.frozen if run.resume is not None else run.cfg.model.model_name_or_path
     if run.resume is None:
         check_flow_pipeline(str(source))
     text_encoder, tokenizer = text_parts(run, str(source))
@@ -851,7 +853,7 @@ FLOW = Family(
     export=export,
     load_export=load_export,
     describe=describe,
-    checkpoint_files=checkpoint_files,
+    frozen_files=frozen_files,
     preferences=preferences,
     sequence_logps=flow_sequence_logps,
     precompute_reference=precompute_reference,

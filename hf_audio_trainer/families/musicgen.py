@@ -272,7 +272,7 @@ def model_tokenizer(model_name_or_path: str) -> str:
 def prepare_tokenizer(run, train_set: Dataset) -> AudioTokenizer:
     """The checkpoint's tokenizer when resuming, a given one, or a mel k-means fitted on training clips."""
     cfg, accelerator = run.cfg, run.accelerator
-    source = run.resume / TOKENIZER_DIR if run.resume is not None else cfg.tokenizer.tokenizer
+    source = run.frozen / TOKENIZER_DIR if run.resume is not None else cfg.tokenizer.tokenizer
     if source is None and cfg.model.model_name_or_path is not None:  # a model keeps its tokenizer beside it
         source = model_tokenizer(cfg.model.model_name_or_path)
     if source is not None:
@@ -518,7 +518,7 @@ MUSICGEN = Family(
     export=export,
     load_export=MusicgenForCausalLM.from_pretrained,
     describe=describe,
-    checkpoint_files=lambda run, data, models, folder: save_tokenizer(data, folder),
+    frozen_files=lambda run, data, models, folder: save_tokenizer(data, folder),
     preferences=preferences,
     sequence_logps=sequence_logps,
     precompute_reference=precompute_reference,

@@ -344,9 +344,9 @@ def save_processor(data: TextCodesData, model, folder: Path) -> None:
     base.generation_config.save_pretrained(folder)
 
 
-def checkpoint_files(run, data: TextCodesData, models, folder: Path) -> None:
-    """Beside a checkpoint's weights: the config, generation config and processor, so a checkpoint (and `best/`) of
-    a full fine-tune also loads with `from_pretrained`."""
+def frozen_files(run, data: TextCodesData, models, folder: Path) -> None:
+    """Stored once per run (with the frozen T5 and EnCodec weights): the config, generation config and processor,
+    which `best/` joins in, so that it loads with `from_pretrained` (a full fine-tune's)."""
     model = run.accelerator.unwrap_model(models["model"])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.save_pretrained(folder)
@@ -387,7 +387,7 @@ MUSICGEN_TEXT = Family(
     export=export,
     load_export=load_export,
     describe=describe,
-    checkpoint_files=checkpoint_files,
+    frozen_files=frozen_files,
     preferences=preferences,
     sequence_logps=text_sequence_logps,
     precompute_reference=precompute_reference,

@@ -185,13 +185,14 @@ class PipelineData(LatentData):
 
 
 def sources(run) -> tuple[Path, Path]:
-    """(the pipeline's folder, the folder its frozen parts are read from: a resumed checkpoint's copy if it has
-    one, so a resume reads the latents and text states it was trained on)."""
+    """(the pipeline's folder, the folder its frozen parts are read from: on resume the run's own copy, `run.frozen`,
+    so a resume reads the latents and text states it was trained on)."""
     folder = local_pipeline(str(run.cfg.model.model_name_or_path))
     if run.resume is None:
         check_pipeline(folder, str(run.cfg.model.model_name_or_path))
         return folder, folder
-    return folder, run.resume if (run.resume / "model_index.json").is_file() else folder
+    frozen = Path(run.frozen)
+    return folder, frozen if (frozen / "model_index.json").is_file() else folder
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -437,8 +438,8 @@ def export(run, data: PipelineData, models, folder: Path) -> None:
     )  # fmt: skip
 
 
-def checkpoint_files(run, data: PipelineData, models, folder: Path) -> None:
-    """Beside a checkpoint's weights: the frozen parts, so a resume reads the same latents and text states."""
+def frozen_files(run, data: PipelineData, models, folder: Path) -> None:
+    """The run's frozen parts, stored once (`frozen/`): a resume reads the same latents and text states."""
     save_parts(data, folder)
 
 
@@ -482,7 +483,7 @@ STABLE_AUDIO = Family(
     export=export,
     load_export=load_export,
     describe=describe,
-    checkpoint_files=checkpoint_files,
+    frozen_files=frozen_files,
     preferences=preferences,
     sequence_logps=v_sequence_logps,
     precompute_reference=precompute_reference,

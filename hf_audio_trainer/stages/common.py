@@ -48,13 +48,16 @@ class RunResult:
 
 @dataclass
 class Run:
-    """One stage's run: its config, its accelerator, the checkpoint it resumes from (if any), its Hub pusher."""
+    """One stage's run: its config, its accelerator, the checkpoint it resumes from (if any), its Hub pusher, and
+    where that checkpoint's frozen parts are (`frozen`: its run's frozen/ folder, or the checkpoint itself when it
+    holds them: written before frozen/ existed, or best/), which a family's `preprocess` reads back."""
 
     cfg: StageConfig
     accelerator: Accelerator
     stage: str
     resume: Path | None = None
     pusher: HubPusher | None = None
+    frozen: Path | None = None
 
     @property
     def out(self) -> Path:
@@ -68,9 +71,10 @@ def start_run(cfg: StageConfig, stage: str) -> Iterator[Run]:
     t = cfg.training
     with stage_accelerator(t.output_dir, t.mixed_precision, t.gradient_accumulation_steps, cfg.logging.trackers) as acc:
         resume = prepare_output_dir(cfg, acc)
+        frozen = on_main(acc, lambda: ckpt.frozen_parts_of(resume)) if resume is not None else None
         pusher = start_pusher(cfg.hub, acc)
         try:
-            yield Run(cfg, acc, stage, resume, pusher)
+            yield Run(cfg, acc, stage, resume, pusher, frozen)
         finally:
             # still holding the lock: a run that stopped early (a signal, an error) ends its uploads, or drops them
             # after --hub_stop_timeout, before the next run may start here (a finished run has nothing left)
@@ -228,7 +232,7 @@ def train_model(
         extra = family.checkpoint_state(data) if family.checkpoint_state is not None else {}
         return {"sampler": sampler.state_at_step(step), "data": identity, **extra}
 
-    files = family.checkpoint_files
+    files, frozen_files = family.checkpoint_files, family.frozen_files
     datasets = [getattr(cfg.data, "dataset_name", None) or "synthetic"]
     flat = cfg.to_flat_dict()
     checkpointer = Checkpointer(
@@ -238,11 +242,12 @@ def train_model(
         card=model_card_writer(cfg.hub.hub_model_id, run.stage, base_model, datasets, flat, family.model_card),
         push=cfg.hub.hub_strategy if cfg.hub.push_to_hub else None, final_ema=cfg.ema.final_model == "ema",
         model_settings=cfg.model_settings(),
+        frozen_files=(lambda folder: frozen_files(run, data, models, folder)) if frozen_files else None,
     )  # fmt: skip
     start_step = 0
     if run.resume is not None:
         check_same_data(cfg, run.resume, identity)
-        start_step = checkpointer.resume(run.resume)
+        start_step = checkpointer.resume(run.resume, run.frozen)
         saved = ckpt.verify_checkpoint(run.resume)
         continue_at_new_learning_rate(run, saved, optimizers[0], schedulers[0], start_step)
         if hasattr(sampler, "micro_batches"):  # batches by duration: plan from the checkpoint's epoch, not epoch 0
@@ -385,7 +390,7 @@ def finish(run: Run, family: Family, checkpointer: Checkpointer, metrics: dict[s
     for failure in failures[:-1] if final_failed else failures:
         run.accelerator.print(f"Hub upload failed (the local files are complete): {failure}")
     if final_failed:
-        excluded = " ".join(f"--exclude '{pattern}'" for pattern in ("checkpoint-*", "best/*", ".*"))
+        excluded = " ".join(f"--exclude '{pattern}'" for pattern in ("checkpoint-*", "best/*", "frozen/*", ".*"))
         raise RemoteError(
             f"{failures[-1]}; the final model in {out} is complete: upload it with "
             f"`hf upload {cfg.hub.hub_model_id} {out} {excluded}`"

@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+from safetensors.torch import load_file
 
 from hf_audio_trainer import align, pretrain
 from hf_audio_trainer.config import AlignConfig, PretrainConfig, parse_config
@@ -56,8 +57,17 @@ def run_two(strategy: str, recipe: str, flags: dict, port_offset: int = 0) -> No
 
 
 def check_ran(folder, strategy: str) -> None:
-    state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
+    checkpoint = folder / "checkpoint-3"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["distributed_type"] == f"DistributedType.{STRATEGIES[strategy][2]}"
+    # the frozen T5 and VAE are stored once, in frozen/, under every strategy; under DDP the checkpoint's weights are
+    # what trains, under the unwrapped model's names (FSDP2 and ZeRO-3 save their own shards, whole)
+    assert not (checkpoint / "text_encoder").exists() and (folder / "frozen" / "text_encoder").is_dir()
+    if strategy == "ddp":
+        names = load_file(str(checkpoint / "model.safetensors")).keys()
+        assert state["weights"] == "trained" and not [n for n in names if n.startswith("module.") or "time_proj" in n]
+    else:
+        assert "weights" not in state
 
 
 def strategy_param(name: str):

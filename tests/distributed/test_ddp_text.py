@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+from safetensors.torch import load_file
 
 from hf_audio_trainer import align, finetune
 from hf_audio_trainer.config import AlignConfig, FinetuneConfig, parse_config
@@ -52,8 +53,15 @@ def test_two_processes_finetune_and_align_like_one(single, strategy):
     args = [*config, "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)]
     done = launch([*args, "recipes/finetune.py", *as_flags(settings)], env=env, timeout=400)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-    state = json.loads((root / strategy / "checkpoint-3" / "trainer_state.json").read_text())
+    checkpoint = root / strategy / "checkpoint-3"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["distributed_type"] == f"DistributedType.{distributed_type}"
+    if strategy == "ddp":  # what trains, under the unwrapped names; the frozen T5 and EnCodec once, in frozen/
+        names = load_file(str(checkpoint / "model.safetensors")).keys()
+        assert state["weights"] == "trained" and names and all(n.startswith(("decoder.", "enc_to_dec")) for n in names)
+        assert "text_encoder.shared.weight" in load_file(str(root / strategy / "frozen" / "frozen.safetensors"))
+    else:  # ZeRO-3 saves its own shards, whole
+        assert "weights" not in state
     assert max_abs_diff(weights(root / strategy), weights(root / "single")) < 2e-5
     assert max_abs_diff(weights(root / "single"), weights(root / "musicgen")) > 1e-4  # it really trained
 

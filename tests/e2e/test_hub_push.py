@@ -1,5 +1,6 @@
 """--push_to_hub through a real recipe run, against the fake Hub of tests/unit/test_hub.py (127.0.0.1 only)."""
 
+import json
 import threading
 import time
 
@@ -45,3 +46,20 @@ def test_a_run_pushes_at_every_save_and_trains_on_while_an_upload_hangs(hub, tmp
     assert "library_name: hf-audio-trainer" in card and "pretrain" in card and "train/loss" in card
     assert all(TOKEN.encode() not in data for c in hub.commits for data in c["files"].values())
     assert not (out / "run_config.json").read_text().count(TOKEN)
+
+
+def test_the_checkpoint_strategy_pushes_the_runs_frozen_parts_once_before_its_checkpoints(hub, tmp_path, monkeypatch):  # noqa: F811
+    """last-checkpoint/ names the run's frozen/ (its tokenizer here), which goes to the repo first and once, so a
+    download of the repo has both."""
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    tokenizer = fit_small_tokenizer(tmp_path / "tokenizer")
+    settings = dict(max_steps=4, save_steps=2, push_to_hub=True, hub_model_id=REPO, hub_token=TOKEN)
+    pretrain(quick_run(tokenizer, tmp_path / "run", hub_strategy="checkpoint", **settings))
+    messages = [c["message"] for c in hub.commits]
+    assert messages[0] == "Frozen parts of the run" and messages.count("Frozen parts of the run") == 1
+    frozen = hub.commits[0]["files"]
+    assert "frozen/frozen.json" in frozen and any(name.startswith("frozen/tokenizer/") for name in frozen)
+    pushed = [c["files"] for c in hub.commits if "last-checkpoint/trainer_state.json" in c["files"]]
+    assert pushed and not [name for name in pushed[-1] if name.startswith("last-checkpoint/tokenizer")]
+    state = json.loads(pushed[-1]["last-checkpoint/trainer_state.json"])
+    assert state["frozen"] == json.loads(frozen["frozen/frozen.json"])["id"]

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from hf_audio_trainer import pretrain
-from hf_audio_trainer.checkpoint import Checkpointer, list_checkpoints, resolve_resume, verify_checkpoint
+from hf_audio_trainer.checkpoint import (
+    Checkpointer,
+    frozen_parts_of,
+    list_checkpoints,
+    resolve_resume,
+    verify_checkpoint,
+)
 from hf_audio_trainer.hub import _STAGING_PREFIX
 from tests.helpers import fit_small_tokenizer, max_abs_diff, quick_run, weights
 
@@ -50,6 +56,7 @@ def test_rolling_back_sets_the_abandoned_checkpoints_aside_and_latest_follows_th
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     assert verify_checkpoint(out / "best")["global_step"] == 4
     abandoned = weights(out)  # its final model, of step 8
+    frozen = (out / "frozen" / "frozen.json").read_text()
     capsys.readouterr()
     # the usual answer to a spike: back to step 4 with a lower --learning_rate (its checkpoints record it: that tells
     # them from the abandoned run's); this run saves at 5 and 6 (it is stopped there, as a preempted run would be,
@@ -75,6 +82,9 @@ def test_rolling_back_sets_the_abandoned_checkpoints_aside_and_latest_follows_th
     assert verify_checkpoint(aside / "checkpoint-8")["config"]["learning_rate"] == 2e-3
     assert max(json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()) == 8
     assert verify_checkpoint(out / "best")["global_step"] == 4  # best/ is the step the new run grew from
+    # the run's frozen parts serve on, for the new run's checkpoints and for those set aside (found one level up)
+    assert (out / "frozen" / "frozen.json").read_text() == frozen
+    assert frozen_parts_of(aside / "checkpoint-8") == out / "frozen" == frozen_parts_of(out / "checkpoint-5")
     # and `latest` goes on from the new run's step 6, setting nothing more aside
     pretrain(settings(tokenizer, out, max_steps=7, save_steps=1, learning_rate=5e-4, resume_from_checkpoint="latest"))
     assert f"Resumed from {out / 'checkpoint-6'} at step 6" in capsys.readouterr().out
@@ -211,7 +221,8 @@ def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the
     out = tmp_path / "run"
     pretrain(settings(tokenizer, out, max_steps=4, save_steps=2, eval_steps=2, ema=True))
     exported = {"config.json", "generation_config.json", "model.safetensors", "tokenizer"}
-    assert exported | {"best", "ema", "checkpoint-2", "checkpoint-4"} <= set(names(out)), names(out)
+    assert exported | {"best", "ema", "checkpoint-2", "checkpoint-4", "frozen"} <= set(names(out)), names(out)
+    old_frozen = json.loads((out / "frozen" / "frozen.json").read_text())["id"]
     (out / "superseded-20250101-000000" / "checkpoint-6").mkdir(parents=True)  # what a rollback set aside
     (out / "superseded-20250101-000000" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
     (out / "notes.txt").write_text("the user's own file")
@@ -229,6 +240,8 @@ def test_overwrite_output_dir_starts_clean_of_the_old_runs_outputs_and_keeps_the
         pretrain(settings(tokenizer, out, max_steps=4, save_steps=1, overwrite_output_dir=True))
     # nothing of the old run is left to pass for the new run's: no best/ or ema/, no final model, no checkpoints set
     # aside; the user's own files stay
-    kept = {"checkpoint-1", "metrics.jsonl", "run_config.json", "notes.txt", "samples", ".lock"}
+    kept = {"checkpoint-1", "frozen", "metrics.jsonl", "run_config.json", "notes.txt", "samples", ".lock"}
     assert set(names(out)) == kept, names(out)
+    new_frozen = json.loads((out / "frozen" / "frozen.json").read_text())["id"]  # the new run's frozen parts
+    assert new_frozen != old_frozen and verify_checkpoint(out / "checkpoint-1")["frozen"] == new_frozen
     assert (out / "samples" / "reference.wav").read_bytes() == b"RIFF"

@@ -2,9 +2,11 @@ import errno
 import json
 
 import pytest
+import torch
 
 from hf_audio_trainer import checkpoint as ckpt
 from hf_audio_trainer.errors import WriteError
+from hf_audio_trainer.models import WeightsDoNotFit, load_entries, split_state_dict, trained_names
 from hf_audio_trainer.output_folder import remove_run_outputs
 
 
@@ -108,3 +110,54 @@ def test_a_delete_cut_short_by_a_kill_does_not_block_the_next_new_best(tmp_path,
     for step in (2, 4, 6):  # every later new best replaces best/
         ckpt.copy_to_best(accelerator, tmp_path, make(tmp_path, step))
         assert json.loads((tmp_path / "best" / ckpt.STATE_FILE).read_text())["global_step"] == step
+
+
+class Codebook(torch.nn.Module):
+    """Like EnCodec's codebook: EMA-trained buffers, no parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("embed", torch.randn(4, 2))
+        self.register_buffer("window", torch.ones(3), persistent=False)
+
+
+class Net(torch.nn.Module):
+    """A trained codec (a parameter and a parameter-less codebook), a frozen one, and a tied pair of weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.codec = torch.nn.Sequential(torch.nn.Linear(2, 2), Codebook())
+        self.frozen = torch.nn.Sequential(torch.nn.Linear(2, 2), Codebook()).requires_grad_(False)
+        self.embed, self.head = torch.nn.Embedding(5, 2), torch.nn.Linear(2, 5, bias=False)
+        self.head.weight = self.embed.weight
+        self.shared = torch.nn.Embedding(5, 2).requires_grad_(False)
+        self.tied = torch.nn.Embedding(5, 2)
+        self.tied.weight = self.shared.weight
+
+
+def test_what_trains_is_the_trainable_parameters_and_the_buffers_of_modules_that_train():
+    net = Net()
+    assert trained_names(net) == {
+        "codec.0.weight", "codec.0.bias", "codec.1.embed",  # a trained codec's codebook trains with it
+        "embed.weight", "head.weight",  # one parameter under two names
+    }  # fmt: skip
+    trained, frozen = split_state_dict(net)
+    assert set(trained) == {"codec.0.weight", "codec.0.bias", "codec.1.embed", "embed.weight"}  # each tensor once
+    assert set(frozen) == {"frozen.0.weight", "frozen.0.bias", "frozen.1.embed", "shared.weight"}
+    assert trained["embed.weight"].data_ptr() == net.embed.weight.data_ptr()  # the model's own storage
+
+
+def test_loading_needs_exactly_the_trained_and_the_frozen_entries_of_the_model():
+    source, target = Net(), Net()
+    trained, frozen = split_state_dict(source)
+    load_entries(target, {k: v.clone() for k, v in trained.items()}, {k: v.clone() for k, v in frozen.items()}, True)
+    loaded = target.state_dict()
+    assert all(torch.equal(value, loaded[name]) for name, value in source.state_dict().items())
+    assert torch.equal(target.head.weight, source.embed.weight)  # the tied name got it too
+    # the same entries split otherwise (the codec frozen now): every shape fits, and still it is refused
+    target.codec.requires_grad_(False)
+    with pytest.raises(WeightsDoNotFit, match=r"3 trained weight\(s\) unexpected .* 3 frozen weight\(s\) missing"):
+        load_entries(target, trained, frozen, True)
+    wrong = {**trained, "embed.weight": torch.zeros(6, 2)}
+    with pytest.raises(WeightsDoNotFit, match=r"1 saved weight\(s\) of another shape \(e.g. \['embed.weight'\]\)"):
+        load_entries(Net(), {**wrong, **frozen}, {}, False)
