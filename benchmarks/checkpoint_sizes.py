@@ -1,12 +1,14 @@
-"""Bytes of one checkpoint of a full and a LoRA fine-tune, flow and musicgen_text, on the tests' tiny models.
+"""Bytes of one checkpoint of a full and a LoRA fine-tune, flow, musicgen_text and stable_audio, on the tests' tiny
+models.
 
     python -m benchmarks.checkpoint_sizes [--output_dir DIR]    # from the repository root (it reuses tests/helpers)
 
 Fine-tunes the tests' tiny models 2 steps with a checkpoint at step 2: a flow pipeline (a micro DiT pretrained here
-for 2 steps over the block-DCT latents, with its T5) and a tiny Hub-layout MusicGen (T5 + EnCodec + decoder), each
-with all weights and with `--use_peft`. Prints the bytes of `checkpoint-2/`, of what it holds that is a frozen part
-(the pipeline's text_encoder/, tokenizer/, vae/; weights of the frozen T5, EnCodec or LoRA base), and of the run's
-`frozen/` folder (stored once per run; absent before this was added). Run it in two checkouts to compare them.
+for 2 steps over the block-DCT latents, with its T5), a tiny Hub-layout MusicGen (T5 + EnCodec + decoder) and a tiny
+Stable-Audio-Open-shaped pipeline (stereo VAE, v-objective scheduler), each with all weights and with `--use_peft`.
+Prints the bytes of `checkpoint-2/`, of what it holds that is a frozen part (the pipeline's text_encoder/, tokenizer/,
+vae/; weights of the frozen T5, EnCodec or LoRA base), and of the run's `frozen/` folder (stored once per run; absent
+before this was added). Run it in two checkouts to compare them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from pathlib import Path
 from safetensors import safe_open
 
 from hf_audio_trainer import finetune, pretrain
-from tests.helpers import described_folder, flow_quick_run, tiny_codec, tiny_musicgen
+from tests.helpers import (
+    described_folder,
+    flow_quick_run,
+    stable_audio_quick_run,
+    tiny_codec,
+    tiny_musicgen,
+    tiny_stable_audio,
+)
 
 FROZEN_FOLDERS = ("text_encoder", "tokenizer", "vae", "scheduler")
 
@@ -75,6 +84,11 @@ def main() -> None:
                 "eval_steps": 0, "eval_on_start": False, "logging_steps": 1, **short, **extra,
             })  # fmt: skip
             report(f"musicgen_text {kind}", out, text_trained[kind])
+        source = tiny_stable_audio(root / "stable-audio")
+        for kind, extra in {"full": {}, "lora": {"use_peft": True}}.items():
+            out = root / f"stable-audio-{kind}"
+            finetune(stable_audio_quick_run(source, out, high_quality_only=False, **short, **extra))
+            report(f"stable_audio {kind}", out, flow_trained[kind])
 
 
 if __name__ == "__main__":
