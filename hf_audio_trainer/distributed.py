@@ -62,11 +62,14 @@ def stage_accelerator(
         if held_elsewhere is not None:
             raise LockedError(held_elsewhere)
         yield accelerator
+        # a stage that ended well: no rank tears down its connections (or, rank 0, the rendezvous store the others
+        # still use) while another is still writing or in its last collective
+        accelerator.wait_for_everyone()
     finally:
         lock.release()
-        accelerator.end_training()
+        accelerator.end_training()  # destroys the process group
         # accelerate keeps its settings in process-wide singletons; clear them so the next stage can use, say,
-        # another precision (the process group, in PartialState, is kept)
+        # another precision
         AcceleratorState._reset_state()
         GradientState._reset_state()
 

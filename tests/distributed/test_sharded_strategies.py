@@ -65,7 +65,8 @@ def launch_strategy(
         done = launch([*args, *script, recipe, *as_flags(settings)], timeout=400)
     except subprocess.TimeoutExpired as hung:  # a collective some rank never joined: say where the run stopped
         pytest.fail(f"{strategy} run still going after {hung.timeout} s, killed; last output:\n{hung.stderr[-3000:]}")
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    if done.returncode != 0:  # the whole tail, untruncated (an assertion's repr would cut the middle out)
+        pytest.fail(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-8000:]}", pytrace=False)
     return done
 
 
