@@ -267,7 +267,8 @@ def preprocess(run, clips: dict[str, Dataset]) -> AceStepData:
             return {IDS: text, LYRIC_IDS: lyric}
 
         with acc.main_process_first():
-            key = fingerprint("ace_step_prompts", split._fingerprint, str(frozen), len(tokenizer), language, latents.frame_rate)
+            vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)  # its content: a resume reads it from frozen/
+            key = fingerprint("ace_step_prompts", split._fingerprint, vocab, language, latents.frame_rate)
             split = split.map(tokenized, batched=True, desc=f"Prompts of {name}", new_fingerprint=key)
         split = encode_text_states(split, text_encoder, acc, IDS, STATES, split=name, cache_dir=d.preprocessing_cache_dir)
         splits[name] = encode_text_states(

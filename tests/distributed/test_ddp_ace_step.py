@@ -1,0 +1,50 @@
+"""The ace_step family on two real CPU processes under DDP: a full fine-tune (the DiT and the condition encoder) and a
+LoRA fine-tune of a tiny AceStepPipeline, with condition dropout, end where one process with the same global batch
+does. Noise, times and dropout are drawn per example from (seed, epoch, row), not per rank, so the runs are the same
+computation."""
+
+import pytest
+
+from hf_audio_trainer import finetune
+from hf_audio_trainer.config import FinetuneConfig, parse_config
+from tests.distributed.test_ddp_flow import check_ran, run_two
+from tests.e2e.test_ace_step import max_abs_diff, weights
+from tests.helpers import ROOT, as_flags
+from tests.tiny_ace_step import ace_step_quick_run, tiny_ace_step
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
+
+PORT_OFFSET = 30  # beside the flow (0, 1) and stable_audio (10, 11) families' ports
+KINDS = {"full": {"use_peft": False, "train_condition_encoder": True}, "lora": {"use_peft": True, "lora_dropout": 0.0}}
+
+
+def settings(source, output_dir, **overrides) -> dict:
+    return ace_step_quick_run(
+        source, output_dir, synthetic_num_clips=20, max_steps=3, save_steps=3, condition_dropout=0.3,
+        learning_rate=1e-2, gradient_accumulation_steps=1, **overrides,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, one_torch_thread):
+    """The one-process references (per-device batch 4 = 2 processes x 2), read as recipes/finetune.py reads flags."""
+    root = tmp_path_factory.mktemp("ace-step-ddp")
+    source = tiny_ace_step(root / "source")
+    recipe = str(ROOT / "recipes" / "configs" / "finetune.yaml")
+    for kind, extra in KINDS.items():
+        flags = as_flags(settings(source, root / f"single-{kind}", per_device_train_batch_size=4, **extra))
+        finetune(parse_config(flags, FinetuneConfig, recipe))
+    return root, source
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_two_processes_fine_tune_like_one(single, kind):
+    root, source = single
+    out = root / f"ddp-{kind}"
+    port = PORT_OFFSET + list(KINDS).index(kind)
+    run_two("ddp", "recipes/finetune.py", settings(source, out, per_device_train_batch_size=2, **KINDS[kind]), port)
+    check_ran(out, "ddp")
+    assert max_abs_diff(weights(out), weights(root / f"single-{kind}")) < 2e-5
+    assert max_abs_diff(weights(root / f"single-{kind}"), weights(source)) > 1e-3  # it trained
+    if kind == "lora":
+        assert (out / "transformer_lora" / "pytorch_lora_weights.safetensors").is_file()
