@@ -64,6 +64,7 @@ SNAPSHOT_FILES = ["model_index.json", *(f"{p}/*" for p in (*FROZEN_PARTS, *OPTIO
 MAX_TEXT_TOKENS, MAX_LYRIC_TOKENS = 256, 2048  # the pipeline's max_text_length / max_lyric_length defaults
 TIMBRE_SECONDS = 30  # the pipeline feeds the timbre encoder 30 s of the silence latent when given no reference audio
 CAPTION, LYRICS = "ace_caption", "ace_lyrics"
+UNREAD = ("timbre_encoder.special_token",)  # a condition encoder weight diffusers' forward never reads
 LYRIC_IDS, LYRIC_STATES = "lyric_ids", "lyric_states"
 
 
@@ -332,16 +333,30 @@ class AceStepModel(torch.nn.Module):
         mask = torch.ones(b, frames, self.transformer.config.audio_acoustic_hidden_dim, device=like.device, dtype=like.dtype)
         return torch.cat([source, mask], dim=-1)
 
-    def forward(self, x_t, timesteps, text_states, text_mask, lyric_states, lyric_mask, keep, states=None):
+    def forward(self, x_t, timesteps, text_states, text_mask, lyric_states, lyric_mask, keep, states=None,
+                groups=None):  # fmt: skip
+        """`groups` (the collator's): [(rows, condition length, frames)] of the rows that share their lengths. The
+        DiT has no attention mask (self-attention over frames, cross-attention over the packed condition), so each
+        group runs alone, cut to its own lengths: a row sees exactly what the pipeline gives it for its clip, whatever
+        else is in the batch. None: one group of the whole batch (what the sampler passes)."""
         x = x_t.transpose(1, 2)  # the pipeline's layout: [B, T, C]
         if states is None:
             states = self.condition(text_states, text_mask, lyric_states, lyric_mask, keep)
-        t = timesteps.to(x.dtype)
-        v = self.transformer(
-            hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=states.to(x.dtype),
+        t, states = timesteps.to(x.dtype), states.to(x.dtype)
+        if groups is None or len(groups) == 1 and groups[0][1:] == (states.shape[1], x.shape[1]):
+            return self.velocity(x, t, states).transpose(1, 2)
+        out = torch.zeros_like(x)
+        for rows, length, frames in groups:
+            index = torch.as_tensor(rows, device=x.device)
+            out[index, :frames] = self.velocity(x[index, :frames], t[index], states[index, :length])
+        return out.transpose(1, 2)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The DiT's velocity [B, T, C] at x [B, T, C], as the pipeline calls it (timestep_r = t: no mean flow)."""
+        return self.transformer(
+            hidden_states=x, timestep=t, timestep_r=t, encoder_hidden_states=states,
             context_latents=self.context(x.shape[0], x.shape[1], x), return_dict=False,
         )[0]  # fmt: skip
-        return v.transpose(1, 2)
 
     def new_like(self) -> AceStepModel:
         """An untrained twin of this configuration on the CPU (what a merged LoRA export loads), drawing nothing from
@@ -378,6 +393,9 @@ def build_model(run, data: AceStepData, model_name_or_path: str | None = None) -
         AceStepConditionEncoder, str(folder), "an AceStepConditionEncoder", subfolder="condition_encoder"
     )
     encoder.requires_grad_(run.cfg.ace_step.train_condition_encoder)
+    for name, param in encoder.named_parameters():
+        if name in UNREAD:  # no gradient ever reaches it: DDP refuses a trained parameter without one
+            param.requires_grad_(False)
     if transformer.config.audio_acoustic_hidden_dim != data.latents.channels:
         raise ConfigError(
             f"{folder}'s DiT reads {transformer.config.audio_acoustic_hidden_dim} latent channels but its VAE makes "
@@ -393,7 +411,8 @@ def build_model(run, data: AceStepData, model_name_or_path: str | None = None) -
 
 class AceStepCollator:
     """flow's batch (latents, frame mask, one noise draw and time per row, `keep`) with the caption states and lyric
-    embeddings each padded to the batch's longest (a batch of one: no padding, as the pipeline encodes one prompt)."""
+    embeddings each padded to the batch's longest, and `groups`: the rows that share their condition length and
+    frame count, which the model runs together, each cut to its own lengths (the DiT has no attention mask)."""
 
     def __init__(self, inner: FlowCollator):
         self.inner = inner
@@ -404,6 +423,12 @@ class AceStepCollator:
         batch["text_states"], batch["text_mask"] = batch["text_states"][:, :width], batch["text_mask"][:, :width]
         lyrics = [np.asarray(ex[LYRIC_STATES], dtype=np.float32) for ex in examples]
         batch["lyric_states"], batch["lyric_mask"] = padded_states(lyrics, max(len(x) for x in lyrics))
+        # the packed condition of a row: its lyrics, one timbre token (the silence latent), its caption
+        lengths = (batch["lyric_mask"].sum(1) + 1 + batch["text_mask"].sum(1)).tolist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, key in enumerate(zip(lengths, batch["frame_mask"].sum(1).long().tolist(), strict=True)):
+            groups.setdefault(key, []).append(row)
+        batch["groups"] = [(rows, length, frames) for (length, frames), rows in groups.items()]
         return batch
 
 
@@ -432,8 +457,9 @@ def velocity_errors(model, batch: dict) -> torch.Tensor:
     """Squared error of the predicted velocity e - x0 at x_t = t e + (1 - t) x0, averaged over channels: [B, T]."""
     x_t, time, target = rectified_flow_unit(batch["latents"], batch["noise"], batch["sigmas"])
     pred = model(
-        x_t, time, batch["text_states"], batch["text_mask"], batch["lyric_states"], batch["lyric_mask"], batch["keep"]
-    )
+        x_t, time, batch["text_states"], batch["text_mask"], batch["lyric_states"], batch["lyric_mask"], batch["keep"],
+        groups=batch["groups"],
+    )  # fmt: skip
     return (pred.float() - target.float()).pow(2).mean(1)
 
 

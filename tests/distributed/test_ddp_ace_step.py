@@ -3,11 +3,14 @@ LoRA fine-tune of a tiny AceStepPipeline, with condition dropout, end where one 
 does. Noise, times and dropout are drawn per example from (seed, epoch, row), not per rank, so the runs are the same
 computation."""
 
+import json
+
 import pytest
+from safetensors.torch import load_file
 
 from hf_audio_trainer import finetune
 from hf_audio_trainer.config import FinetuneConfig, parse_config
-from tests.distributed.test_ddp_flow import check_ran, run_two
+from tests.distributed.test_ddp_flow import STRATEGIES, run_two
 from tests.e2e.test_ace_step import max_abs_diff, weights
 from tests.helpers import ROOT, as_flags
 from tests.tiny_ace_step import ace_step_quick_run, tiny_ace_step
@@ -43,7 +46,11 @@ def test_two_processes_fine_tune_like_one(single, kind):
     out = root / f"ddp-{kind}"
     port = PORT_OFFSET + list(KINDS).index(kind)
     run_two("ddp", "recipes/finetune.py", settings(source, out, per_device_train_batch_size=2, **KINDS[kind]), port)
-    check_ran(out, "ddp")
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["distributed_type"] == f"DistributedType.{STRATEGIES['ddp'][2]}"
+    names = load_file(str(out / "checkpoint-3" / "model.safetensors")).keys()  # what trains, unwrapped
+    assert state["weights"] == "trained" and names and not [n for n in names if n.startswith("module.")]
+    assert not (out / "checkpoint-3" / "text_encoder").exists() and (out / "frozen" / "text_encoder").is_dir()
     assert max_abs_diff(weights(out), weights(root / f"single-{kind}")) < 2e-5
     assert max_abs_diff(weights(root / f"single-{kind}"), weights(source)) > 1e-3  # it trained
     if kind == "lora":
