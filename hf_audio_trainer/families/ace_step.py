@@ -592,7 +592,7 @@ def save_dit_adapter(peft_model, state_dict: dict, folder: Path) -> None:
             "is the DiT's; target only the DiT's modules (the default: attention and feed-forward)"
         )
     config = peft_model.peft_config["default"].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items() if k != "exclude_modules"}
     AceStepPipeline.save_lora_weights(
         Path(folder) / ADAPTER_DIR,
         transformer_lora_layers={k[len(outer) :]: v.detach().cpu().contiguous() for k, v in weights.items()},

@@ -263,3 +263,39 @@ def test_the_issues_command_fine_tunes_with_lora_from_the_recipe_defaults(source
     pipe = pipeline(out)
     audio = generate(pipe, num_inference_steps=2)
     assert audio.shape[0] == 2 and torch.isfinite(audio).all()
+
+
+def test_a_row_sees_what_it_sees_alone_whatever_else_is_in_its_batch(source):
+    """The DiT has no attention mask: rows of other caption, lyric or clip lengths must not change a row's velocity
+    (the padding they bring would otherwise be attended to). Each row of a mixed batch equals the row alone."""
+    from hf_audio_trainer.families.ace_step import LYRIC_STATES, AceStepCollator, AceStepModel
+    from hf_audio_trainer.families.flow import FlowCollator
+    from hf_audio_trainer.objectives import rectified_flow_unit
+
+    pipe = pipeline(source)
+    model = AceStepModel(pipe.transformer, pipe.condition_encoder, pipe.latents_per_second).eval()
+    rng = np.random.default_rng(0)
+    rows = [
+        {"latents": rng.standard_normal((8, frames)).astype(np.float32), "text_states": rng.standard_normal((n, 32)),
+         LYRIC_STATES: rng.standard_normal((m, 32)), "num_frames": frames, "row_id": i}
+        for i, (frames, n, m) in enumerate([(25, 7, 5), (20, 7, 5), (25, 11, 5), (25, 7, 9), (25, 7, 5)])
+    ]  # fmt: skip
+    collate = AceStepCollator(FlowCollator(25.0, 256, fixed=True, times=lambda g: torch.rand(1, generator=g)))
+
+    batch = collate(rows)
+    # rows 0 and 4 share their lengths; so do 2 and 3 (11 + 1 + 5 = 7 + 1 + 9 packed tokens, none of them padding)
+    assert sorted(group for group, _, _ in batch["groups"]) == [[0, 4], [1], [2, 3]]
+    x_t, time, _ = rectified_flow_unit(batch["latents"], batch["noise"], batch["sigmas"])
+    with torch.no_grad():
+        together = model(x_t, time, batch["text_states"], batch["text_mask"], batch["lyric_states"],
+                         batch["lyric_mask"], batch["keep"], groups=batch["groups"])  # fmt: skip
+        for i, row in enumerate(rows):  # the row alone, unpadded, as the pipeline feeds one clip
+            f, n, m = row["num_frames"], len(row["text_states"]), len(row[LYRIC_STATES])
+            alone = model(x_t[i : i + 1, :, :f], time[i : i + 1], batch["text_states"][i : i + 1, :n],
+                          batch["text_mask"][i : i + 1, :n], batch["lyric_states"][i : i + 1, :m],
+                          batch["lyric_mask"][i : i + 1, :m], batch["keep"][i : i + 1])[0]  # fmt: skip
+            assert (together[i, :, :f] - alone).abs().max() < 1e-5 * alone.abs().max()
+            assert not together[i, :, f:].any()  # padded frames: no prediction (and no loss)
+        ungrouped = model(x_t, time, batch["text_states"], batch["text_mask"], batch["lyric_states"],
+                          batch["lyric_mask"], batch["keep"])  # fmt: skip
+    assert (ungrouped[0] - together[0]).abs().max() > 1e-3  # what padding did before rows were grouped
