@@ -38,9 +38,10 @@ def tiny_qwen_tokenizer():
 
 def tiny_ace_step(folder: Path, seed: int = 0, turbo: bool = False) -> Path:
     """A tiny random AceStepPipeline (diffusers' own test sizes): a 2-layer DiT over 8 latent channels, the condition
-    encoder, a tiny Qwen3Model text encoder with `tiny_qwen_tokenizer`, a stereo AutoencoderOobleck at 16 kHz with a
-    hop of 640 samples (25 latent frames/s, as ACE-Step's 48 kHz / 1920) and 8 latent channels (its encoder makes 16: mean and scale), the pipeline's scheduler
-    (FlowMatchEulerDiscreteScheduler, num_train_timesteps 1, shift 1), saved with save_pretrained."""
+    encoder (its silence latent drawn, as the converter's real one is not zeros), a tiny Qwen3Model text encoder with
+    `tiny_qwen_tokenizer`, a stereo AutoencoderOobleck at 16 kHz with a hop of 640 samples (25 latent frames/s, as
+    ACE-Step's 48 kHz / 1920) and 8 latent channels (its encoder makes 16: mean and scale), and the pipeline's
+    scheduler (FlowMatchEulerDiscreteScheduler, num_train_timesteps 1, shift 1), saved with save_pretrained."""
     from diffusers import AceStepPipeline, AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
     from diffusers.pipelines.ace_step import AceStepConditionEncoder
@@ -54,9 +55,17 @@ def tiny_ace_step(folder: Path, seed: int = 0, turbo: bool = False) -> Path:
         patch_size=2, is_turbo=turbo, **shared,
     )  # fmt: skip
     text_encoder = Qwen3Model(
-        Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
-                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        Qwen3Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
     )
     condition_encoder = AceStepConditionEncoder(
         hidden_size=32, intermediate_size=64, text_hidden_dim=32, timbre_hidden_dim=8,
@@ -68,9 +77,10 @@ def tiny_ace_step(folder: Path, seed: int = 0, turbo: bool = False) -> Path:
         encoder_hidden_size=16, downsampling_ratios=[4, 4, 5, 8], channel_multiples=[1, 1, 1, 1],
         decoder_channels=4, decoder_input_channels=8, audio_channels=2, sampling_rate=16000,
     )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)  # ACE-Step's: t in [0, 1] as it is
     pipe = AceStepPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
-        condition_encoder=condition_encoder, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0),
+        condition_encoder=condition_encoder, scheduler=scheduler,
     )  # fmt: skip
     pipe.save_pretrained(folder)
     return folder

@@ -74,13 +74,17 @@ class AceStepConfig:
 
     lyrics_column: str = field(
         default="lyrics",
-        metadata={"help": "Column of each clip's lyrics; a dataset without it trains with empty lyrics (instrumental)."},
+        metadata={
+            "help": "Column of each clip's lyrics; a dataset without it trains with empty lyrics (instrumental)."
+        },
     )
     vocal_language: str = field(default="en", metadata={"help": "Language code written in the lyrics prompt."})
     train_condition_encoder: bool = field(
         default=False,
-        metadata={"help": "Also train the condition encoder (text projector, lyric and timbre encoders, null "
-                          "condition); full fine-tune only."},  # fmt: skip
+        metadata={
+            "help": "Also train the condition encoder (text projector, lyric and timbre encoders, null "
+            "condition); full fine-tune only."
+        },  # fmt: skip
     )
     timestep_mu: float = field(default=-0.4, metadata={"help": "Mean of the logit-normal timestep density."})
     timestep_sigma: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
@@ -150,7 +154,9 @@ def check_pipeline(folder: Path, name: str) -> dict:
         raise ConfigError(
             f"--model_name_or_path {name} is a {class_of(index)}; the ace_step family fine-tunes an AceStepPipeline"
         )
-    missing = [p for p in (*TRAINED_PARTS, *FROZEN_PARTS) if not (index.get(p) or [None])[0] or not (folder / p).is_dir()]
+    missing = [
+        p for p in (*TRAINED_PARTS, *FROZEN_PARTS) if not (index.get(p) or [None])[0] or not (folder / p).is_dir()
+    ]
     if missing:
         raise ConfigError(f"--model_name_or_path {name}: its pipeline has no {', '.join(missing)}; pass a whole one")
     return index
@@ -271,7 +277,9 @@ def preprocess(run, clips: dict[str, Dataset]) -> AceStepData:
             vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)  # its content: a resume reads it from frozen/
             key = fingerprint("ace_step_prompts", split._fingerprint, vocab, language, latents.frame_rate)
             split = split.map(tokenized, batched=True, desc=f"Prompts of {name}", new_fingerprint=key)
-        split = encode_text_states(split, text_encoder, acc, IDS, STATES, split=name, cache_dir=d.preprocessing_cache_dir)
+        split = encode_text_states(
+            split, text_encoder, acc, IDS, STATES, split=name, cache_dir=d.preprocessing_cache_dir
+        )
         splits[name] = encode_text_states(
             split, LyricEmbeddings(text_encoder), acc, LYRIC_IDS, LYRIC_STATES, split=name,
             cache_dir=d.preprocessing_cache_dir,
@@ -330,7 +338,9 @@ class AceStepModel(torch.nn.Module):
         if silence.shape[1] < frames:
             silence = silence.repeat(1, math.ceil(frames / silence.shape[1]), 1)
         source = silence[:, :frames].to(like.device, like.dtype).expand(b, -1, -1)
-        mask = torch.ones(b, frames, self.transformer.config.audio_acoustic_hidden_dim, device=like.device, dtype=like.dtype)
+        mask = torch.ones(
+            b, frames, self.transformer.config.audio_acoustic_hidden_dim, device=like.device, dtype=like.dtype
+        )
         return torch.cat([source, mask], dim=-1)
 
     def forward(self, x_t, timesteps, text_states, text_mask, lyric_states, lyric_mask, keep, states=None,

@@ -91,8 +91,13 @@ def test_the_conditioning_and_the_sampler_are_the_pipelines(source):
     the clip's duration, `encode_texts` on a padded batch) are `encode_prompt`'s; from the same noise the family's
     sampler (through the model the loop trains) gives the pipeline's latents, with and without APG guidance."""
     from hf_audio_trainer.data.text import encode_texts
-    from hf_audio_trainer.families.ace_step import AceStepModel, LyricEmbeddings, condition_batch, prompt_ids
-    from hf_audio_trainer.families.ace_step import sample_latents
+    from hf_audio_trainer.families.ace_step import (
+        AceStepModel,
+        LyricEmbeddings,
+        condition_batch,
+        prompt_ids,
+        sample_latents,
+    )
 
     pipe = pipeline(source)
     prompts, lyrics, seconds = [PROMPT, "an arpeggio"], ["[verse]\nla la la, sing along", ""], 1.2
@@ -172,7 +177,9 @@ def test_lora_keeps_every_frozen_part_and_its_adapter_loads_with_the_pipelines_l
     loaded.load_lora_weights(str(out / "transformer_lora"))
     a, b, c = generate(merged), generate(loaded), generate(pipeline(source))
     diff, moved_by = (a - b).abs().max().item(), (a - c).abs().max().item()
-    print(f"LoRA: merged export vs load_lora_weights on the source: max |diff| {diff:.2e} (vs the source {moved_by:.2e})")
+    print(
+        f"LoRA: merged export vs load_lora_weights on the source: max |diff| {diff:.2e} (vs the source {moved_by:.2e})"
+    )
     assert diff < 1e-4 * a.abs().max() and moved_by > 100 * diff
 
 
