@@ -306,3 +306,18 @@ def test_a_row_sees_what_it_sees_alone_whatever_else_is_in_its_batch(source):
         ungrouped = model(x_t, time, batch["text_states"], batch["text_mask"], batch["lyric_states"],
                           batch["lyric_mask"], batch["keep"])  # fmt: skip
     assert (ungrouped[0] - together[0]).abs().max() > 1e-3  # what padding did before rows were grouped
+
+
+def test_under_bf16_in_loop_samples_come_from_the_pipelines_sampler_and_frozen_parts_stay(source, tmp_path, capsys):
+    """bf16 autocast with the Qwen encoder and the VAE cast to bf16 for the run (never saved cast); the evaluation's
+    FAD pass generates clips with the family's sampler (APG against the null condition) and decodes them."""
+    out = tmp_path / "bf16"
+    settings = dict(max_steps=2, mixed_precision="bf16", eval_steps=2, fad_embedder="mel", synthetic_num_clips=48,
+                    num_eval_samples=2, eval_sample_seconds=0.5, guidance_scale=3.0)  # fmt: skip
+    finetune(ace_step_quick_run(source, out, **settings))
+    assert "frozen Qwen text encoder in bfloat16, VAE in bfloat16" in capsys.readouterr().out
+    assert files(out, (*FROZEN, "condition_encoder")) == files(source, (*FROZEN, "condition_encoder"))
+    evals = [m for m in read_metrics(out) if "eval/fad" in m]
+    assert evals and all(math.isfinite(m["eval/fad"]) and math.isfinite(m["eval/loss"]) for m in evals)
+    audio = generate(pipeline(out), num_inference_steps=2)
+    assert audio.shape[0] == 2 and torch.isfinite(audio).all()
