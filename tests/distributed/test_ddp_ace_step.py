@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hf_audio_trainer import finetune
 from hf_audio_trainer.config import FinetuneConfig, parse_config
-from tests.distributed.test_ddp_flow import STRATEGIES, run_two
+from tests.distributed.test_ddp_flow import STRATEGIES, needs_deepspeed, run_two
 from tests.e2e.test_ace_step import max_abs_diff, weights
 from tests.helpers import ROOT, as_flags
 from tests.tiny_ace_step import ace_step_quick_run, tiny_ace_step
@@ -55,3 +55,17 @@ def test_two_processes_fine_tune_like_one(single, kind):
     assert max_abs_diff(weights(root / f"single-{kind}"), weights(source)) > 1e-3  # it trained
     if kind == "lora":
         assert (out / "transformer_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.long
+@needs_deepspeed
+def test_two_processes_under_zero3_fine_tune_like_one(single):
+    """ZeRO-3 partitions the DiT and the condition encoder (the null condition is read beside the encoder's forward;
+    a parameter that small stays whole on every rank)."""
+    root, source = single
+    out = root / "zero3-full"
+    run_two("zero3", "recipes/finetune.py", settings(source, out, per_device_train_batch_size=2, **KINDS["full"]),
+            PORT_OFFSET)  # fmt: skip
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert max_abs_diff(weights(out), weights(root / "single-full")) < 2e-5
