@@ -411,6 +411,12 @@ def build_model(run, data: AceStepData, model_name_or_path: str | None = None) -
             f"{folder}'s DiT reads {transformer.config.audio_acoustic_hidden_dim} latent channels but its VAE makes "
             f"{data.latents.channels}: the pipeline's parts do not belong together"
         )
+    if getattr(transformer.config, "is_turbo", False) or transformer.config.model_version == "turbo":
+        run.accelerator.print(
+            f"{folder.name} is a turbo (guidance-distilled, 8-step) checkpoint: this family trains it with the base "
+            "model's objective (logit-normal t), which does not keep its distillation; fine-tune a base or SFT "
+            "checkpoint to keep classifier-free guidance and many-step sampling"
+        )
     return {"model": AceStepModel(transformer, encoder, data.latents.frame_rate)}
 
 

@@ -321,3 +321,30 @@ def test_under_bf16_in_loop_samples_come_from_the_pipelines_sampler_and_frozen_p
     assert evals and all(math.isfinite(m["eval/fad"]) and math.isfinite(m["eval/loss"]) for m in evals)
     audio = generate(pipeline(out), num_inference_steps=2)
     assert audio.shape[0] == 2 and torch.isfinite(audio).all()
+
+
+def test_a_turbo_checkpoint_samples_without_guidance_as_the_pipeline_does_and_is_told(tmp_path, capsys):
+    """A turbo (guidance-distilled) checkpoint: the pipeline ignores guidance_scale, and so does the family's sampler;
+    fine-tuning one says in a line that the base objective does not keep its distillation."""
+    from hf_audio_trainer.data.text import encode_texts
+    from hf_audio_trainer.families.ace_step import (
+        AceStepModel,
+        LyricEmbeddings,
+        condition_batch,
+        prompt_ids,
+        sample_latents,
+    )
+
+    turbo = tiny_ace_step(tmp_path / "turbo", turbo=True)
+    pipe = pipeline(turbo)
+    text_ids, lyric_ids = prompt_ids(pipe.tokenizer, [PROMPT], [""], [1.0], "en")
+    states = [(encode_texts(pipe.text_encoder, text_ids, "cpu")[0],
+               encode_texts(LyricEmbeddings(pipe.text_encoder), lyric_ids, "cpu")[0])]  # fmt: skip
+    noise = torch.randn(1, 25, 8, generator=torch.Generator().manual_seed(0))
+    theirs = pipe(PROMPT, audio_duration=1.0, num_inference_steps=4, guidance_scale=4.0, latents=noise.clone(),
+                  output_type="latent").audios  # fmt: skip
+    model = AceStepModel(pipe.transformer, pipe.condition_encoder, pipe.latents_per_second).eval()
+    ours = sample_latents(model, *condition_batch(states), noise, 4.0, 4, 3.0)
+    assert (ours.transpose(1, 2) - theirs).abs().max() < 1e-5 * theirs.abs().max()
+    finetune(ace_step_quick_run(turbo, tmp_path / "out", max_steps=2))
+    assert "is a turbo (guidance-distilled, 8-step) checkpoint" in capsys.readouterr().out
