@@ -241,8 +241,8 @@ def lyrics_of(run, split: Dataset, name: str) -> list[str]:
 
 @dataclass
 class AceStepData(LatentData):
-    """flow's latent data (prompt_states: each validation row's (caption states, lyric embeddings)), with the
-    pipeline folder whose frozen parts the export keeps."""
+    """flow's latent data (prompt_states: each validation row's (caption, lyrics), which in-loop samples encode for
+    the length they generate), with the pipeline folder whose frozen parts the export keeps."""
 
     source: str = ""
 
@@ -287,10 +287,7 @@ def preprocess(run, clips: dict[str, Dataset]) -> AceStepData:
     with acc.main_process_first():
         splits["validation"] = splits["validation"].add_column("row_id", list(range(len(splits["validation"]))))
     longest = max(max(splits["train"]["num_frames"]), max(splits["validation"]["num_frames"]))
-    states = [
-        (np.asarray(s, dtype=np.float32), np.asarray(lyr, dtype=np.float32))
-        for s, lyr in zip(splits["validation"][STATES], splits["validation"][LYRIC_STATES], strict=True)
-    ]
+    states = list(zip(splits["validation"][CAPTION], splits["validation"][LYRICS], strict=True))
     return AceStepData(
         latents, text_encoder.to("cpu"), tokenizer, splits["train"], splits["validation"], None,
         longest / latents.frame_rate, prompts, states, {}, source=str(frozen),
@@ -535,17 +532,27 @@ def condition_batch(states: list[tuple[np.ndarray, np.ndarray]]):
     return (*padded_states(text, max(len(x) for x in text)), *padded_states(lyrics, max(len(x) for x in lyrics)))
 
 
-def generate_waves(run, data: AceStepData, model, states: list, seconds: float) -> list[np.ndarray]:
-    """Mono waveforms of `seconds` from each validation row's condition, as the exported pipeline makes them."""
-    a = run.cfg.ace_step
+def generate_waves(run, data: AceStepData, model, prompts: list[tuple[str, str]], seconds: float) -> list[np.ndarray]:
+    """Mono waveforms of `seconds` from each validation row's (caption, lyrics), as the exported pipeline makes them:
+    the prompts formatted for that duration through the frozen Qwen encoder, then the pipeline's sampler."""
+    from hf_audio_trainer.data.text import encode_texts
+
+    a, acc = run.cfg.ace_step, run.accelerator
+    captions, lyrics = [p[0] for p in prompts], [p[1] for p in prompts]
+    text_ids, lyric_ids = prompt_ids(data.text_tokenizer, captions, lyrics, [seconds] * len(prompts), a.vocal_language)
+    encoder = data.text_encoder
+    text = encode_texts(encoder, text_ids, acc.device)
+    lyric = encode_texts(LyricEmbeddings(encoder), lyric_ids, acc.device)
+    encoder.to("cpu")  # it waits on the CPU between evaluations, as preprocessing left it
     frames = max(1, math.ceil(seconds * data.latents.frame_rate))
     generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-    noise = torch.randn(len(states), frames, data.latents.channels, generator=generator)
-    with run.accelerator.autocast():
+    noise = torch.randn(len(prompts), frames, data.latents.channels, generator=generator)
+    with acc.autocast():
         x = sample_latents(
-            model, *condition_batch(states), noise, run.cfg.text.guidance_scale, a.num_inference_steps, a.shift
-        )
-    audio = MonoView(data.latents.encoder_on(run.accelerator.device)).decode(x)
+            model, *condition_batch(list(zip(text, lyric, strict=True))), noise, run.cfg.text.guidance_scale,
+            a.num_inference_steps, a.shift,
+        )  # fmt: skip
+    audio = MonoView(data.latents.encoder_on(acc.device)).decode(x)
     return [w[: int(seconds * data.latents.sample_rate)].numpy() for w in audio]
 
 
