@@ -114,7 +114,11 @@ def adapt_for_finetuning(
     missing = [t for t in targets if t not in present and not any(n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(f"--lora_target_modules {missing} are not modules of this model; e.g. {sorted(present)[:12]}")
-    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+    # a model whose other parts share the targets' names (ACE-Step's condition encoder) names what LoRA leaves alone
+    exclude = getattr(model, "lora_exclude_modules", None)
+    config = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, exclude_modules=exclude
+    )
     return get_peft_model(model, config)
 
 

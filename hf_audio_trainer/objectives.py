@@ -7,6 +7,8 @@ draws t, one example at a time, from a seeded generator (so a draw is a pure fun
 
 - `rectified_flow`: x_t = (1 - t) x0 + t e, target the velocity e - x0, read as timestep 1000 t (diffusers' flow
   schedulers' convention); the flow family's, with SD3's densities (`sd3_times`).
+- `rectified_flow_unit`: the same path and velocity, read as the time t itself in [0, 1] (ACE-Step's DiT, whose
+  timestep embedding scales by 1000 inside, under `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1)`).
 - `v_cosine`: Stable Audio Open's v-objective over the cosine schedule (stable-audio-tools): x_t = cos(pi t / 2) x0 +
   sin(pi t / 2) e, target v = cos(pi t / 2) e - sin(pi t / 2) x0, plain MSE, t itself read by the DiT, t uniform
   (`uniform_times`). diffusers' `CosineDPMSolverMultistepScheduler` (sigma_data 1) samples the same model in sigma
@@ -41,6 +43,12 @@ def rectified_flow(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> No
     """x_t = (1 - t) x0 + t e; the velocity e - x0, at timestep 1000 t."""
     s = t[:, None, None]
     return Noised((1.0 - s) * x0 + s * noise, t * NUM_TRAIN_TIMESTEPS, noise - x0)
+
+
+def rectified_flow_unit(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised:
+    """x_t = (1 - t) x0 + t e; the velocity e - x0, at timestep t."""
+    s = t[:, None, None]
+    return Noised((1.0 - s) * x0 + s * noise, t, noise - x0)
 
 
 def v_cosine(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised:

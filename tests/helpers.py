@@ -63,12 +63,14 @@ def stable_audio_quick_run(source: Path, output_dir: Path, **overrides) -> dict:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """A model folder's weights; a diffusers pipeline folder's trained parts (transformer, projection_model)."""
+    """A model folder's weights; a diffusers pipeline folder's trained parts (transformer, and projection_model or
+    ACE-Step's condition_encoder)."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return {
             f"{part}.{k}": v
-            for part in ("transformer", "projection_model")
+            for part in ("transformer", "projection_model", "condition_encoder")
+            if (folder / part).is_dir()
             for k, v in load_file(str(folder / part / "diffusion_pytorch_model.safetensors")).items()
         }
     return load_file(str(folder / "model.safetensors"))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from hf_audio_trainer.errors import ConfigError
+from hf_audio_trainer.families.ace_step import ACE_STEP
 from hf_audio_trainer.families.base import Family, class_of
 from hf_audio_trainer.families.encodec_gan import ENCODEC_GAN
 from hf_audio_trainer.families.flow import FLOW
@@ -24,6 +25,7 @@ FAMILIES: dict[str, Family] = {
     "encodec_gan": ENCODEC_GAN,
     "flow": FLOW,
     "stable_audio": STABLE_AUDIO,
+    "ace_step": ACE_STEP,
 }
 
 

@@ -22,6 +22,7 @@ from tests.helpers import (
     tiny_stable_audio,
     weights,
 )
+from tests.tiny_ace_step import ace_step_quick_run, tiny_ace_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -35,11 +36,12 @@ STAGES = {
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """What the families' tiny runs start from: mel k-means for musicgen, a tiny EnCodec for musicgen_text, a tiny
-    Stable-Audio-Open-shaped pipeline for stable_audio."""
+    Stable-Audio-Open-shaped pipeline for stable_audio, a tiny AceStepPipeline for ace_step."""
     return {
         "mel_kmeans": fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer")),
         "encodec": tiny_codec(tmp_path_factory.mktemp("codec")),
         "stable_audio": tiny_stable_audio(tmp_path_factory.mktemp("stable_audio")),
+        "ace_step": tiny_ace_step(tmp_path_factory.mktemp("ace_step")),
     }
 
 
@@ -64,6 +66,11 @@ def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
         # fine-tunes the tiny pipeline (its stereo VAE, its DiT's 32-frame windows); dropout on, as above
         "stable_audio": lambda: stable_audio_quick_run(
             tokenizer["stable_audio"], output_dir, condition_dropout=0.5, learning_rate=1e-2
+        ),
+        # fine-tunes the tiny AceStepPipeline (whole 1-s clips, its recipe's LoRA of rank 64 at alpha 128, which
+        # overshoots the fixed batch at 1e-2); dropout on, as above
+        "ace_step": lambda: ace_step_quick_run(
+            tokenizer["ace_step"], output_dir, condition_dropout=0.5, learning_rate=1e-3, lora_dropout=0.0
         ),
     }[name]()
     return {**settings, **overrides}

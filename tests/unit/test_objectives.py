@@ -11,6 +11,7 @@ from hf_audio_trainer.objectives import (
     cosine_sigma,
     cosine_time,
     rectified_flow,
+    rectified_flow_unit,
     sd3_times,
     uniform_times,
     v_cosine,
@@ -104,3 +105,28 @@ def test_time_densities_draw_from_the_generator_alone():
     logit = sd3_times("logit_normal", 0.0, 1.0, 1.29)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert logit(g1).item() == pytest.approx(logit(g2).item(), abs=0)
+
+
+def test_rectified_flow_unit_is_what_ace_steps_scheduler_integrates():
+    """ACE-Step's pipeline: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1) on its shifted sigmas hands the
+    DiT t itself, and its Euler steps move x_t along the velocity. The objective's x_t and target are rectified flow's
+    (time t, not 1000 t); one scheduler step from any t with the true velocity lands on the path at the next t, and
+    the last lands on x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    x0, noise, _ = draws(8)
+    t = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours, flow = rectified_flow_unit(x0, noise, t), rectified_flow(x0, noise, t)
+    assert torch.equal(ours.x_t, flow.x_t) and torch.equal(ours.target, flow.target) and torch.equal(ours.time, t)
+    schedule = [1.0, 0.9, 0.6, 0.25]  # any decreasing sigmas, as the pipeline's shifted schedule passes them
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    sched.set_timesteps(sigmas=schedule)
+    assert torch.allclose(sched.timesteps.double(), torch.tensor(schedule, dtype=torch.float64))  # t reaches the DiT
+    x = rectified_flow_unit(x0, noise, torch.ones(8, dtype=torch.float64)).x_t
+    for i, step in enumerate(sched.timesteps):
+        here = torch.full((8,), float(step), dtype=torch.float64)
+        x = sched.step(rectified_flow_unit(x0, noise, here).target, step, x).prev_sample
+        after = schedule[i + 1] if i + 1 < len(schedule) else 0.0
+        expected = rectified_flow_unit(x0, noise, torch.full((8,), after, dtype=torch.float64)).x_t
+        assert (x - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert (x - x0).abs().max() < 1e-5 * x0.abs().max()
