@@ -357,6 +357,11 @@ def tiny_stable_audio_3(folder: Path, seed: int = 0, stochastic: bool = False) -
         encoder_transformer_depths=(1,), latent_dim=8, use_differential_attention=False, dim_heads=4, ff_mult=2,
         sampling_rate=44100,
     )  # fmt: skip
+    # its running std as SAME's training tracks it (latents of unit scale), measured on a 1-s stereo tone
+    t = torch.arange(44100) / 44100
+    tone = torch.stack([torch.sin(2 * torch.pi * 440 * t), 0.5 * torch.sign(torch.sin(2 * torch.pi * 220 * t))])
+    with torch.no_grad():
+        vae.bottleneck.running_std.fill_(vae.encode(tone[None]).latents.std().item())
     transformer = StableAudio3DiTModel(
         io_channels=8, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=16,
         local_add_cond_dim=9, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
