@@ -554,7 +554,8 @@ def flops_per_item(models, data: StableAudio3Data) -> float:
 def describe(data: StableAudio3Data, models) -> str:
     model, latents = models["model"], data.latents
     dtypes = [str(next(m.parameters()).dtype).removeprefix("torch.") for m in (data.text_encoder, latents.vae)]
-    embedder = "trained" if any(p.requires_grad for p in model.duration_embedder.parameters()) else "frozen"
+    trained = any(p.requires_grad for n, p in model.named_parameters() if "duration_embedder." in n)  # wrapped too
+    embedder = "trained" if trained else "frozen"
     return (
         f"{len(data.train)} train / {len(data.validation)} validation clips with descriptions; latents: the source's "
         f"SAME VAE ({latents.audio_channels} audio channels at {latents.sample_rate} Hz), {latents.channels} channels "
