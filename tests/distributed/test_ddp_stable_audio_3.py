@@ -7,7 +7,7 @@ import pytest
 
 from hf_audio_trainer import finetune
 from hf_audio_trainer.config import FinetuneConfig, parse_config
-from tests.distributed.test_ddp_flow import check_ran, run_two, strategy_param
+from tests.distributed.test_ddp_flow import STRATEGIES, check_ran, run_two, strategy_param
 from tests.helpers import ROOT, as_flags, max_abs_diff, stable_audio_3_quick_run, tiny_stable_audio_3, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
@@ -35,9 +35,12 @@ def single(tmp_path_factory, one_torch_thread):
 
 
 @pytest.mark.parametrize("strategy", [strategy_param(s) for s in ("ddp", "zero3", "fsdp2")])
-def test_two_processes_fine_tune_like_one(single, strategy):
+def test_two_processes_fine_tune_like_one(single, strategy, monkeypatch):
     root, source = single
     out = root / strategy
+    config, env, kind, port = STRATEGIES[strategy]  # FSDP2 wraps Stable Audio 3's DiT blocks
+    config = ["StableAudio3DiTBlock" if c == "StableAudioDiTBlock" else c for c in config]
+    monkeypatch.setitem(STRATEGIES, strategy, (config, env, kind, port))
     run_two(strategy, "recipes/finetune.py", settings(source, out, per_device_train_batch_size=2), PORT_OFFSET)
     check_ran(out, strategy)
     assert max_abs_diff(weights(out), weights(root / "single")) < 2e-5
