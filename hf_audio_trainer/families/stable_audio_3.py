@@ -199,7 +199,9 @@ def frozen_parts(run, folder: Path):
     index = json.loads((folder / "model_index.json").read_text())
     # whole, not partitioned under ZeRO-3: it runs before `prepare`
     with whole_weights(acc) if acc is not None else contextlib.nullcontext():
-        text_encoder = load_pretrained(T5GemmaEncoderModel, str(folder), "a T5GemmaEncoderModel", subfolder="text_encoder")
+        text_encoder = load_pretrained(
+            T5GemmaEncoderModel, str(folder), "a T5GemmaEncoderModel", subfolder="text_encoder"
+        )
     tokenizer_class = getattr(transformers, index["tokenizer"][1], transformers.AutoTokenizer)
     tokenizer = tokenizer_class.from_pretrained(str(folder / "tokenizer"))
     vae = load_pretrained(AutoencoderSAME, str(folder), "an AutoencoderSAME", subfolder="vae")

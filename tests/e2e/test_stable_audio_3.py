@@ -153,14 +153,13 @@ def test_lora_and_full_fine_tunes_keep_t5gemma_and_the_vae_and_export_loadable_p
     from peft import PeftModel
 
     original = weights(source)
+    DIT = "to_qkv,to_q,to_kv,to_out,ff.proj_in,ff.proj_out"  # the family's default LoRA targets
     runs = {
         "lora": {"use_peft": True},
         "full": {},
         "full with the duration embedder": {"train_duration_embedder": True},
-        "lora with the duration embedder": {
-            "use_peft": True, "lora_target_modules": "to_qkv,to_q,to_kv,to_out,ff.proj_in,ff.proj_out,duration_embedder.linear"
-        },
-    }  # fmt: skip
+        "lora with the duration embedder": {"use_peft": True, "lora_target_modules": f"{DIT},duration_embedder.linear"},
+    }
     moved = {}
     for kind, extra in runs.items():
         out = tmp_path / kind.replace(" ", "_")

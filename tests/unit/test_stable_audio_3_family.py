@@ -78,8 +78,9 @@ def test_fixed_windows_keep_each_rows_noise_and_padding_on_the_tokenizers_side()
     rng = np.random.default_rng(0)
 
     def row(frames: int, r: int, tokens: int) -> dict:
-        return {"latents": rng.standard_normal((8, frames)).astype(np.float32).tolist(), "row": r, "epoch": 0,
-                "text_states": rng.standard_normal((tokens, 4)).astype(np.float32).tolist(), "num_frames": frames}  # fmt: skip
+        latents = rng.standard_normal((8, frames)).astype(np.float32).tolist()
+        states = rng.standard_normal((tokens, 4)).astype(np.float32).tolist()
+        return {"latents": latents, "row": r, "epoch": 0, "text_states": states, "num_frames": frames}
 
     collate = FlowCollator(10.0, 6, seed=1, times=uniform_times, width=12, text_side="left")
     a, b = row(5, 0, 2), row(12, 1, 3)
