@@ -197,6 +197,20 @@ def test_a_resumed_lora_run_ends_where_a_straight_one_does(source, tmp_path):
     assert max_abs_diff(weights(straight), weights(source)) > 1e-4
 
 
+def test_in_loop_samples_come_from_the_pipelines_sampler_and_are_scored(source, tmp_path):
+    """The sample pass generates from validation descriptions with the source's scheduler and log-SNR schedule
+    (guided, 4 steps) and scores FAD against the validation clips."""
+    from hf_audio_trainer.trackers import read_metrics
+
+    out = tmp_path / "fad"
+    finetune(stable_audio_3_quick_run(
+        source, out, max_steps=2, eval_steps=2, synthetic_num_clips=80, fad_embedder="mel", num_eval_samples=2,
+        eval_sample_seconds=1.0, num_inference_steps=4, guidance_scale=3.0,
+    ))  # fmt: skip
+    scored = [m for m in read_metrics(out) if "eval/fad" in m]
+    assert scored and np.isfinite(scored[-1]["eval/fad"]) and scored[-1]["eval/fad_num_samples"] == 2
+
+
 def stereo_folder(folder: Path, channels: int = 2, rate: int = 48000, count: int = 6) -> Path:
     """A user's dataset: wav files (stereo at 48 kHz unless said) with a metadata.csv of descriptions."""
     import soundfile as sf
