@@ -183,6 +183,12 @@ def sources(run) -> tuple[Path, Path]:
     folder = local_pipeline(str(run.cfg.model.model_name_or_path))
     if run.resume is None:
         check_pipeline(folder, str(run.cfg.model.model_name_or_path))
+        if json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("stochastic_sampling"):
+            run.accelerator.print(
+                f"{run.cfg.model.model_name_or_path} samples with stochastic_sampling (a distilled Stable Audio 3): "
+                "rectified-flow fine-tuning gradually undoes the distillation; the -base checkpoints are the ones to "
+                "fine-tune"
+            )
         return folder, folder
     frozen = Path(run.frozen)
     return folder, frozen if (frozen / "model_index.json").is_file() else folder

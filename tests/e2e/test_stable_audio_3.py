@@ -108,6 +108,16 @@ def test_the_family_samples_exactly_what_the_pipeline_samples(tmp_path, stochast
     assert error < 1e-5
 
 
+def test_a_distilled_checkpoint_fine_tunes_with_a_note(tmp_path, capsys):
+    """A pipeline whose scheduler samples ping-pong (the distilled model) trains, with one line saying what that does
+    to the distillation; its export keeps the scheduler."""
+    source = tiny_stable_audio_3(tmp_path / "distilled", stochastic=True)
+    out = tmp_path / "out"
+    assert finetune(stable_audio_3_quick_run(source, out, max_steps=2)).global_step == 2
+    assert "samples with stochastic_sampling (a distilled Stable Audio 3)" in capsys.readouterr().out
+    assert pipeline(out).scheduler.config.stochastic_sampling
+
+
 def one_clip_dataset(folder: Path) -> tuple[Path, np.ndarray]:
     """One stereo 1-s clip (a sine left, a square wave right) with one prompt: 8 training rows, 1 validation row."""
     t = np.arange(RATE) / RATE
