@@ -332,11 +332,12 @@ def tiny_gemma_tokenizer(model_max_length: int = 64):
 
 
 def tiny_stable_audio_3(folder: Path, seed: int = 0, stochastic: bool = False) -> Path:
-    """A tiny random StableAudio3Pipeline in Stable Audio 3's layout (diffusers' tests/pipelines/stable_audio_3 sizes,
-    the production conventions kept): a stereo 44.1 kHz AutoencoderSAME with its 4096-sample hop (256-sample patches,
-    stride 16: 10.8 latent frames/s), a T5Gemma encoder and a Gemma tokenizer, a DiT with differential attention and
-    memory tokens, the duration embedder, and FlowMatchEulerDiscreteScheduler reading t itself (num_train_timesteps
-    1; `stochastic`: the distilled model's ping-pong sampling), saved with diffusers' save_pretrained."""
+    """A tiny random StableAudio3Pipeline in Stable Audio 3's layout (diffusers' tests/pipelines/stable_audio_3
+    sizes, the production conventions kept): a stereo 44.1 kHz AutoencoderSAME with its 4096-sample hop (256-sample
+    patches, stride 16: 10.8 latent frames/s) whose latents depend on the audio and have unit scale, a T5Gemma
+    encoder and a Gemma tokenizer, a DiT with differential attention and memory tokens, the duration embedder, and
+    FlowMatchEulerDiscreteScheduler reading t itself (num_train_timesteps 1; `stochastic`: the distilled model's
+    ping-pong sampling), saved with diffusers' save_pretrained."""
     from diffusers import AutoencoderSAME, FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel, StableAudio3Pipeline
     from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
     from transformers import T5GemmaConfig, T5GemmaEncoderModel
@@ -357,11 +358,20 @@ def tiny_stable_audio_3(folder: Path, seed: int = 0, stochastic: bool = False) -
         encoder_transformer_depths=(1,), latent_dim=8, use_differential_attention=False, dim_heads=4, ff_mult=2,
         sampling_rate=44100,
     )  # fmt: skip
-    # its running std as SAME's training tracks it (latents of unit scale), measured on a 1-s stereo tone
+    # a new SAME's attention and feed-forward outputs start at zero, so its encoder maps every clip to one latent:
+    # draw them, then set the soft-norm bottleneck as training leaves it (latents of zero mean and unit scale per
+    # channel), measured on a few 1-s stereo tones and their noisy copies
     t = torch.arange(44100) / 44100
-    tone = torch.stack([torch.sin(2 * torch.pi * 440 * t), 0.5 * torch.sign(torch.sin(2 * torch.pi * 220 * t))])
     with torch.no_grad():
-        vae.bottleneck.running_std.fill_(vae.encode(tone[None]).latents.std().item())
+        for name, weight in vae.named_parameters():
+            if name.endswith(("to_out.weight", "proj_out.weight")) and not weight.any():
+                weight.normal_(0, weight.shape[-1] ** -0.5)
+        tones = [torch.sin(2 * torch.pi * f * t) for f in (110, 220, 440, 880)]
+        tones += [0.5 * torch.sign(x) for x in tones] + [x + 0.3 * torch.randn(len(t)) for x in tones]
+        raw = torch.cat([vae.encoder(vae.patch_embed.encode(torch.stack([x, x])[None]))[0] for x in tones], dim=1)
+        mean, std = raw.mean(1), raw.std(1)
+        vae.bottleneck.scale.copy_((1 / std)[None, :, None])
+        vae.bottleneck.bias.copy_((-mean / std)[None, :, None])
     transformer = StableAudio3DiTModel(
         io_channels=8, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=16,
         local_add_cond_dim=9, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,

@@ -772,9 +772,11 @@ def preferences(run) -> LatentData:
 
 
 def preference_latents(run, text_encoder, tokenizer, latents: LatentSpace, stats: dict, channels: int | None = None,
-                       data_class: type = LatentData, **extra) -> LatentData:  # fmt: skip
+                       data_class: type = LatentData, encode_prompts: Callable | None = None,
+                       **extra) -> LatentData:  # fmt: skip
     """The align stage's pairs as latents (through `latents`, decoding `channels` as `data.audio.decode_audio`
-    does) with their prompts' text states: a `data_class` with the `extra` fields."""
+    does) with their prompts' text states (`encode_prompts(texts)`, default the flow families' tokenization through
+    `text_encoder`): a `data_class` with the `extra` fields."""
     cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
     with acc.main_process_first():
         pairs = preference_pairs(d, cfg.training.seed, text_prompts=True)
@@ -795,7 +797,10 @@ def preference_latents(run, text_encoder, tokenizer, latents: LatentSpace, stats
             ]
             with torch.no_grad():
                 columns_[f"{side}_latents"] = [x.tolist() for x in encode_waves(latents, waves, np.float32)]
-        states = encode_texts(text_encoder, token_ids(tokenizer, texts), acc.device)
+        if encode_prompts is None:
+            states = encode_texts(text_encoder, token_ids(tokenizer, texts), acc.device)
+        else:
+            states = encode_prompts(texts)
         columns_[STATES] = [s.tolist() for s in states]
         columns_["row_id"] = list(range(len(kept)))
         splits[name] = Dataset.from_dict(columns_)

@@ -55,7 +55,7 @@ from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError, check
 from hf_audio_trainer.families import flow, stable_audio
 from hf_audio_trainer.families.base import Checkpoints, Family, class_of
-from hf_audio_trainer.families.flow import FlowCollator, LatentData, padded_states
+from hf_audio_trainer.families.flow import FlowCollator, LatentData, PairCollator, padded_states
 from hf_audio_trainer.hub import ModelCardText
 from hf_audio_trainer.models import load_pretrained, num_parameters
 from hf_audio_trainer.objectives import length_shift, rectified_flow, shifted_times, uniform_times
@@ -277,9 +277,10 @@ class StableAudio3Model(torch.nn.Module):
     does: the duration embedding is the global input and one more cross-attention token after the text."""
 
     def __init__(self, transformer, duration_embedder, null_states: torch.Tensor | None = None,
-                 null_mask: torch.Tensor | None = None):  # fmt: skip
+                 null_mask: torch.Tensor | None = None, num_train_timesteps: float = 1.0):  # fmt: skip
         super().__init__()
         self.transformer, self.duration_embedder = transformer, duration_embedder
+        self.num_train_timesteps = num_train_timesteps  # the scheduler's: the DiT reads this times t
         width = transformer.config.cond_token_dim
         self.register_buffer("null_states", torch.zeros(1, width) if null_states is None else null_states, False)
         self.register_buffer(
@@ -316,7 +317,9 @@ class StableAudio3Model(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):
             transformer = type(self.transformer).from_config(self.transformer.config)
             embedder = type(self.duration_embedder).from_config(self.duration_embedder.config)
-        return StableAudio3Model(transformer, embedder, self.null_states.cpu(), self.null_mask.cpu())
+        return StableAudio3Model(
+            transformer, embedder, self.null_states.cpu(), self.null_mask.cpu(), self.num_train_timesteps
+        )
 
     def save_pretrained(self, folder, state_dict=None, safe_serialization=True, **kwargs) -> None:
         """The pipeline's `transformer/` and `duration_embedder/` folders, from a gathered `state_dict` if given."""
@@ -403,32 +406,42 @@ def preprocess(run, clips: dict[str, Dataset]) -> StableAudio3Data:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def width(data: StableAudio3Data) -> int:
+    """Every batch's latent width: the training window, or (pairs, whole) the longest member."""
+    return data.segment_frames or max(1, round(data.max_seconds * data.latents.frame_rate))
+
+
 def time_density(run, data: StableAudio3Data):
     """t uniform, shifted by the window's length unless --timestep_shift false."""
     if not run.cfg.stable_audio_3.timestep_shift:
         return uniform_times
-    return shifted_times(uniform_times, length_shift(data.segment_frames))
+    return shifted_times(uniform_times, length_shift(width(data)))
 
 
 def collator(run, data: StableAudio3Data, **kwargs) -> FlowCollator:
     return FlowCollator(
         data.latents.frame_rate, data.text_length, seed=run.cfg.training.seed, times=time_density(run, data),
-        width=data.segment_frames, text_side=data.text_side, **kwargs,
+        width=width(data), text_side=data.text_side, **kwargs,
     )  # fmt: skip
 
 
 def columns(data: StableAudio3Data, split: str = "train") -> list[str]:
     """What a batch reads: latents, text states, the clip's length; validation rows also their row and window."""
+    if data.pairs:
+        return flow.columns(data, split)
     where = ["row_id", "window_start"] if split == "validation" else []
     return ["latents", STATES, "num_frames", *where]
 
 
 def batches(run, data: StableAudio3Data, models, sampler, start_step: int):
     t = run.cfg
-    collate = collator(run, data, dropout=t.text.condition_dropout)
+    if data.pairs:  # DPO conditions every pair on its prompt: no condition dropout
+        collate = PairCollator(collator(run, data))
+    else:
+        collate = collator(run, data, dropout=t.text.condition_dropout)
     return batch_stream(
         data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data),
-        positions=True, segment_frames=data.segment_frames, seed=t.training.seed,
+        positions=True, segment_frames=None if data.pairs else data.segment_frames, seed=t.training.seed,
     )  # fmt: skip
 
 
@@ -439,6 +452,19 @@ def objective(data: StableAudio3Data):
 
 def plain_loss(data: StableAudio3Data):
     return functools.partial(flow.flow_loss, objective=objective(data))
+
+
+def time_scale(model) -> float:
+    """The num_train_timesteps a (wrapped: DDP, DeepSpeed, peft) StableAudio3Model reads t at."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.num_train_timesteps  # peft forwards the attribute to its base model
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Diffusion-DPO's per-sequence terms (flow's) under this model's rectified flow."""
+    scaled = functools.partial(rectified_flow, num_train_timesteps=time_scale(model))
+    return flow.flow_sequence_logps(model, batch, objective=scaled)
 
 
 def loss(run, data: StableAudio3Data, models):
@@ -475,6 +501,7 @@ def build_model(run, data: StableAudio3Data, model_name_or_path: str | None = No
         )
     null, mask = padded_states([data.null_states], data.text_length, data.text_side)
     model.set_null(null[0], mask[0])
+    model.num_train_timesteps = data.num_train_timesteps
     for block in model.transformer.transformer_blocks:
         block.to_local_embed.requires_grad_(False)
     if not run.cfg.stable_audio_3.train_duration_embedder:
@@ -617,9 +644,36 @@ def load_export(folder):
     return StableAudio3Pipeline.from_pretrained(folder)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Align: Diffusion-DPO with the pipeline's rectified flow
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def preferences(run) -> StableAudio3Data:
+    """The pairs for `align` (TRL's format, or the embedded synthetic pairs) as the source's stereo latents, their
+    prompts as T5Gemma's states padded as the pipeline pads them."""
+    acc = run.accelerator
+    folder, frozen = sources(run)
+    text_encoder, tokenizer, latents = frozen_parts(run, frozen)
+    encode = PromptEncoder(tokenizer)
+    null = encode(text_encoder, [tokenizer("", truncation=True, max_length=encode.length)["input_ids"]], acc.device)
+    scheduler = json.loads((frozen / "scheduler" / "scheduler_config.json").read_text())
+    return flow.preference_latents(
+        run, text_encoder, tokenizer, latents, {}, channels=latents.audio_channels, data_class=StableAudio3Data,
+        encode_prompts=lambda texts: encode(text_encoder, prompt_ids(tokenizer, texts), acc.device),
+        source=str(frozen), null_states=null[0], text_length=encode.length, text_side=encode.side,
+        num_train_timesteps=float(scheduler.get("num_train_timesteps", 1000)),
+    )  # fmt: skip
+
+
+def precompute_reference(run, data: StableAudio3Data, reference: torch.nn.Module) -> StableAudio3Data:
+    """The reference's Diffusion-DPO terms as columns, computed once at each pair's fixed noise and time."""
+    return flow.reference_columns(run, data, reference, collator(run, data, fixed=True), sequence_logps)
+
+
 STABLE_AUDIO_3 = Family(
     name="stable_audio_3",
-    stages=("finetune",),
+    stages=("finetune", "align"),
     preprocess=preprocess,
     build_model=build_model,
     batches=batches,
@@ -630,6 +684,9 @@ STABLE_AUDIO_3 = Family(
     load_export=load_export,
     describe=describe,
     frozen_files=frozen_files,
+    preferences=preferences,
+    sequence_logps=sequence_logps,
+    precompute_reference=precompute_reference,
     text_conditioned=True,
     model_card=ModelCardText(
         "A text-to-audio rectified-flow model fine-tuned from Stable Audio 3 (T5Gemma text encoder, DiT, SAME VAE)",

@@ -129,14 +129,14 @@ def one_clip_dataset(folder: Path) -> tuple[Path, np.ndarray]:
 
 
 def test_a_fine_tune_on_one_clip_generates_it_through_the_exported_pipeline(source, tmp_path):
-    """Rectified flow at the DiT's time scale is what the exported scheduler samples: after 100 steps on one clip and
+    """Rectified flow at the DiT's time scale is what the exported scheduler samples: after 250 steps on one clip and
     one prompt, the pipeline generates, from new seeds, latents far closer to that clip's (its VAE's unit-scale
-    latents) than the untrained model does, and closer than silence is. (The tiny random SAME decoder renders every
-    latent almost alike, so distances are measured where the model generates: in latent space.)"""
+    latents) than the untrained model does, and closer than silence is. (The tiny random SAME decoder renders
+    different latents almost alike, so distances are measured where the model generates: in latent space.)"""
     data, clip = one_clip_dataset(tmp_path / "one_clip")
     out = tmp_path / "fit"
     finetune(stable_audio_3_quick_run(
-        source, out, dataset_name=str(data), max_steps=100, learning_rate=3e-3, per_device_train_batch_size=8,
+        source, out, dataset_name=str(data), max_steps=250, learning_rate=1e-2, per_device_train_batch_size=8,
         lr_scheduler_type="constant_with_warmup", warmup_steps=10, condition_dropout=0.1, logging_steps=50,
     ))  # fmt: skip
     pipe = pipeline(source)
@@ -219,6 +219,35 @@ def test_in_loop_samples_come_from_the_pipelines_sampler_and_are_scored(source, 
     ))  # fmt: skip
     scored = [m for m in read_metrics(out) if "eval/fad" in m]
     assert scored and np.isfinite(scored[-1]["eval/fad"]) and scored[-1]["eval/fad_num_samples"] == 2
+
+
+def test_diffusion_dpo_with_rectified_flow_separates_chosen_from_rejected_and_exports_the_pipeline(source, tmp_path):
+    """align from the pipeline alone (align_stable_audio_3.yaml's beta 2000): the chosen members' velocity error falls
+    below the rejected ones' against the frozen reference, on the training pairs and the held-out ones; with the
+    reference's terms precomputed it runs too."""
+    from hf_audio_trainer import align
+    from hf_audio_trainer.trackers import read_metrics
+
+    settings = {
+        "model_name_or_path": str(source), "report_to": "none", "synthetic_num_pairs": 18, "max_steps": 60,
+        "eval_steps": 60, "eval_on_start": True, "save_steps": 1000, "logging_steps": 10,
+        "per_device_train_batch_size": 8, "max_duration_seconds": 1.0, "learning_rate": 1e-4, "warmup_steps": 0,
+    }  # fmt: skip
+    out = tmp_path / "align"
+    assert align({**settings, "output_dir": str(out)}).global_step == 60
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model_family"] == "stable_audio_3" and config["beta"] == 2000.0
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if "eval/rewards/margins" in m]
+    assert [m["step"] for m in evals] == [0, 60] and evals[0]["eval/rewards/margins"] == 0  # the policy starts as it
+    print(f"DPO held-out margin {evals[0]['eval/rewards/margins']} -> {evals[-1]['eval/rewards/margins']:.3f}, "
+          f"accuracy -> {evals[-1]['eval/rewards/accuracies']}, loss -> {evals[-1]['eval/loss']:.4f}")  # fmt: skip
+    assert evals[-1]["eval/rewards/margins"] > 0 and evals[-1]["eval/loss"] < 0.6931
+    assert [m["train/loss"] for m in metrics if "train/loss" in m][-1] < 0.6931
+    assert files(out) == files(source) and max_abs_diff(weights(out), weights(source)) > 0
+    assert generate(out).shape == (2, RATE)
+    precomputed = {**settings, "output_dir": str(tmp_path / "precomputed"), "max_steps": 2, "eval_steps": 2}
+    assert align({**precomputed, "precompute_ref_log_probs": True}).global_step == 2
 
 
 def stereo_folder(folder: Path, channels: int = 2, rate: int = 48000, count: int = 6) -> Path:
