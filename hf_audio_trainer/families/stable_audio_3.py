@@ -29,7 +29,8 @@ embedder stays frozen unless --train_duration_embedder (a full fine-tune; under 
 --lora_target_modules): on a small dataset every clip has nearly one duration, and a trained embedder learns that
 length rather than the music (the stable-audio-3 LoRA trainer excludes it by default for that reason). The DiT's
 `to_local_embed` layers (the inpainting pipeline's input, which text-to-audio never feeds) stay frozen. A LoRA is
-merged into the exported pipeline and saved beside it as a peft adapter for the DiT (`transformer_lora/`).
+merged into the exported pipeline and saved beside it as a peft adapter for the DiT (`transformer_lora/`). Runs
+finetune and align (Diffusion-DPO with the same rectified flow).
 """
 
 from __future__ import annotations
