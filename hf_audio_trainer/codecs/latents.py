@@ -37,7 +37,10 @@ class LatentSpace(AudioTokenizer):
         from diffusers import AutoencoderOobleck, AutoencoderSAME
 
         if not isinstance(vae, (AutoencoderOobleck, AutoencoderSAME)):
-            raise ConfigError(f"{what}: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE)")
+            raise ConfigError(
+                f"{what}: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE) or an "
+                "AutoencoderSAME (Stable Audio 3's)"
+            )
         kind = type(vae).__name__
         if vae.config.audio_channels not in (1, 2):
             raise ConfigError(
