@@ -111,7 +111,7 @@ def adapt_for_finetuning(
         targets.extend([f"{target}.{i}" for i in range(len(lists[0]))] if lists else [target])
     names = [name for name, _ in model.named_modules()]
     present = {name.rsplit(".", 1)[-1] for name in names}
-    missing = [t for t in targets if t not in present and not any(n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if t not in present and not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(f"--lora_target_modules {missing} are not modules of this model; e.g. {sorted(present)[:12]}")
     # a model whose other parts share the targets' names (ACE-Step's condition encoder) names what LoRA leaves alone

@@ -6,7 +6,9 @@ An objective maps clean latents x0 [B, C, T], noise e of the same shape and a ti
 draws t, one example at a time, from a seeded generator (so a draw is a pure function of the data position).
 
 - `rectified_flow`: x_t = (1 - t) x0 + t e, target the velocity e - x0, read as timestep 1000 t (diffusers' flow
-  schedulers' convention); the flow family's, with SD3's densities (`sd3_times`).
+  schedulers' convention); the flow family's, with SD3's densities (`sd3_times`). A model whose scheduler counts
+  another `num_train_timesteps` reads t times that (Stable Audio 3's DiT: t itself, `num_train_timesteps` 1), with t
+  uniform and shifted towards noise for longer sequences (`length_shift`, `shifted_times`).
 - `rectified_flow_unit`: the same path and velocity, read as the time t itself in [0, 1] (ACE-Step's DiT, whose
   timestep embedding scales by 1000 inside, under `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1)`).
 - `v_cosine`: Stable Audio Open's v-objective over the cosine schedule (stable-audio-tools): x_t = cos(pi t / 2) x0 +
@@ -39,10 +41,12 @@ class Noised(NamedTuple):
     target: torch.Tensor  # what it regresses [B, C, T]
 
 
-def rectified_flow(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised:
-    """x_t = (1 - t) x0 + t e; the velocity e - x0, at timestep 1000 t."""
+def rectified_flow(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, num_train_timesteps: float = NUM_TRAIN_TIMESTEPS
+) -> Noised:
+    """x_t = (1 - t) x0 + t e; the velocity e - x0, at timestep `num_train_timesteps` t (1000 t by default)."""
     s = t[:, None, None]
-    return Noised((1.0 - s) * x0 + s * noise, t * NUM_TRAIN_TIMESTEPS, noise - x0)
+    return Noised((1.0 - s) * x0 + s * noise, t * num_train_timesteps, noise - x0)
 
 
 def rectified_flow_unit(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Noised:
@@ -71,6 +75,25 @@ def cosine_time(sigma: torch.Tensor) -> torch.Tensor:
 def uniform_times(generator: torch.Generator) -> torch.Tensor:
     """One t uniform on [0, 1) (stable-audio-tools' default sampler)."""
     return torch.rand(1, generator=generator)
+
+
+def length_shift(frames: int, min_length: int = 256, max_length: int = 4096, base_shift: float = 0.5,
+                 max_shift: float = 1.15) -> float:  # fmt: skip
+    """The time shift of a sequence of `frames` latent frames (Stable Audio 3's training "full" distribution shift):
+    exp(mu), mu rising linearly from `base_shift` at `min_length` frames to `max_shift` at `max_length` (clamped), so
+    longer sequences train at more noise (1.65 up to 256 frames, 3.16 from 4096)."""
+    fraction = (min(max(frames, min_length), max_length) - min_length) / (max_length - min_length)
+    return math.exp(base_shift + (max_shift - base_shift) * fraction)
+
+
+def shifted_times(times: TimeDensity, shift: float) -> TimeDensity:
+    """`times` moved towards noise by `shift` as flow schedulers shift sigmas: t -> shift t / (1 + (shift - 1) t)."""
+
+    def draw(generator: torch.Generator) -> torch.Tensor:
+        t = times(generator)
+        return shift * t / (1 + (shift - 1) * t)
+
+    return draw
 
 
 def sd3_times(weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float) -> TimeDensity:

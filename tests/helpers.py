@@ -54,6 +54,14 @@ def flow_quick_run(output_dir: Path, **overrides) -> dict:
     return {**run, "max_duration_seconds": 1.0, "synthetic_num_clips": 48, **overrides}
 
 
+def stable_audio_3_quick_run(source: Path, output_dir: Path, **overrides) -> dict:
+    """quick_run for fine-tuning a tiny StableAudio3Pipeline (`tiny_stable_audio_3`; its family comes from its
+    class), clips cut to 1 s (10 latent frames of its 4096-sample VAE), no EMA, so runs end where the weights are."""
+    run = quick_run(None, output_dir, model_name_or_path=str(source), learning_rate=3e-3, ema=False)
+    del run["tokenizer"]
+    return {**run, "final_model": "raw", "max_duration_seconds": 1.0, "synthetic_num_clips": 24, **overrides}
+
+
 def stable_audio_quick_run(source: Path, output_dir: Path, **overrides) -> dict:
     """quick_run for fine-tuning a tiny StableAudioPipeline (`tiny_stable_audio`; its family comes from its class),
     clips cut to 1 s (each then one 32-frame window with its silence), no EMA, so runs end where the weights are."""
@@ -64,12 +72,12 @@ def stable_audio_quick_run(source: Path, output_dir: Path, **overrides) -> dict:
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     """A model folder's weights; a diffusers pipeline folder's trained parts (transformer, and projection_model or
-    ACE-Step's condition_encoder)."""
+    duration_embedder, ACE-Step's condition_encoder: those it has)."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return {
             f"{part}.{k}": v
-            for part in ("transformer", "projection_model", "condition_encoder")
+            for part in ("transformer", "projection_model", "duration_embedder", "condition_encoder")
             if (folder / part).is_dir()
             for k, v in load_file(str(folder / part / "diffusion_pytorch_model.safetensors")).items()
         }
@@ -308,4 +316,70 @@ def tiny_stable_audio(folder: Path, sample_size: int = 32, seed: int = 0) -> Pat
     index = json.loads((folder / "model_index.json").read_text())
     index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # as Stable Audio Open's names it
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def tiny_gemma_tokenizer(model_max_length: int = 64):
+    """A Gemma tokenizer (BOS first, padding on the left, as T5Gemma's) over single characters: no download, no
+    sentencepiece."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789#,-.":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault("\u2581" + c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, add_bos_token=True)
+
+
+def tiny_stable_audio_3(folder: Path, seed: int = 0, stochastic: bool = False) -> Path:
+    """A tiny random StableAudio3Pipeline in Stable Audio 3's layout (diffusers' tests/pipelines/stable_audio_3
+    sizes, the production conventions kept): a stereo 44.1 kHz AutoencoderSAME with its 4096-sample hop (256-sample
+    patches, stride 16: 10.8 latent frames/s) whose latents depend on the audio and have unit scale, a T5Gemma
+    encoder and a Gemma tokenizer, a DiT with differential attention and memory tokens, the duration embedder, and
+    FlowMatchEulerDiscreteScheduler reading t itself (num_train_timesteps 1; `stochastic`: the distilled model's
+    ping-pong sampling), saved with diffusers' save_pretrained."""
+    from diffusers import AutoencoderSAME, FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel, StableAudio3Pipeline
+    from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+    from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfig
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_gemma_tokenizer()
+    module = T5GemmaModuleConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=64,
+        layer_types=["full_attention"], dropout_rate=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    text = T5GemmaEncoderModel(
+        T5GemmaConfig(encoder=module.to_dict(), decoder=module.to_dict(), is_encoder_decoder=False)
+    )
+    vae = AutoencoderSAME(
+        audio_channels=2, patch_size=256, encoder_channels=8, encoder_c_mults=(2,), encoder_strides=(16,),
+        encoder_transformer_depths=(1,), latent_dim=8, use_differential_attention=False, dim_heads=4, ff_mult=2,
+        sampling_rate=44100,
+    )  # fmt: skip
+    # a new SAME's attention and feed-forward outputs start at zero, so its encoder maps every clip to one latent:
+    # draw them, then set the soft-norm bottleneck as training leaves it (latents of zero mean and unit scale per
+    # channel), measured on a few 1-s stereo tones and their noisy copies
+    t = torch.arange(44100) / 44100
+    with torch.no_grad():
+        for name, weight in vae.named_parameters():
+            if name.endswith(("to_out.weight", "proj_out.weight")) and not weight.any():
+                weight.normal_(0, weight.shape[-1] ** -0.5)
+        tones = [torch.sin(2 * torch.pi * f * t) for f in (110, 220, 440, 880)]
+        tones += [0.5 * torch.sign(x) for x in tones] + [x + 0.3 * torch.randn(len(t)) for x in tones]
+        raw = torch.cat([vae.encoder(vae.patch_embed.encode(torch.stack([x, x])[None]))[0] for x in tones], dim=1)
+        mean, std = raw.mean(1), raw.std(1)
+        vae.bottleneck.scale.copy_((1 / std)[None, :, None])
+        vae.bottleneck.bias.copy_((-mean / std)[None, :, None])
+    transformer = StableAudio3DiTModel(
+        io_channels=8, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=16,
+        local_add_cond_dim=9, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
+    )  # fmt: skip
+    pipe = StableAudio3Pipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, transformer=transformer,
+        duration_embedder=StableAudio3DurationEmbedder(output_dim=16, fourier_dim=16),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, stochastic_sampling=stochastic),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
     return folder

@@ -1,5 +1,6 @@
-"""Continuous latent spaces for the diffusion family: a diffusers `AutoencoderOobleck` (Stable Audio's VAE) wrapped
-with the tokenizer interface the preprocessing path reads (`encode_batch`, `encoder_on`, `fingerprint`), and the
+"""Continuous latent spaces for the diffusion family: a diffusers `AutoencoderOobleck` (Stable Audio's VAE) or
+`AutoencoderSAME` (Stable Audio 3's) wrapped with the tokenizer interface the preprocessing path reads
+(`encode_batch`, `encoder_on`, `fingerprint`), and the
 weight-free default: an Oobleck whose weights are set by hand to an orthonormal block DCT, so it is lossless, needs
 no training or download, and is still a VAE `StableAudioPipeline` decodes.
 
@@ -33,21 +34,28 @@ class LatentSpace(AudioTokenizer):
     codebook_size = 0  # continuous: no codes
 
     def __init__(self, vae, name: str = "vae", dct: dict | None = None, what: str = "--vae"):
-        from diffusers import AutoencoderOobleck
+        from diffusers import AutoencoderOobleck, AutoencoderSAME
 
-        if not isinstance(vae, AutoencoderOobleck):
-            raise ConfigError(f"{what}: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE)")
+        if not isinstance(vae, (AutoencoderOobleck, AutoencoderSAME)):
+            raise ConfigError(
+                f"{what}: a {type(vae).__name__} is not an AutoencoderOobleck (Stable Audio's VAE) or an "
+                "AutoencoderSAME (Stable Audio 3's)"
+            )
+        kind = type(vae).__name__
         if vae.config.audio_channels not in (1, 2):
             raise ConfigError(
                 f"{what} has {vae.config.audio_channels} audio channels; this toolkit trains on mono or stereo audio "
-                "(pass an AutoencoderOobleck with audio_channels 1 or 2)"
+                f"(pass an {kind} with audio_channels 1 or 2)"
             )
         self.vae = vae.eval().requires_grad_(False)
         self.audio_channels = int(vae.config.audio_channels)
         self.name = name
         self.sample_rate = int(vae.config.sampling_rate)
-        self.hop_length = int(vae.hop_length)
-        self.num_codebooks = int(vae.config.decoder_input_channels)  # the latent channels
+        # SAME: latents are the encoder's output after its soft-norm bottleneck (no posterior), decoded as they are
+        self.posterior = isinstance(vae, AutoencoderOobleck)
+        self.hop_length = int(vae.hop_length if self.posterior else vae.downsampling_ratio)
+        # the latent channels
+        self.num_codebooks = int(vae.config.decoder_input_channels if self.posterior else vae.config.latent_dim)
         # the block DCT computes what its VAE does as one matrix product per block (the VAE runs its convolutions at
         # the audio rate): {"mean", "std"} of the normalisation folded into the VAE, if any
         self.dct = dct
@@ -84,7 +92,8 @@ class LatentSpace(AudioTokenizer):
         for i, (w, n) in enumerate(zip(waveforms, frames, strict=True)):
             w = torch.as_tensor(np.asarray(w, dtype=np.float32))[..., : n * self.hop_length]
             batch[i, :, : w.shape[-1]] = w
-        latents = self.vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
+        encoded = self.vae.encode(batch.to(device))
+        latents = (encoded.latent_dist.mode() if self.posterior else encoded.latents).float().cpu()
         return [latents[i, :, :n] for i, n in enumerate(frames)]
 
     def _dct_encode(self, wave, frames: int) -> torch.Tensor:

@@ -315,6 +315,16 @@ def encode_dataset(
     return cached_chunks(dataset, encode_chunk, key, accelerator, cache_dir, f"Tokenizing {split}", chunk_rows)
 
 
+def text_width(encoder: torch.nn.Module) -> int:
+    """The width of a text encoder's states: T5's d_model, a transformers encoder's hidden_size, or an
+    encoder-decoder config's encoder's (T5Gemma's)."""
+    config = encoder.config
+    for width in (getattr(config, "d_model", None), getattr(config, "hidden_size", None)):
+        if width:
+            return int(width)
+    return int(config.encoder.hidden_size)
+
+
 def encode_text_states(
     dataset: Dataset,
     encoder: torch.nn.Module,
@@ -324,17 +334,24 @@ def encode_text_states(
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    encode: Callable | None = None,
 ) -> Dataset:
     """`dataset` with a frozen text encoder's last hidden states of each row's token ids ([tokens][d_model],
-    float32) beside it, computed on the accelerator across ranks, once (cached like the codes)."""
+    float32) beside it, computed on the accelerator across ranks, once (cached like the codes). `encode(encoder,
+    ids, device)`: how the states are computed (default `data.text.encode_texts`: the ids padded to the longest);
+    a family whose pipeline pads otherwise passes its own, named in the cache key."""
     from hf_audio_trainer.data.text import encode_texts
 
-    key = fingerprint("text_states", split, dataset._fingerprint, module_fingerprint(encoder), ids_column, chunk_rows)
+    own = [] if encode is None else [getattr(encode, "cache_name", getattr(encode, "__qualname__", repr(encode)))]
+    key = fingerprint(
+        "text_states", split, dataset._fingerprint, module_fingerprint(encoder), ids_column, chunk_rows, *own
+    )
     ids = dataset.select_columns([ids_column])
+    encode = encode or encode_texts
 
     def encode_chunk(start: int, stop: int) -> tuple[pa.Table, float]:
-        states = encode_texts(encoder, ids[start:stop][ids_column], accelerator.device)
-        width = encoder.config.d_model if hasattr(encoder.config, "d_model") else encoder.config.hidden_size
+        states = encode(encoder, ids[start:stop][ids_column], accelerator.device)
+        width = text_width(encoder)
         states = [s if len(s) else np.zeros((0, width), np.float32) for s in states]
         table = pa.table({states_column: nested_lists(states, pa.float32())})
         features = datasets.Features({states_column: datasets.List(datasets.List(datasets.Value("float32")))})

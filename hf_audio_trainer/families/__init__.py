@@ -18,6 +18,7 @@ from hf_audio_trainer.families.flow import FLOW
 from hf_audio_trainer.families.musicgen import MUSICGEN
 from hf_audio_trainer.families.musicgen_text import MUSICGEN_TEXT
 from hf_audio_trainer.families.stable_audio import STABLE_AUDIO
+from hf_audio_trainer.families.stable_audio_3 import STABLE_AUDIO_3
 
 FAMILIES: dict[str, Family] = {
     "musicgen": MUSICGEN,
@@ -25,6 +26,7 @@ FAMILIES: dict[str, Family] = {
     "encodec_gan": ENCODEC_GAN,
     "flow": FLOW,
     "stable_audio": STABLE_AUDIO,
+    "stable_audio_3": STABLE_AUDIO_3,
     "ace_step": ACE_STEP,
 }
 

@@ -162,18 +162,24 @@ class FlowModel(torch.nn.Module):
     def save_pretrained(self, folder, state_dict=None, safe_serialization=True, **kwargs) -> None:
         """The pipeline's `transformer/` and `projection_model/` folders, from a gathered `state_dict` if given
         (diffusers' own save_pretrained takes none: under FSDP / ZeRO-3 it would write this rank's shards)."""
-        from safetensors.torch import save_file
-
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        for name, folder_name in PART_DIRS.items():
-            part = {k.split(".", 1)[1]: v.detach().cpu().contiguous() for k, v in state_dict.items()
-                    if k.startswith(name + ".")}  # fmt: skip
-            target = Path(folder) / folder_name
-            getattr(self, name).save_config(target)
-            save_file(part, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        save_model_parts(self, folder, PART_DIRS, state_dict)
 
 
 PART_DIRS = {"transformer": "transformer", "projection": "projection_model"}
+
+
+def save_model_parts(model: torch.nn.Module, folder, part_dirs: dict[str, str], state_dict=None) -> None:
+    """Each diffusers submodule of `model` (by attribute name) in its pipeline folder (`part_dirs`): its config and
+    its entries of `state_dict` (the model's own when None) as diffusion_pytorch_model.safetensors."""
+    from safetensors.torch import save_file
+
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    for name, folder_name in part_dirs.items():
+        part = {k.split(".", 1)[1]: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                if k.startswith(name + ".")}  # fmt: skip
+        target = Path(folder) / folder_name
+        getattr(model, name).save_config(target)
+        save_file(part, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
 def new_flow_model(size: str, channels: int, frames: int, text_dim: int, max_seconds: float) -> FlowModel:
@@ -417,13 +423,18 @@ class FlowCollator:
     Noise and timestep are a pure function of (seed, epoch, row) in training, so resume, accumulation and DDP see
     the same draws; with `fixed=True` (validation) of (seed, row) only, identical at every evaluation. `null=True`
     gives every row the null condition (`eval/loss_uncond`). The timestep comes from `times` (default: the flow
-    section's SD3 density) and the duration condition from `seconds(example, frames)` (default: `exact_seconds`)."""
+    section's SD3 density) and the duration condition from `seconds(example, frames)` (default: `exact_seconds`).
+    `width`: latents are padded to at least that many frames (a fixed window, so the noise drawn for a row does not
+    depend on the rows beside it); `text_side` "left": states are padded before the text, as a left-padding
+    tokenizer pads (Gemma's)."""
 
     def __init__(self, frame_rate: float, text_length: int, flow_cfg=None, seed: int = 0, dropout: float = 0.0,
                  fixed: bool = False, null: bool = False, times: TimeDensity | None = None,
-                 seconds: Callable[[dict, int], tuple[float, float]] | None = None):  # fmt: skip
+                 seconds: Callable[[dict, int], tuple[float, float]] | None = None, width: int = 0,
+                 text_side: str = "right"):  # fmt: skip
         self.frame_rate, self.text_length = frame_rate, text_length
         self.seed, self.dropout, self.fixed, self.null = seed, dropout, fixed, null
+        self.width, self.text_side = width, text_side
         if times is None:
             f = flow_cfg
             times = sd3_times(f.weighting_scheme, f.logit_mean, f.logit_std, f.mode_scale)
@@ -438,7 +449,7 @@ class FlowCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         latents = [torch.as_tensor(np.asarray(ex["latents"], dtype=np.float32)) for ex in examples]
-        channels, width = latents[0].shape[0], max(x.shape[1] for x in latents)
+        channels, width = latents[0].shape[0], max(self.width, *(x.shape[1] for x in latents))
         b = len(examples)
         x0, noise = torch.zeros(b, channels, width), torch.zeros(b, channels, width)
         mask, sigmas = torch.zeros(b, width), torch.zeros(b)
@@ -452,7 +463,8 @@ class FlowCollator:
             noise[i], sigmas[i] = self.draw(ex, row, channels, width)
             s = np.asarray(ex[STATES], dtype=np.float32)[: self.text_length]
             if len(s):
-                states[i, : len(s)], text_mask[i, : len(s)] = torch.from_numpy(s), 1
+                at = slice(self.text_length - len(s), None) if self.text_side == "left" else slice(0, len(s))
+                states[i, at], text_mask[i, at] = torch.from_numpy(s), 1
             drop = self.null or not len(s) or ("epoch" in ex and dropped(self.seed, ex["epoch"], row, self.dropout))
             keep[i] = 0.0 if drop else 1.0
             start[i], total[i] = self.seconds(ex, x.shape[1])
@@ -533,13 +545,15 @@ def sample_latents(model: FlowModel, states, text_mask, seconds: float, frames: 
     return x.float()
 
 
-def padded_states(states: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_states(states: list[np.ndarray], length: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states [B, length, d] and their mask, padded after the text (`side` "left": before it)."""
     dim = next((s.shape[-1] for s in states if s.ndim == 2 and len(s)), 1)
     out, mask = torch.zeros(len(states), length, dim), torch.zeros(len(states), length, dtype=torch.long)
     for i, s in enumerate(states):
         s = s[:length]
         if len(s):
-            out[i, : len(s)], mask[i, : len(s)] = torch.from_numpy(s), 1
+            at = slice(length - len(s), None) if side == "left" else slice(0, len(s))
+            out[i, at], mask[i, at] = torch.from_numpy(s), 1
     return out, mask
 
 
@@ -758,9 +772,11 @@ def preferences(run) -> LatentData:
 
 
 def preference_latents(run, text_encoder, tokenizer, latents: LatentSpace, stats: dict, channels: int | None = None,
-                       data_class: type = LatentData, **extra) -> LatentData:  # fmt: skip
+                       data_class: type = LatentData, encode_prompts: Callable | None = None,
+                       **extra) -> LatentData:  # fmt: skip
     """The align stage's pairs as latents (through `latents`, decoding `channels` as `data.audio.decode_audio`
-    does) with their prompts' text states: a `data_class` with the `extra` fields."""
+    does) with their prompts' text states (`encode_prompts(texts)`, default the flow families' tokenization through
+    `text_encoder`): a `data_class` with the `extra` fields."""
     cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
     with acc.main_process_first():
         pairs = preference_pairs(d, cfg.training.seed, text_prompts=True)
@@ -781,7 +797,10 @@ def preference_latents(run, text_encoder, tokenizer, latents: LatentSpace, stats
             ]
             with torch.no_grad():
                 columns_[f"{side}_latents"] = [x.tolist() for x in encode_waves(latents, waves, np.float32)]
-        states = encode_texts(text_encoder, token_ids(tokenizer, texts), acc.device)
+        if encode_prompts is None:
+            states = encode_texts(text_encoder, token_ids(tokenizer, texts), acc.device)
+        else:
+            states = encode_prompts(texts)
         columns_[STATES] = [s.tolist() for s in states]
         columns_["row_id"] = list(range(len(kept)))
         splits[name] = Dataset.from_dict(columns_)

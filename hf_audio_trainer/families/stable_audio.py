@@ -82,14 +82,15 @@ def claims(index: dict) -> bool:
     return class_of(index) == "StableAudioPipeline" and (index.get("scheduler") or ["", ""])[1] == SCHEDULER
 
 
-def local_pipeline(source: str) -> Path:
-    """A pipeline folder as it is, or a Hub id's snapshot of the parts a run reads (downloaded once, then cached)."""
+def local_pipeline(source: str, patterns: list[str] | None = None) -> Path:
+    """A pipeline folder as it is, or a Hub id's snapshot of the parts a run reads (`patterns`, default Stable Audio
+    Open's; downloaded once, then cached)."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(source), allow_patterns=SNAPSHOT_FILES))
+        return Path(snapshot_download(str(source), allow_patterns=patterns or SNAPSHOT_FILES))
     except Exception as err:  # offline and not cached, no such repo, gated without a token: one answer
         raise ConfigError(
             f"--model_name_or_path {source}: not a folder here, and its Hub snapshot could not be read "

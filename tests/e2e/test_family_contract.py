@@ -17,9 +17,11 @@ from tests.helpers import (
     flow_quick_run,
     max_abs_diff,
     quick_run,
+    stable_audio_3_quick_run,
     stable_audio_quick_run,
     tiny_codec,
     tiny_stable_audio,
+    tiny_stable_audio_3,
     weights,
 )
 from tests.tiny_ace_step import ace_step_quick_run, tiny_ace_step
@@ -36,11 +38,13 @@ STAGES = {
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """What the families' tiny runs start from: mel k-means for musicgen, a tiny EnCodec for musicgen_text, a tiny
-    Stable-Audio-Open-shaped pipeline for stable_audio, a tiny AceStepPipeline for ace_step."""
+    Stable-Audio-Open-shaped pipeline for stable_audio, a tiny Stable-Audio-3-shaped one for stable_audio_3, a tiny
+    AceStepPipeline for ace_step."""
     return {
         "mel_kmeans": fit_small_tokenizer(tmp_path_factory.mktemp("tokenizer")),
         "encodec": tiny_codec(tmp_path_factory.mktemp("codec")),
         "stable_audio": tiny_stable_audio(tmp_path_factory.mktemp("stable_audio")),
+        "stable_audio_3": tiny_stable_audio_3(tmp_path_factory.mktemp("stable_audio_3") / "source"),
         "ace_step": tiny_ace_step(tmp_path_factory.mktemp("ace_step")),
     }
 
@@ -66,6 +70,10 @@ def tiny(name: str, tokenizer, output_dir, **overrides) -> dict:
         # fine-tunes the tiny pipeline (its stereo VAE, its DiT's 32-frame windows); dropout on, as above
         "stable_audio": lambda: stable_audio_quick_run(
             tokenizer["stable_audio"], output_dir, condition_dropout=0.5, learning_rate=1e-2
+        ),
+        # fine-tunes the tiny Stable-Audio-3-shaped pipeline (its SAME VAE, T5Gemma); dropout on, as above
+        "stable_audio_3": lambda: stable_audio_3_quick_run(
+            tokenizer["stable_audio_3"], output_dir, condition_dropout=0.5, learning_rate=1e-2
         ),
         # fine-tunes the tiny AceStepPipeline (whole 1-s clips, its recipe's LoRA of rank 64 at alpha 128, which
         # overshoots the fixed batch at 1e-2); dropout on, as above

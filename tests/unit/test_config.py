@@ -218,7 +218,7 @@ def test_the_model_family_is_chosen_by_name_and_a_stage_it_cannot_run_is_refused
 
     assert parse_config([]).model.model_family == "musicgen"
     assert parse_config([], CodecConfig).model.model_family == "encodec_gan"
-    valid = r"\['ace_step', 'encodec_gan', 'flow', 'musicgen', 'musicgen_text', 'stable_audio'\]"
+    valid = r"\['ace_step', 'encodec_gan', 'flow', 'musicgen', 'musicgen_text', 'stable_audio', 'stable_audio_3'\]"
     with pytest.raises(ConfigError, match=rf"model_family='wavenet': choose one of {valid}"):
         parse_config(["--model_family", "wavenet"])
     # refused before any work: nothing is created in the output folder
