@@ -369,16 +369,36 @@ def pair_dataset(folder: Path, clip: np.ndarray, lyrics: bool = True, drop: str 
     return folder
 
 
+def tone_pairs(folder: Path, train: int = 32, validation: int = 8) -> Path:
+    """Synthetic TRL-format pairs: a stereo 1-s tone (its own pitch, waveform and caption) chosen over the same tone
+    with white noise added; `train` and `validation` pairs, each with its own tone."""
+    rng = np.random.default_rng(0)
+    t = np.arange(RATE) / RATE
+    rows = []
+    for i in range(train + validation):
+        pitch, square = float(rng.uniform(150, 900)), i % 2 == 1
+        wave = np.sin(2 * np.pi * pitch * t)
+        clip = (0.5 * (np.sign(wave) if square else wave)).astype(np.float32)
+        clip = np.stack([clip, np.roll(clip, int(rng.integers(0, 200)))])
+        noisy = clip + 0.3 * rng.standard_normal(clip.shape).astype(np.float32)
+        caption = f"a {'square' if square else 'sine'} wave at {pitch:.0f} Hz, clean"
+        audio = {side: {"array": x, "sampling_rate": RATE} for side, x in (("chosen", clip), ("rejected", noisy))}
+        rows.append({"prompt": caption, **audio})
+    split = {"train": rows[:train], "validation": rows[train:]}
+    DatasetDict({k: Dataset.from_list(v) for k, v in split.items()}).save_to_disk(str(folder))
+    return folder
+
+
 def test_diffusion_dpo_separates_chosen_from_rejected_and_exports_the_pipeline(source, tmp_path):
-    """align from the pipeline alone (align_ace_step.yaml's beta 2000) on 40 synthetic pairs (clean clip chosen over
-    a degraded copy): the chosen members' flow error falls below the rejected ones' against the frozen reference, on
-    the training pairs and the 4 held-out ones; the export is the source's AceStepPipeline (its frozen parts and
-    condition encoder byte for byte, the DiT moved), which generates; with the reference's terms precomputed it runs
-    too."""
+    """align from the pipeline alone (align_ace_step.yaml's beta 2000) on synthetic pairs (a clean tone chosen over
+    a noisy copy): the chosen members' flow error falls below the rejected ones' against the frozen reference, on the
+    training pairs and the 8 held-out ones; the export is the source's AceStepPipeline (its frozen parts and condition
+    encoder byte for byte, the DiT moved), which generates; with the reference's terms precomputed it runs too."""
     from hf_audio_trainer import align
 
     settings = {
-        "model_name_or_path": str(source), "report_to": "none", "synthetic_num_pairs": 40, "max_steps": 60,
+        "model_name_or_path": str(source), "report_to": "none", "dataset_name": str(tone_pairs(tmp_path / "pairs")),
+        "max_steps": 60,
         "eval_steps": 60, "eval_on_start": True, "save_steps": 1000, "logging_steps": 10,
         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_duration_seconds": 1.0,
         "learning_rate": 3e-5, "warmup_steps": 0,
@@ -400,8 +420,9 @@ def test_diffusion_dpo_separates_chosen_from_rejected_and_exports_the_pipeline(s
     assert trained[-1]["train/rewards/accuracies"] > 0.5
     assert files(out, (*FROZEN, "condition_encoder")) == files(source, (*FROZEN, "condition_encoder"))
     assert max_abs_diff(weights(out), weights(source)) > 0
-    audio = generate(pipeline(out), num_inference_steps=2)
-    assert audio.shape == (2, RATE) and torch.isfinite(audio).all()
+    audio, before = generate(pipeline(out), num_inference_steps=2), generate(pipeline(source), num_inference_steps=2)
+    assert audio.shape == before.shape and audio.shape[0] == 2 and torch.isfinite(audio).all()
+    assert not torch.equal(audio, before)
     precomputed = {**settings, "output_dir": str(tmp_path / "precomputed"), "max_steps": 2, "eval_steps": 2}
     assert align({**precomputed, "precompute_ref_log_probs": True}).global_step == 2
 
