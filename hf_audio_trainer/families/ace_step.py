@@ -25,6 +25,10 @@ What trains: the DiT (LoRA with `--use_peft`, or all of it), and the condition e
 parts (LoRA merged), the frozen parts copied byte for byte; with `--use_peft` the DiT's adapter is saved beside it in
 diffusers' LoRA format (`transformer_lora/pytorch_lora_weights.safetensors`), which `AceStepPipeline.load_lora_weights`
 loads onto the source pipeline.
+
+Runs finetune and align: Diffusion-DPO against a frozen reference with the same flow matching, each pair member
+conditioned as fine-tuning conditions a clip (its caption formatted with its own duration, the pair's lyrics), the
+members of a pair sharing one noise draw and time, the rows grouped by lengths; the export is the same pipeline.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ encoder with a Qwen-shaped tokenizer built offline, the condition encoder, the D
 latent frames/s, the pipeline's scheduler): the checkpoint alone chooses the family, lr 0 exports the source bit for
 bit, the family's conditioning and sampler are the pipeline's, training on one clip moves the pipeline's own
 generations towards it, LoRA keeps every frozen part byte for byte and its adapter loads with the pipeline's own
-`load_lora_weights`, a resumed run equals a straight one, and bad inputs are refused before training."""
+`load_lora_weights`, a resumed run equals a straight one, bad inputs are refused before training, and align
+(Diffusion-DPO) scores pairs as fine-tuning scores clips, separates chosen from rejected, and exports the pipeline."""
 
 import json
 import math
