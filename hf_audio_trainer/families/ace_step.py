@@ -25,6 +25,10 @@ What trains: the DiT (LoRA with `--use_peft`, or all of it), and the condition e
 parts (LoRA merged), the frozen parts copied byte for byte; with `--use_peft` the DiT's adapter is saved beside it in
 diffusers' LoRA format (`transformer_lora/pytorch_lora_weights.safetensors`), which `AceStepPipeline.load_lora_weights`
 loads onto the source pipeline.
+
+Runs finetune and align: Diffusion-DPO against a frozen reference with the same flow matching, each pair member
+conditioned as fine-tuning conditions a clip (its caption formatted with its own duration, the pair's lyrics), the
+members of a pair sharing one noise draw and time, the rows grouped by lengths; the export is the same pipeline.
 """
 
 from __future__ import annotations
@@ -41,15 +45,17 @@ import torch
 from datasets import Dataset
 
 from hf_audio_trainer import checkpoint as ckpt
+from hf_audio_trainer.alignment import with_reference_logps
 from hf_audio_trainer.codecs.latents import LatentSpace
 from hf_audio_trainer.data.codes import batch_stream
-from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, fingerprint
-from hf_audio_trainer.data.text import IDS, STATES, TextConfig, text_of
+from hf_audio_trainer.data.preferences import preference_pairs, prompt_texts, usable_pairs
+from hf_audio_trainer.data.preprocess import encode_dataset, encode_text_states, encode_waves, fingerprint
+from hf_audio_trainer.data.text import IDS, STATES, TextConfig, encode_texts, text_of
 from hf_audio_trainer.distributed import whole_weights
 from hf_audio_trainer.errors import ConfigError, check
 from hf_audio_trainer.families import flow
 from hf_audio_trainer.families.base import Checkpoints, Family, class_of
-from hf_audio_trainer.families.flow import FlowCollator, LatentData, padded_states
+from hf_audio_trainer.families.flow import FlowCollator, LatentData, PairCollator, padded_states
 from hf_audio_trainer.families.stable_audio import MonoView, frozen_dtype, say_channels
 from hf_audio_trainer.hub import ModelCardText
 from hf_audio_trainer.models import load_pretrained, num_parameters
@@ -105,14 +111,16 @@ def check_config(cfg) -> None:
         not cfg.text.train_text_encoder,
         "--train_text_encoder: ACE-Step's Qwen text encoder stays frozen (its states are computed once); drop the flag",
     )
+    lora = getattr(cfg, "finetune", None) is not None and cfg.finetune.use_peft
     check(
-        not (cfg.ace_step.train_condition_encoder and cfg.finetune.use_peft),
+        not (cfg.ace_step.train_condition_encoder and lora),
         "--train_condition_encoder with --use_peft: LoRA adapts the DiT only (the adapter the pipeline's "
         "load_lora_weights reads); drop one of them",
     )
+    segment = getattr(cfg.data, "segment_seconds", None)  # align's pair data has none
     check(
-        cfg.data.segment_seconds is None,
-        f"--segment_seconds {cfg.data.segment_seconds}: the ace_step family trains each clip whole (its duration is "
+        segment is None,
+        f"--segment_seconds {segment}: the ace_step family trains each clip whole (its duration is "
         "part of the caption's prompt); cut long clips with --max_duration_seconds instead",
     )
 
@@ -242,9 +250,12 @@ def lyrics_of(run, split: Dataset, name: str) -> list[str]:
 @dataclass
 class AceStepData(LatentData):
     """flow's latent data (prompt_states: each validation row's (caption, lyrics), which in-loop samples encode for
-    the length they generate), with the pipeline folder whose frozen parts the export keeps."""
+    the length they generate), with the pipeline folder whose frozen parts the export keeps; for preference pairs,
+    `width`: the longest member's frames, every batch's latent width (so a pair's noise never depends on the pairs
+    beside it, and a precomputed reference saw the draw the policy sees)."""
 
     source: str = ""
+    width: int = 0
 
 
 def preprocess(run, clips: dict[str, Dataset]) -> AceStepData:
@@ -448,21 +459,39 @@ class AceStepCollator:
 def collator(run, data: AceStepData, **kwargs) -> AceStepCollator:
     a = run.cfg.ace_step
     times = sd3_times("logit_normal", a.timestep_mu, a.timestep_sigma, 1.29)
-    return AceStepCollator(
-        FlowCollator(data.latents.frame_rate, MAX_TEXT_TOKENS, seed=run.cfg.training.seed, times=times, **kwargs)
-    )
+    seed = run.cfg.training.seed
+    inner = FlowCollator(data.latents.frame_rate, MAX_TEXT_TOKENS, seed=seed, times=times, width=data.width, **kwargs)
+    return AceStepCollator(inner)
+
+
+class AceStepPairCollator(PairCollator):
+    """flow's pairs (B pairs -> 2B rows, chosen first, each pair's members sharing its noise and time) through the
+    ace_step collator: each member conditioned on the pair's caption formatted with its own duration, and on the
+    pair's lyrics; the rows grouped by lengths as in training."""
+
+    def sequence(self, row: dict, side: str, fixed: bool) -> dict:
+        return {
+            **super().sequence({**row, STATES: row[f"{side}_{STATES}"]}, side, fixed), LYRIC_STATES: row[LYRIC_STATES]
+        }  # fmt: skip
 
 
 def columns(data: AceStepData, split: str = "train") -> list[str]:
+    if data.pairs:
+        refs = [c for c in data.train.column_names if c.startswith("ref_")]
+        sides = [f"{side}_{c}" for side in ("chosen", "rejected") for c in ("latents", STATES)]
+        return [*sides, LYRIC_STATES, "row_id", *refs]
     return ["latents", STATES, LYRIC_STATES, "num_frames", *(["row_id"] if split == "validation" else [])]
 
 
 def batches(run, data: AceStepData, models, sampler, start_step: int):
     t = run.cfg
+    if data.pairs:  # DPO conditions every pair on its prompt: no condition dropout
+        collate = AceStepPairCollator(collator(run, data))
+    else:
+        collate = collator(run, data, dropout=t.text.condition_dropout)
     return batch_stream(
-        data.train, sampler, t.training.per_device_train_batch_size,
-        collator(run, data, dropout=t.text.condition_dropout), start_step, columns(data), positions=True,
-        segment_frames=None, seed=t.training.seed,
+        data.train, sampler, t.training.per_device_train_batch_size, collate, start_step, columns(data),
+        positions=True, segment_frames=None, seed=t.training.seed,
     )  # fmt: skip
 
 
@@ -479,6 +508,13 @@ def velocity_errors(model, batch: dict) -> torch.Tensor:
 def flow_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Sum over unpadded latent frames of the plain velocity error (ACE-Step's MSE); the loop divides by the frames."""
     return (velocity_errors(model, batch) * batch["frame_mask"]).sum(), {}
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Diffusion-DPO's per-sequence terms: -1/2 the mean velocity error over each sequence's frames at its pair's
+    shared noise and time (flow's `flow_sequence_logps` with this family's objective and conditioning)."""
+    errors, mask = velocity_errors(model, batch), batch["frame_mask"]
+    return -0.5 * (errors * mask).sum(1) / mask.sum(1)
 
 
 def loss(run, data: AceStepData, models):
@@ -564,7 +600,7 @@ def evaluate(run, data: AceStepData, models, loss_fn=None):
 
     return flow.evaluate_latents(
         run, data, models, loss_fn, functools.partial(collator, run, data), functools.partial(generate_waves, run),
-        flow_loss, MonoView(data.latents), columns(data, "validation"),
+        flow_loss, MonoView(data.latents), columns(data, "validation"), pair_collator=AceStepPairCollator,
     )  # fmt: skip
 
 
@@ -576,8 +612,9 @@ def flops_per_item(models, data: AceStepData) -> float:
 def describe(data: AceStepData, models) -> str:
     model, latents = models["model"], data.latents
     dtypes = [str(next(m.parameters()).dtype).removeprefix("torch.") for m in (data.text_encoder, latents.vae)]
+    what = "preference pairs" if data.pairs else "clips"
     return (
-        f"{len(data.train)} train / {len(data.validation)} validation clips with captions; latents: the source's "
+        f"{len(data.train)} train / {len(data.validation)} validation {what} with captions; latents: the source's "
         f"VAE ({latents.audio_channels} audio channels at {latents.sample_rate} Hz), {latents.channels} channels at "
         f"{latents.frame_rate:g} frames/s, whole clips; flow matching at t ~ logit-normal; "
         f"{num_parameters(model):,} parameters ({num_parameters(model, trainable_only=True):,} trained); frozen Qwen "
@@ -645,9 +682,63 @@ def load_export(folder):
     return AceStepPipeline.from_pretrained(folder)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Align: Diffusion-DPO with ACE-Step's flow matching, the pairs' prompts conditioned as training conditions captions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def preferences(run) -> AceStepData:
+    """The pairs for `align` (TRL's format: `prompt`, `chosen` and `rejected` audio, and lyrics from --lyrics_column
+    when present; or the embedded synthetic pairs) as the source's stereo latents (whole clips, cut to
+    --max_duration_seconds), each member's caption prompt in the pipeline's template with that member's duration
+    through the Qwen encoder, the pair's lyrics prompt through its token embeddings, exactly as `preprocess` does."""
+    from hf_audio_trainer.data.audio import decode_audio
+
+    cfg, acc, d = run.cfg, run.accelerator, run.cfg.data
+    _, frozen = sources(run)
+    text_encoder, tokenizer, latents = frozen_parts(run, frozen)
+    with acc.main_process_first():
+        pairs = preference_pairs(d, cfg.training.seed, text_prompts=True)
+    max_samples, language = int(d.max_duration_seconds * latents.sample_rate), cfg.ace_step.vocal_language
+    splits, prompts, prompt_states = {}, [], []
+    for name in ("train", "validation"):
+        kept = usable_pairs(pairs[name], name, acc.print)
+        captions, lyrics = prompt_texts(kept, name), lyrics_of(run, kept, name)
+        split: dict[str, list] = {}
+        for side in ("chosen", "rejected"):
+            waves = [
+                decode_audio(a, latents.sample_rate, where=f"{name} pair {i} ({side})",
+                             channels=latents.audio_channels)[..., :max_samples]
+                for i, a in enumerate(kept[side])
+            ]  # fmt: skip
+            with torch.no_grad():
+                codes = encode_waves(latents, waves, np.float32)
+            seconds = [x.shape[-1] / latents.frame_rate for x in codes]  # as `preprocess` times each clip
+            text_ids, lyric_ids = prompt_ids(tokenizer, captions, lyrics, seconds, language)
+            split[f"{side}_latents"] = [x.tolist() for x in codes]
+            split[f"{side}_{STATES}"] = [s.tolist() for s in encode_texts(text_encoder, text_ids, acc.device)]
+        # the lyrics prompt does not depend on the duration: one per pair
+        split[LYRIC_STATES] = [s.tolist() for s in encode_texts(LyricEmbeddings(text_encoder), lyric_ids, acc.device)]
+        split["row_id"] = list(range(len(kept)))
+        splits[name] = Dataset.from_dict(split)
+        if name == "validation":
+            prompts, prompt_states = captions, list(zip(captions, lyrics, strict=True))
+    frames = max(len(x[0]) for s in splits.values() for c in ("chosen_latents", "rejected_latents") for x in s[c])
+    return AceStepData(
+        latents, text_encoder.to("cpu"), tokenizer, splits["train"], splits["validation"], None,
+        frames / latents.frame_rate, prompts, prompt_states, {}, pairs=True, source=str(frozen), width=frames,
+    )  # fmt: skip
+
+
+def precompute_reference(run, data: AceStepData, reference: torch.nn.Module) -> AceStepData:
+    """The reference's Diffusion-DPO terms as columns, computed once at each pair's fixed noise and time."""
+    collate = AceStepPairCollator(collator(run, data, fixed=True))
+    return with_reference_logps(data, reference, collate, columns(data), run.accelerator, sequence_logps)
+
+
 ACE_STEP = Family(
     name="ace_step",
-    stages=("finetune",),
+    stages=("finetune", "align"),
     preprocess=preprocess,
     build_model=build_model,
     batches=batches,
@@ -658,6 +749,9 @@ ACE_STEP = Family(
     load_export=load_export,
     describe=describe,
     frozen_files=frozen_files,
+    preferences=preferences,
+    sequence_logps=sequence_logps,
+    precompute_reference=precompute_reference,
     text_conditioned=True,
     model_card=ModelCardText(
         "A text-to-music flow-matching model fine-tuned from ACE-Step 1.5 (Qwen3 text encoder, condition encoder for "

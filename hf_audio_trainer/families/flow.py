@@ -640,17 +640,17 @@ def evaluate(run, data: LatentData, models, loss_fn=None):
 
 
 def evaluate_latents(run, data: LatentData, models, loss_fn, collate_with, generate_with, objective_loss, audio,
-                     eval_columns: list[str]):  # fmt: skip
+                     eval_columns: list[str], pair_collator: type | None = None):  # fmt: skip
     """`evaluate` for a latent family: `collate_with(**kwargs)` its collator, `generate_with(data, model,
     text_states, seconds)` its sampler's waveforms, `objective_loss` its plain loss, `audio` what decodes the
-    validation latents for FAD."""
+    validation latents for FAD, `pair_collator` what batches its preference pairs (default `PairCollator`)."""
     from hf_audio_trainer.samples import prompted_sample_metrics
 
     cfg, acc, model = run.cfg, run.accelerator, models["model"]
     t = cfg.training
     with_text, null = collate_with(fixed=True), collate_with(fixed=True, null=True)
     if data.pairs:
-        with_text = PairCollator(with_text)
+        with_text = (pair_collator or PairCollator)(with_text)
     seconds = cfg.samples.eval_sample_seconds
 
     def generate(m, num_frames: int, rows: list[int]) -> list[np.ndarray]:
@@ -743,12 +743,7 @@ class PairCollator:
         # both members of a pair draw with the pair's row, so they share noise and timestep; a precomputed reference
         # was scored at each pair's fixed draw, so the policy then uses that one too (no epoch)
         fixed = "ref_chosen_logps" in rows[0]
-        sequences = [
-            {"latents": r[f"{side}_latents"], STATES: r[STATES], "row": r["row"] if "row" in r else r["row_id"],
-             **({"epoch": r["epoch"]} if "epoch" in r and not fixed else {})}
-            for side in ("chosen", "rejected") for r in rows
-        ]  # fmt: skip
-        batch = self.inner(sequences)
+        batch = self.inner([self.sequence(r, side, fixed) for side in ("chosen", "rejected") for r in rows])
         b = len(rows)
         batch.pop("sample_stats")
         batch["num_items"] = batch["num_samples"] = b
@@ -757,6 +752,14 @@ class PairCollator:
             if f"ref_{side}_logps" in rows[0]:
                 batch[f"ref_{side}_logps"] = torch.tensor([r[f"ref_{side}_logps"] for r in rows], dtype=torch.float32)
         return batch
+
+    def sequence(self, row: dict, side: str, fixed: bool) -> dict:
+        """The `side` member of a pair as the inner collator's example: its latents, the pair's prompt states, the
+        pair's row (and epoch, unless the draw is `fixed`)."""
+        return {
+            "latents": row[f"{side}_latents"], STATES: row[STATES], "row": row.get("row", row.get("row_id")),
+            **({"epoch": row["epoch"]} if "epoch" in row and not fixed else {}),
+        }  # fmt: skip
 
 
 def preferences(run) -> LatentData:

@@ -3,7 +3,8 @@ encoder with a Qwen-shaped tokenizer built offline, the condition encoder, the D
 latent frames/s, the pipeline's scheduler): the checkpoint alone chooses the family, lr 0 exports the source bit for
 bit, the family's conditioning and sampler are the pipeline's, training on one clip moves the pipeline's own
 generations towards it, LoRA keeps every frozen part byte for byte and its adapter loads with the pipeline's own
-`load_lora_weights`, a resumed run equals a straight one, and bad inputs are refused before training."""
+`load_lora_weights`, a resumed run equals a straight one, bad inputs are refused before training, and align
+(Diffusion-DPO) scores pairs as fine-tuning scores clips, separates chosen from rejected, and exports the pipeline."""
 
 import json
 import math
@@ -348,3 +349,138 @@ def test_a_turbo_checkpoint_samples_without_guidance_as_the_pipeline_does_and_is
     assert (ours.transpose(1, 2) - theirs).abs().max() < 1e-5 * theirs.abs().max()
     finetune(ace_step_quick_run(turbo, tmp_path / "out", max_steps=2))
     assert "is a turbo (guidance-distilled, 8-step) checkpoint" in capsys.readouterr().out
+
+
+def pair_dataset(folder: Path, clip: np.ndarray, lyrics: bool = True, drop: str | None = None) -> Path:
+    """TRL-format pairs saved with save_to_disk: `clip` chosen over a noisier copy of it, under PROMPT (and lyrics);
+    `drop`: a column left out."""
+    rng = np.random.default_rng(0)
+    rows = {
+        "prompt": [PROMPT] * 4,
+        "chosen": [{"array": clip, "sampling_rate": RATE}] * 4,
+        "rejected": [
+            {"array": clip + 0.3 * rng.standard_normal(clip.shape).astype(np.float32), "sampling_rate": RATE}
+            for _ in range(4)
+        ],
+        **({"lyrics": ["[verse]\nla la la"] * 4} if lyrics else {}),
+    }
+    rows = {k: v for k, v in rows.items() if k != drop}
+    first = {k: v[:1] for k, v in rows.items()}
+    DatasetDict({"train": Dataset.from_dict(rows), "validation": Dataset.from_dict(first)}).save_to_disk(str(folder))
+    return folder
+
+
+def tone_pairs(folder: Path, train: int = 32, validation: int = 8) -> Path:
+    """Synthetic TRL-format pairs: a stereo 1-s tone (its own pitch, waveform and caption) chosen over the same tone
+    with white noise added; `train` and `validation` pairs, each with its own tone."""
+    rng = np.random.default_rng(0)
+    t = np.arange(RATE) / RATE
+    rows = []
+    for i in range(train + validation):
+        pitch, square = float(rng.uniform(150, 900)), i % 2 == 1
+        wave = np.sin(2 * np.pi * pitch * t)
+        clip = (0.5 * (np.sign(wave) if square else wave)).astype(np.float32)
+        clip = np.stack([clip, np.roll(clip, int(rng.integers(0, 200)))])
+        noisy = clip + 0.3 * rng.standard_normal(clip.shape).astype(np.float32)
+        caption = f"a {'square' if square else 'sine'} wave at {pitch:.0f} Hz, clean"
+        audio = {side: {"array": x, "sampling_rate": RATE} for side, x in (("chosen", clip), ("rejected", noisy))}
+        rows.append({"prompt": caption, **audio})
+    split = {"train": rows[:train], "validation": rows[train:]}
+    DatasetDict({k: Dataset.from_list(v) for k, v in split.items()}).save_to_disk(str(folder))
+    return folder
+
+
+def test_diffusion_dpo_separates_chosen_from_rejected_and_exports_the_pipeline(source, tmp_path):
+    """align from the pipeline alone (align_ace_step.yaml's beta 2000) on synthetic pairs (a clean tone chosen over
+    a noisy copy): the chosen members' flow error falls below the rejected ones' against the frozen reference, on the
+    training pairs and the 8 held-out ones; the export is the source's AceStepPipeline (its frozen parts and condition
+    encoder byte for byte, the DiT moved), which generates; with the reference's terms precomputed it runs too."""
+    from hf_audio_trainer import align
+
+    settings = {
+        "model_name_or_path": str(source), "report_to": "none", "dataset_name": str(tone_pairs(tmp_path / "pairs")),
+        "max_steps": 60,
+        "eval_steps": 60, "eval_on_start": True, "save_steps": 1000, "logging_steps": 10,
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_duration_seconds": 1.0,
+        "learning_rate": 3e-5, "warmup_steps": 0,
+    }  # fmt: skip
+    out = tmp_path / "align"
+    assert align({**settings, "output_dir": str(out)}).global_step == 60
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model_family"] == "ace_step" and config["beta"] == 2000.0
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if "eval/rewards/margins" in m]
+    assert [m["step"] for m in evals] == [0, 60] and evals[0]["eval/rewards/margins"] == 0  # the policy starts as it
+    trained = [m for m in metrics if "train/loss" in m]
+    print(f"DPO held-out margin {evals[0]['eval/rewards/margins']} -> {evals[-1]['eval/rewards/margins']:.3f}, "
+          f"accuracy {evals[0]['eval/rewards/accuracies']} -> {evals[-1]['eval/rewards/accuracies']}, loss "
+          f"{evals[0]['eval/loss']:.4f} -> {evals[-1]['eval/loss']:.4f}; train loss {trained[0]['train/loss']:.4f} "
+          f"-> {trained[-1]['train/loss']:.4f}, accuracy -> {trained[-1]['train/rewards/accuracies']}")  # fmt: skip
+    assert evals[-1]["eval/rewards/margins"] > 0 and evals[-1]["eval/rewards/accuracies"] > 0.5
+    assert evals[-1]["eval/loss"] < 0.6931 and trained[-1]["train/loss"] < 0.6931
+    assert trained[-1]["train/rewards/accuracies"] > 0.5
+    assert files(out, (*FROZEN, "condition_encoder")) == files(source, (*FROZEN, "condition_encoder"))
+    assert max_abs_diff(weights(out), weights(source)) > 0
+    audio, before = generate(pipeline(out), num_inference_steps=2), generate(pipeline(source), num_inference_steps=2)
+    assert audio.shape == before.shape and audio.shape[0] == 2 and torch.isfinite(audio).all()
+    assert not torch.equal(audio, before)
+    precomputed = {**settings, "output_dir": str(tmp_path / "precomputed"), "max_steps": 2, "eval_steps": 2}
+    assert align({**precomputed, "precompute_ref_log_probs": True}).global_step == 2
+
+
+def test_a_pairs_chosen_clip_is_scored_as_fine_tuning_scores_it(source, tmp_path):
+    """The pairs' conditioning is fine-tuning's: one clip with its caption and lyrics as fine-tuning's validation row
+    and as a pair's chosen member (its prompt formatted with its duration, the lyrics from --lyrics_column), at lr 0:
+    align's held-out `logps/chosen` (-1/2 the mean flow error at the row's fixed noise and time) is -1/2 the
+    fine-tune's `eval/loss` on that row; without the lyrics it is not."""
+    from hf_audio_trainer import align
+
+    folder, clip = one_clip_dataset(tmp_path / "one_clip")
+    data = DatasetDict.load_from_disk(str(folder))
+    sung = DatasetDict({k: v.add_column("lyrics", ["[verse]\nla la la"] * len(v)) for k, v in data.items()})
+    sung.save_to_disk(str(tmp_path / "sung"))
+    run = {"report_to": "none", "max_steps": 1, "eval_steps": 1, "eval_on_start": True, "learning_rate": 0.0,
+           "warmup_steps": 0, "seed": 7, "max_duration_seconds": 1.0}  # fmt: skip
+    finetune(ace_step_quick_run(source, tmp_path / "ft", dataset_name=str(tmp_path / "sung"), use_peft=False, **run))
+    loss = [m["eval/loss"] for m in read_metrics(tmp_path / "ft") if "eval/loss" in m][0]
+    logps = {}
+    for lyrics in (True, False):
+        pairs = pair_dataset(tmp_path / f"pairs_{lyrics}", clip, lyrics=lyrics)
+        out = tmp_path / f"align_{lyrics}"
+        align({**run, "model_name_or_path": str(source), "dataset_name": str(pairs), "output_dir": str(out),
+               "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1})  # fmt: skip
+        logps[lyrics] = [m["eval/logps/chosen"] for m in read_metrics(out) if "eval/logps/chosen" in m][0]
+    print(f"fine-tune eval/loss {loss:.6f}; align eval/logps/chosen with lyrics {logps[True]:.6f}, without "
+          f"{logps[False]:.6f}")  # fmt: skip
+    assert abs(logps[True] + 0.5 * loss) < 1e-5 * loss
+    assert abs(logps[False] + 0.5 * loss) > 1e-4 * loss
+
+
+def test_the_issues_align_command_and_pairs_lacking_a_column_are_refused_by_name(source, tmp_path):
+    """`accelerate launch recipes/align.py --model_name_or_path <an AceStepPipeline> --dataset_name my_pairs/`: the
+    checkpoint picks the family and align_ace_step.yaml, and an AceStepPipeline comes back; pairs without `rejected`
+    or `prompt`, or without the --lyrics_column named, are refused by name before training."""
+    from hf_audio_trainer import align
+
+    _, clip = one_clip_dataset(tmp_path / "one_clip")
+    base = {"model_name_or_path": str(source), "report_to": "none", "max_steps": 1, "max_duration_seconds": 1.0}
+    for drop in ("rejected", "prompt"):
+        pairs = pair_dataset(tmp_path / f"no_{drop}", clip, drop=drop)
+        with pytest.raises(ConfigError, match=f"needs .*{drop}.* columns; found"):
+            align({**base, "dataset_name": str(pairs), "output_dir": str(tmp_path / drop)})
+    pairs = pair_dataset(tmp_path / "my_pairs", clip)
+    with pytest.raises(ConfigError, match="--lyrics_column words: the train split has no such column"):
+        align({**base, "dataset_name": str(pairs), "output_dir": str(tmp_path / "words"), "lyrics_column": "words"})
+    assert not any((tmp_path / name / "metrics.jsonl").exists() for name in ("rejected", "prompt", "words"))
+    out = tmp_path / "recipe"
+    flags = ["--model_name_or_path", str(source), "--dataset_name", str(pairs), "--max_steps", "2", "--eval_steps",
+             "2", "--save_steps", "2", "--max_duration_seconds", "1", "--output_dir", str(out),
+             "--report_to", "none"]  # fmt: skip
+    done = launch(["--num_processes", "1", "recipes/align.py", *flags])
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "run_config.json").read_text())
+    expected = {"model_family": "ace_step", "beta": 2000.0, "learning_rate": 1e-6, "gradient_accumulation_steps": 4}
+    assert {k: config[k] for k in expected} == expected
+    assert files(out, (*FROZEN, "condition_encoder")) == files(source, (*FROZEN, "condition_encoder"))
+    audio = generate(pipeline(out), num_inference_steps=2)
+    assert audio.shape[0] == 2 and torch.isfinite(audio).all()
