@@ -15,7 +15,9 @@ from tests.e2e.test_ace_step import max_abs_diff, weights
 from tests.helpers import ROOT, as_flags
 from tests.tiny_ace_step import ace_step_quick_run, tiny_ace_step
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
+# the whole file is in the second CI pass (`-m long`): the default pass stays under its time, and stable_audio's DDP
+# tests cover the same latent-family machinery there
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.distributed, pytest.mark.usefixtures("one_torch_thread")]
 
 PORT_OFFSET = 30  # beside the flow (0, 1) and stable_audio (10, 11) families' ports
 KINDS = {"full": {"use_peft": False, "train_condition_encoder": True}, "lora": {"use_peft": True, "lora_dropout": 0.0}}
